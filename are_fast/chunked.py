@@ -1,0 +1,145 @@
+"""The chunk driver: LM-head matmuls over chunks of rows, with a pluggable row epilogue.
+
+For each chunk of C rows it computes the logits [C, V] of every stream (one stream for log-probabilities,
+two for the KL), hands them to an epilogue (PyTorch, Triton or native: they share one signature, see
+``are_fast.torch_epilogues``) that returns per-row values and, when asked, overwrites the logits with their
+gradient, then multiplies that gradient back through the head. Peak extra memory is O(C x V), never N x V.
+
+Precision: logits and softmax statistics are float32 (float64 for float64 inputs). Low-precision heads use
+a float32-output matmul on CUDA where PyTorch has one, and an upcast copy of the head elsewhere.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+# Epilogue(logits per stream [C, V], rows of this chunk, grad scale [C] or None) -> values [C].
+Epilogue = Callable[[list, slice, "torch.Tensor | None"], torch.Tensor]
+
+_CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 32 << 20}
+
+
+def chunk_rows_for(n_rows: int, vocab: int, streams: int, device: torch.device) -> int:
+    """Rows per chunk so that the float32 logits of all streams stay within a byte budget.
+
+    The budget is 256 MiB on CUDA and 32 MiB elsewhere (cache-sized chunks are fastest on CPU); the
+    environment variable ARE_FAST_CHUNK_BYTES overrides it.
+    """
+    budget = int(os.environ.get("ARE_FAST_CHUNK_BYTES", _CHUNK_BYTES.get(device.type, _CHUNK_BYTES["cpu"])))
+    rows = max(1, budget // (vocab * 4 * streams))
+    if rows > 16:
+        rows -= rows % 16  # matmul-friendly row counts
+    return max(1, min(rows, n_rows))
+
+
+def _cuda_fp32_out_mm_available() -> bool:
+    return hasattr(torch.ops.aten.mm, "dtype")
+
+
+class HeadMatmuls:
+    """The three products with the LM head, in the precision the driver needs.
+
+    weight [V, H], bias [V] or None. Modes: "same" (float32/float64 head: plain matmuls), "fp32_out"
+    (low-precision head on CUDA: low-precision operands, float32 outputs) and "upcast" (low-precision head
+    elsewhere: one float32 copy of the head per pass).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.dtype = weight.dtype
+        self.compute_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        if weight.dtype == self.compute_dtype:
+            self.mode = "same"
+        elif weight.is_cuda and _cuda_fp32_out_mm_available():
+            self.mode = "fp32_out"
+        else:
+            self.mode = "upcast"
+        self.weight = weight.to(self.compute_dtype) if self.mode == "upcast" else weight
+        self.bias = None if bias is None else bias.to(self.compute_dtype)
+
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """hidden [C, H] -> logits [C, V] in the compute dtype, written into ``out`` when possible."""
+        if self.mode == "fp32_out":
+            result = torch.mm(hidden, self.weight.T, out_dtype=self.compute_dtype)
+            return result if self.bias is None else result.add_(self.bias)
+        hidden = hidden.to(self.compute_dtype)
+        if self.bias is None:
+            return torch.mm(hidden, self.weight.T, out=out)
+        return torch.addmm(self.bias, hidden, self.weight.T, out=out)
+
+    def hidden_grad(self, grad_logits: torch.Tensor, out: torch.Tensor) -> None:
+        """out [C, H] (the hidden dtype) = grad_logits [C, V] @ weight."""
+        if self.mode == "same":
+            torch.mm(grad_logits, self.weight, out=out)
+        elif self.mode == "fp32_out":
+            torch.mm(grad_logits.to(self.dtype), self.weight, out=out)
+        else:
+            out.copy_(grad_logits @ self.weight)
+
+    def add_weight_grad(self, acc: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
+        """acc [V, H] (compute dtype) += grad_logits.T [V, C] @ hidden [C, H]."""
+        if self.mode == "fp32_out":
+            acc.add_(torch.mm(grad_logits.to(self.dtype).T, hidden, out_dtype=self.compute_dtype))
+        else:
+            acc.addmm_(grad_logits.T, hidden.to(self.compute_dtype))
+
+
+@dataclass
+class PassResult:
+    values: torch.Tensor  # [N] compute dtype
+    hidden_grads: list  # per stream: [N, H] in the hidden dtype, or None
+    weight_grad: torch.Tensor | None  # [V, H] in the weight dtype
+    bias_grad: torch.Tensor | None  # [V] in the bias dtype
+
+
+def fused_linear_pass(
+    hiddens: Sequence[torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    epilogue: Epilogue,
+    grad_scale: torch.Tensor | None = None,
+    hidden_grads: Sequence[bool] = (),
+    weight_grad: bool = False,
+    bias_grad: bool = False,
+    chunk_rows: int | None = None,
+) -> PassResult:
+    """One pass over all rows: values, and the gradients of sum(grad_scale * values) that were asked for.
+
+    hiddens: one contiguous [N, H] tensor per stream (same N); grad_scale [N] or None (values only).
+    hidden_grads: which streams need a hidden gradient (only read when grad_scale is given).
+    """
+    n_rows, hidden_size = hiddens[0].shape
+    vocab = weight.shape[0]
+    streams = len(hiddens)
+    matmuls = HeadMatmuls(weight, bias)
+    device = weight.device
+    values = torch.empty(n_rows, dtype=matmuls.compute_dtype, device=device)
+    want_grad = grad_scale is not None
+    dh = [torch.empty_like(h) if want_grad and need else None for h, need in zip(hiddens, hidden_grads)]
+    dw = torch.zeros(vocab, hidden_size, dtype=matmuls.compute_dtype, device=device) if want_grad and weight_grad else None
+    db = torch.zeros(vocab, dtype=matmuls.compute_dtype, device=device) if want_grad and bias_grad else None
+
+    rows = chunk_rows or chunk_rows_for(n_rows, vocab, streams, device)
+    buffers = [torch.empty(min(rows, n_rows), vocab, dtype=matmuls.compute_dtype, device=device) for _ in hiddens]
+    for start in range(0, n_rows, rows):
+        sl = slice(start, min(start + rows, n_rows))
+        size = sl.stop - sl.start
+        logits = [matmuls.logits(h[sl], buf[:size]) for h, buf in zip(hiddens, buffers)]
+        values[sl] = epilogue(logits, sl, None if grad_scale is None else grad_scale[sl])
+        if not want_grad:
+            continue
+        for stream, grad_logits in enumerate(logits):  # the epilogue left gradients in place of the logits
+            if dh[stream] is not None:
+                matmuls.hidden_grad(grad_logits, dh[stream][sl])
+            if dw is not None:
+                matmuls.add_weight_grad(dw, grad_logits, hiddens[stream][sl])
+            if db is not None:
+                db.add_(grad_logits.sum(0))
+    return PassResult(
+        values=values,
+        hidden_grads=dh,
+        weight_grad=None if dw is None else dw.to(weight.dtype),
+        bias_grad=None if db is None else db.to(bias.dtype),
+    )

@@ -1,0 +1,55 @@
+"""Row epilogues in plain PyTorch: the math the ``chunked`` backend applies to each logits chunk.
+
+An epilogue turns a chunk of logits [C, V] (float32 or float64) into per-row values [C] and, when
+``grad_scale`` is given, overwrites the logits in place with the gradient of ``grad_scale * value`` with
+respect to them. The Triton kernels in ``are_fast.kernels`` implement the same two functions with the same
+signatures, so the chunk driver in ``are_fast.chunked`` serves every backend.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def logprob_epilogue(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, grad_scale: torch.Tensor | None
+) -> torch.Tensor:
+    """log softmax(logits)[target] per row.
+
+    logits [C, V] float, targets [C] int64, grad_scale [C] float or None. Returns [C] in logits' dtype: 0 where
+    target == ignore_index, NaN where the target is otherwise outside [0, V). With grad_scale, logits becomes
+    grad_scale * (onehot(target) - softmax(logits)), zero on ignored rows.
+    """
+    vocab = logits.shape[1]
+    valid = targets != ignore_index
+    in_range = (targets >= 0) & (targets < vocab)
+    safe = torch.where(in_range, targets, 0).unsqueeze(1)
+    lse = torch.logsumexp(logits, dim=1)
+    picked = logits.gather(1, safe).squeeze(1) - lse
+    logp = torch.where(valid, torch.where(in_range, picked, torch.nan), 0.0)
+    if grad_scale is not None:
+        scale = torch.where(valid & in_range, grad_scale.to(logits.dtype), 0.0).unsqueeze(1)
+        logits.sub_(lse.unsqueeze(1)).exp_().mul_(-scale)  # -scale * softmax, in place
+        logits.scatter_add_(1, safe, scale)
+    return logp
+
+
+def kl_epilogue(
+    logits_p: torch.Tensor, logits_q: torch.Tensor, valid: torch.Tensor, grad_scale: torch.Tensor | None
+) -> torch.Tensor:
+    """KL(softmax(a) || softmax(b)) per row, with a = logits_p, b = logits_q.
+
+    logits_p, logits_q [C, V] float; valid [C] bool (False rows give 0 and zero gradients); grad_scale [C] or
+    None. Returns [C]. With grad_scale g: logits_p becomes g * p * ((a - b) - KL_cross) where KL_cross =
+    sum_v p_v (a_v - b_v), and logits_q becomes g * (q - p).
+    """
+    lse_p = torch.logsumexp(logits_p, dim=1, keepdim=True)
+    lse_q = torch.logsumexp(logits_q, dim=1, keepdim=True)
+    diff = logits_p - logits_q
+    logits_p.sub_(lse_p).exp_()  # p, in place
+    cross = torch.linalg.vecdot(logits_p, diff)  # sum_v p_v (a_v - b_v), without a [C, V] temporary
+    kl = torch.where(valid, cross - lse_p.squeeze(1) + lse_q.squeeze(1), 0.0)
+    if grad_scale is not None:
+        scale = torch.where(valid, grad_scale.to(logits_p.dtype), 0.0).unsqueeze(1)
+        logits_q.sub_(lse_q).exp_().sub_(logits_p).mul_(scale)  # g * (q - p)
+        logits_p.mul_(diff.sub_(cross.unsqueeze(1))).mul_(scale)  # g * p * ((a - b) - cross)
+    return kl

@@ -1,0 +1,103 @@
+"""Triton row epilogue for the KL between two streams' softmax distributions, with both gradients in place.
+
+One program per row pair (a = logits_p, b = logits_q). The first sweep keeps online statistics of both
+rows: max and sum of exp for a and for b, and cross = sum exp(a - max_a) (a - b), rescaled as the max moves;
+then KL = cross / sum_a - lse(a) + lse(b). The second sweep (only when a gradient is asked for) writes
+g * p * ((a - b) - KL_cross) over a and g * (q - p) over b. Same contract as
+``are_fast.torch_epilogues.kl_epilogue``.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .logprob_epilogue import block_size
+
+
+@triton.jit
+def _kl_epilogue_kernel(
+    p_ptr,
+    q_ptr,
+    stride_p,
+    stride_q,
+    valid_ptr,
+    scale_ptr,
+    out_ptr,
+    vocab,
+    BLOCK_V: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    p_row = p_ptr + row * stride_p
+    q_row = q_ptr + row * stride_q
+    offsets = tl.arange(0, BLOCK_V)
+
+    max_p = float("-inf")
+    sum_p = 0.0
+    cross = 0.0
+    max_q = float("-inf")
+    sum_q = 0.0
+    for start in range(0, vocab, BLOCK_V):
+        mask = start + offsets < vocab
+        a = tl.load(p_row + start + offsets, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(q_row + start + offsets, mask=mask, other=0.0).to(tl.float32)
+        # Padding lanes are -inf for the max and the exponentials, 0 for the difference (no -inf - -inf).
+        a_padded = tl.where(mask, a, float("-inf"))
+        b_padded = tl.where(mask, b, float("-inf"))
+        new_max_p = tl.maximum(max_p, tl.max(a_padded, axis=0))
+        rescale = tl.exp(max_p - new_max_p)
+        exp_a = tl.exp(a_padded - new_max_p)
+        sum_p = sum_p * rescale + tl.sum(exp_a, axis=0)
+        cross = cross * rescale + tl.sum(exp_a * (a - b), axis=0)
+        max_p = new_max_p
+        new_max_q = tl.maximum(max_q, tl.max(b_padded, axis=0))
+        sum_q = sum_q * tl.exp(max_q - new_max_q) + tl.sum(tl.exp(b_padded - new_max_q), axis=0)
+        max_q = new_max_q
+    lse_p = max_p + tl.log(sum_p)
+    lse_q = max_q + tl.log(sum_q)
+    mean_diff = cross / sum_p
+    valid = tl.load(valid_ptr + row) != 0
+    tl.store(out_ptr + row, tl.where(valid, mean_diff - lse_p + lse_q, 0.0))
+
+    if WRITE_GRAD:
+        scale = tl.where(valid, tl.load(scale_ptr + row).to(tl.float32), 0.0)
+        for start in range(0, vocab, BLOCK_V):
+            cols = start + offsets
+            mask = cols < vocab
+            a = tl.load(p_row + cols, mask=mask, other=0.0).to(tl.float32)
+            b = tl.load(q_row + cols, mask=mask, other=0.0).to(tl.float32)
+            prob_p = tl.exp(a - lse_p)
+            prob_q = tl.exp(b - lse_q)
+            tl.store(p_row + cols, (scale * prob_p * ((a - b) - mean_diff)).to(p_ptr.dtype.element_ty), mask=mask)
+            tl.store(q_row + cols, (scale * (prob_q - prob_p)).to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def kl_epilogue(
+    logits_p: torch.Tensor, logits_q: torch.Tensor, valid: torch.Tensor, grad_scale: torch.Tensor | None
+) -> torch.Tensor:
+    """logits_p, logits_q [C, V] float32; valid [C] bool; grad_scale [C] or None -> KL [C] float32."""
+    for name, logits in (("logits_p", logits_p), ("logits_q", logits_q)):
+        if logits.dtype != torch.float32:
+            raise TypeError(f"{name}: the Triton epilogue takes float32 logits, got {logits.dtype}")
+        if logits.stride(1) != 1:
+            raise ValueError(f"{name}: rows must be contiguous")
+    if logits_p.shape != logits_q.shape:
+        raise ValueError(f"logits_q: expected shape {tuple(logits_p.shape)}, got {tuple(logits_q.shape)}")
+    rows, vocab = logits_p.shape
+    out = torch.empty(rows, dtype=torch.float32, device=logits_p.device)
+    if rows == 0:
+        return out
+    write_grad = grad_scale is not None
+    _kl_epilogue_kernel[(rows,)](
+        logits_p,
+        logits_q,
+        logits_p.stride(0),
+        logits_q.stride(0),
+        valid.to(torch.uint8).contiguous(),
+        grad_scale.contiguous() if write_grad else out,
+        out,
+        vocab,
+        BLOCK_V=block_size(vocab),
+        WRITE_GRAD=write_grad,
+        num_warps=8,
+    )
+    return out

@@ -1,0 +1,89 @@
+"""Triton row epilogue for target log-probabilities: log-sum-exp, target logit and, in place, the gradient.
+
+One program per row streams the row's logits twice: once for the online max / sum of exponentials, once
+(only when a gradient is asked for) to write grad_scale * (onehot(target) - softmax) over the logits.
+Same contract as ``are_fast.torch_epilogues.logprob_epilogue``.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _logprob_epilogue_kernel(
+    logits_ptr,
+    stride_row,
+    targets_ptr,
+    scale_ptr,
+    out_ptr,
+    vocab,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    target = tl.load(targets_ptr + row)
+    valid = target != ignore_index
+    in_range = (target >= 0) & (target < vocab)
+    safe_target = tl.where(in_range, target, 0)
+    offsets = tl.arange(0, BLOCK_V)
+
+    running_max = float("-inf")
+    running_sum = 0.0
+    for start in range(0, vocab, BLOCK_V):
+        x = tl.load(row_ptr + start + offsets, mask=start + offsets < vocab, other=float("-inf")).to(tl.float32)
+        # Each tile holds at least one real logit, so the new max is finite and exp() never sees -inf - -inf.
+        new_max = tl.maximum(running_max, tl.max(x, axis=0))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+        running_max = new_max
+    lse = running_max + tl.log(running_sum)
+
+    picked = tl.load(row_ptr + safe_target).to(tl.float32) - lse
+    logp = tl.where(in_range, picked, float("nan"))
+    tl.store(out_ptr + row, tl.where(valid, logp, 0.0))
+
+    if WRITE_GRAD:
+        scale = tl.where(valid & in_range, tl.load(scale_ptr + row).to(tl.float32), 0.0)
+        for start in range(0, vocab, BLOCK_V):
+            cols = start + offsets
+            mask = cols < vocab
+            x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            onehot = tl.where(cols == safe_target, 1.0, 0.0)
+            grad = scale * (onehot - tl.exp(x - lse))
+            tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def block_size(vocab: int) -> int:
+    """Vocabulary tile: the row's length rounded up to a power of two, at most 4096."""
+    return min(4096, triton.next_power_of_2(vocab))
+
+
+def logprob_epilogue(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, grad_scale: torch.Tensor | None
+) -> torch.Tensor:
+    """logits [C, V] float32 (row-contiguous), targets [C] int64, grad_scale [C] or None -> log-probs [C] float32."""
+    if logits.dtype != torch.float32:
+        raise TypeError(f"logits: the Triton epilogue takes float32 logits, got {logits.dtype}")
+    if logits.stride(1) != 1:
+        raise ValueError("logits: rows must be contiguous")
+    rows, vocab = logits.shape
+    out = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    if rows == 0:
+        return out
+    targets = targets.contiguous()
+    write_grad = grad_scale is not None
+    scale = grad_scale.contiguous() if write_grad else out  # unread when WRITE_GRAD is False
+    _logprob_epilogue_kernel[(rows,)](
+        logits,
+        logits.stride(0),
+        targets,
+        scale,
+        out,
+        vocab,
+        ignore_index,
+        BLOCK_V=block_size(vocab),
+        WRITE_GRAD=write_grad,
+        num_warps=8,
+    )
+    return out
