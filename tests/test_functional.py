@@ -1,0 +1,263 @@
+"""Every public op x fused backend x dtype x head mode against the float64 reference, value and every gradient."""
+import pytest
+import torch
+
+import are_fast
+from _helpers import FUSED_BACKENDS, assert_rel_close, leaf
+
+B, T, H, V = 3, 9, 32, 203  # V on no block boundary; B*T=27 rows in chunks of 4 leave a remainder
+IGNORE = -100
+
+
+def make_inputs(batch=B, length=T, hidden=H, vocab=V, logit_scale=3.0):
+    """Fresh float64 masters: two decoder streams, a head with bias, labels with an ignored prefix and holes."""
+    labels = torch.randint(0, vocab, (batch, length))
+    labels[:, :2] = IGNORE  # the compressed-token prefix
+    labels[torch.rand(batch, length) < 0.2] = IGNORE
+    return dict(
+        hidden=torch.randn(batch, length, hidden, dtype=torch.float64),
+        hidden_q=torch.randn(batch, length, hidden, dtype=torch.float64),
+        weight=torch.randn(vocab, hidden, dtype=torch.float64) * logit_scale / hidden**0.5,
+        bias=torch.randn(vocab, dtype=torch.float64),
+        labels=labels,
+    )
+
+
+OPS = {
+    "token_logprobs-2d": lambda a, **k: are_fast.token_logprobs(
+        a["hidden"].reshape(-1, a["hidden"].shape[-1]), a["weight"], a["labels"].reshape(-1), a["bias"], **k
+    ),
+    "token_logprobs-3d": lambda a, **k: are_fast.token_logprobs(a["hidden"], a["weight"], a["labels"], a["bias"], **k),
+    "sequence_logprobs-sum": lambda a, **k: are_fast.sequence_logprobs(a["hidden"], a["weight"], a["labels"], a["bias"], **k),
+    "sequence_logprobs-mean": lambda a, **k: are_fast.sequence_logprobs(
+        a["hidden"], a["weight"], a["labels"], a["bias"], average=True, **k
+    ),
+    "compression_loss": lambda a, **k: are_fast.compression_loss(a["hidden"], a["weight"], a["labels"], a["bias"], **k),
+    **{
+        f"conditional_kl-{reduction}": (
+            lambda a, reduction=reduction, **k: are_fast.conditional_kl(
+                a["hidden"], a["hidden_q"], a["weight"], a["labels"], a["bias"], reduction=reduction, **k
+            )
+        )
+        for reduction in ("sum", "mean", "none")
+    },
+}
+STREAMS = {"hidden", "hidden_q"}
+
+
+def run_op(op, masters, dtype, backend, trainable_head, upstream=None, **kwargs):
+    """Run op on dtype copies of the masters; return (output, upstream grad used, {name: grad})."""
+    args = {}
+    for name, value in masters.items():
+        if name == "labels":
+            args[name] = value
+        elif name == "bias" and not trainable_head:
+            args[name] = None
+        else:
+            args[name] = leaf(value, dtype, name in STREAMS or trainable_head)
+    out = OPS[op](args, backend=backend, **kwargs)
+    if upstream is None:
+        upstream = torch.randn(out.shape, dtype=torch.float64)
+    (out.double() * upstream).sum().backward()
+    grads = {n: t.grad for n, t in args.items() if isinstance(t, torch.Tensor) and t.requires_grad}
+    return out, upstream, grads
+
+
+@pytest.mark.parametrize("head", ["frozen", "trainable"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("op", list(OPS))
+def test_op_matches_float64_reference(op, backend, dtype, head):
+    masters = make_inputs()
+    trainable = head == "trainable"
+    ref, upstream, ref_grads = run_op(op, masters, torch.float64, "reference", trainable)
+    out, _, grads = run_op(op, masters, dtype, backend, trainable, upstream=upstream, chunk_rows=4)
+    assert out.dtype == torch.float32
+    assert_rel_close(out, ref, dtype, f"{op} value")
+    used = {"hidden", "weight"} | ({"bias"} if trainable else set()) | ({"hidden_q"} if "kl" in op else set())
+    for name in used & ref_grads.keys():
+        assert grads[name] is not None, f"{op}: no gradient for {name}"
+        assert_rel_close(grads[name], ref_grads[name], dtype, f"{op} d/d{name}")
+    if not trainable:
+        assert "weight" not in grads  # a frozen head gets no gradient and no weight-gradient work
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_default_chunking_matches_reference(backend):
+    masters = make_inputs(batch=2, length=40, vocab=1000)
+    ref, upstream, ref_grads = run_op("sequence_logprobs-sum", masters, torch.float64, "reference", False)
+    out, _, grads = run_op("sequence_logprobs-sum", masters, torch.float32, backend, False, upstream=upstream)
+    assert_rel_close(out, ref, torch.float32, "value")
+    assert_rel_close(grads["hidden"], ref_grads["hidden"], torch.float32, "d/dhidden")
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_forward_only_under_inference_mode(backend):
+    """Detached streams (reference scores) run forward only and still match."""
+    masters = make_inputs()
+    ref = are_fast.sequence_logprobs(masters["hidden"], masters["weight"], masters["labels"], backend="reference")
+    with torch.inference_mode():
+        out = are_fast.sequence_logprobs(
+            masters["hidden"].float(), masters["weight"].float(), masters["labels"], backend=backend
+        )
+    assert not out.requires_grad
+    assert_rel_close(out, ref, torch.float32, "value")
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_extreme_logits_fp32(backend):
+    """Logits of magnitude ~1e4 in fp32: finite and exact (no overflow in exp, no cancellation in lse)."""
+    masters = make_inputs(logit_scale=1e4 / 3)
+    for op in ("sequence_logprobs-sum", "conditional_kl-sum"):
+        ref, upstream, ref_grads = run_op(op, masters, torch.float64, "reference", False)
+        assert ref.abs().max() > 1e3
+        out, _, grads = run_op(op, masters, torch.float32, backend, False, upstream=upstream, chunk_rows=4)
+        assert_rel_close(out, ref, torch.float32, f"{op} value")
+        assert torch.isfinite(grads["hidden"]).all()
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS + ["reference"])
+def test_sequences_without_targets_give_zero(backend):
+    masters = make_inputs()
+    masters["labels"][1] = IGNORE
+    for op in ("sequence_logprobs-sum", "sequence_logprobs-mean", "conditional_kl-sum", "conditional_kl-mean"):
+        out, _, grads = run_op(op, masters, torch.float32, backend, True)
+        assert torch.isfinite(out).all() and out[1] == 0, op
+        assert torch.isfinite(grads["hidden"]).all() and (grads["hidden"][1] == 0).all(), op
+        assert torch.isfinite(grads["weight"]).all(), op
+    masters["labels"][:] = IGNORE
+    loss, _, grads = run_op("compression_loss", masters, torch.float32, backend, True)
+    assert loss.item() == 0 and (grads["hidden"] == 0).all()
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS + ["reference"])
+def test_single_row_and_empty_batch(backend):
+    masters = make_inputs()
+    hidden = masters["hidden"][0, :1].float().requires_grad_()  # N = 1
+    target = masters["labels"][0, -1:].clamp(min=0)
+    ref = are_fast.token_logprobs(hidden.double(), masters["weight"], target, backend="reference")
+    out = are_fast.token_logprobs(hidden, masters["weight"].float(), target, backend=backend)
+    assert_rel_close(out, ref, torch.float32, "N=1")
+    empty = make_inputs(batch=0)
+    for op in OPS:
+        out, _, grads = run_op(op, empty, torch.float32, backend, True)
+        assert torch.isfinite(out).all() and out.numel() in (0, 1), op
+        if out.numel() == 1:
+            assert out.item() == 0, op
+        assert grads["hidden"].shape == empty["hidden"].shape, op
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_non_contiguous_inputs(backend):
+    masters = make_inputs()
+    ref, upstream, ref_grads = run_op("conditional_kl-none", masters, torch.float64, "reference", True)
+    args = {
+        # Same values, transposed storage.
+        "hidden": masters["hidden"].float().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(),
+        "hidden_q": masters["hidden_q"].float().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(),
+        "weight": masters["weight"].float().T.contiguous().T.requires_grad_(),
+        "bias": masters["bias"].float().requires_grad_(),
+        "labels": masters["labels"].T.contiguous().T,
+    }
+    assert not args["hidden"].is_contiguous() and not args["weight"].is_contiguous()
+    out = OPS["conditional_kl-none"](args, backend=backend, chunk_rows=4)
+    (out.double() * upstream).sum().backward()
+    assert_rel_close(out, ref, torch.float32, "value")
+    for name in ("hidden", "hidden_q", "weight", "bias"):
+        assert_rel_close(args[name].grad, ref_grads[name], torch.float32, f"d/d{name}")
+
+
+def test_chunked_gradcheck_float64():
+    masters = make_inputs(batch=2, length=5, hidden=6, vocab=11)
+    labels = masters["labels"]
+    leaves = [masters[n].clone().requires_grad_() for n in ("hidden", "hidden_q", "weight", "bias")]
+
+    def all_ops(hidden, hidden_q, weight, bias):
+        return (
+            are_fast.token_logprobs(hidden, weight, labels, bias, backend="chunked", chunk_rows=3),
+            are_fast.sequence_logprobs(hidden, weight, labels, bias, average=True, backend="chunked", chunk_rows=3),
+            are_fast.compression_loss(hidden, weight, labels, bias, backend="chunked", chunk_rows=3),
+            are_fast.conditional_kl(hidden, hidden_q, weight, labels, bias, reduction="none", backend="chunked", chunk_rows=3),
+        )
+
+    assert torch.autograd.gradcheck(all_ops, leaves)
+    frozen = [leaves[0], leaves[1]]  # the frozen-head path computes the hidden gradient in the forward
+    assert torch.autograd.gradcheck(lambda h, q: all_ops(h, q, masters["weight"], masters["bias"]), frozen)
+
+
+def test_alignment_loss_matches_formula_transcription():
+    b, n = 4, 3
+    inputs = [torch.randn(b, dtype=torch.float64) * 20, torch.randn(b, dtype=torch.float64) * 20,
+              torch.randn(b, n, dtype=torch.float64) * 20, torch.randn(b, dtype=torch.float64) * 20,
+              torch.randn(b, n, dtype=torch.float64) * 20, torch.rand(b, dtype=torch.float64)]
+    for ref_sign in (1.0, -1.0):
+        for use_distance in (False, True):
+            leaves = [x.clone().requires_grad_() for x in inputs]
+            distance = leaves[5] if use_distance else None
+            kwargs = dict(beta=0.3, tau=0.07, ref_sign=ref_sign, distance=distance)
+            ours = are_fast.alignment_loss(*leaves[:5], **kwargs)
+            ours.backward()
+            ours_grads = [x.grad for x in leaves]
+            leaves_ref = [x.clone().requires_grad_() for x in inputs]
+            kwargs["distance"] = leaves_ref[5] if use_distance else None
+            ref = are_fast.reference.alignment_loss(*leaves_ref[:5], **kwargs)
+            ref.backward()
+            assert_rel_close(ours, ref, torch.float64, "loss")
+            for g, r in zip(ours_grads, (x.grad for x in leaves_ref)):
+                if r is None:
+                    assert g is None
+                else:
+                    assert_rel_close(g, r, torch.float64, "grad")
+    # The softplus form is finite where the exp form overflows (s / tau with tiny tau).
+    loud = are_fast.alignment_loss(*inputs[:5], tau=1e-4)
+    assert torch.isfinite(loud)
+
+
+def test_alignment_loss_empty_batch_is_zero():
+    loss = are_fast.alignment_loss(torch.zeros(0), torch.zeros(0), torch.zeros(0, 2), torch.zeros(0), torch.zeros(0, 2))
+    assert loss.item() == 0
+
+
+def test_no_host_sync_in_fused_path():
+    """With label checks off the chunked path runs on meta tensors, which refuse any read of their values."""
+    are_fast.set_label_checks(False)
+    try:
+        hidden = torch.empty(2, 5, 8, device="meta", requires_grad=True)
+        hidden_q = torch.empty(2, 5, 8, device="meta", requires_grad=True)
+        weight = torch.empty(13, 8, device="meta")
+        labels = torch.empty(2, 5, dtype=torch.long, device="meta")
+        loss = are_fast.compression_loss(hidden, weight, labels, backend="chunked")
+        loss = loss + are_fast.conditional_kl(hidden, hidden_q, weight, labels, backend="chunked").sum()
+        loss.backward()
+        assert hidden.grad.shape == hidden.shape
+    finally:
+        are_fast.set_label_checks(True)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_out_of_range_label_gives_nan_when_checks_are_off(backend):
+    masters = make_inputs()
+    masters["labels"][0, 4] = V + 7
+    are_fast.set_label_checks(False)
+    try:
+        out = are_fast.sequence_logprobs(masters["hidden"].float(), masters["weight"].float(), masters["labels"],
+                                         backend=backend)
+    finally:
+        are_fast.set_label_checks(True)
+    assert torch.isnan(out[0]) and torch.isfinite(out[1:]).all()
+
+
+def test_works_inside_torch_compile():
+    masters = make_inputs()
+    hidden = masters["hidden"].float().requires_grad_()
+    weight = masters["weight"].float()
+
+    @torch.compile(backend="eager")
+    def step(h):
+        return are_fast.compression_loss(h * 2, weight, masters["labels"]) + 1
+
+    loss = step(hidden)
+    loss.backward()
+    ref = are_fast.compression_loss(hidden.detach().double() * 2, weight.double(), masters["labels"], backend="reference") + 1
+    assert_rel_close(loss, ref, torch.float32, "compiled loss")
+    assert torch.isfinite(hidden.grad).all()
