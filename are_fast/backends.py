@@ -5,9 +5,12 @@
 - ``triton``: the chunk driver with the Triton epilogue kernels of ``are_fast.kernels``; the default on CUDA.
   On CPU tensors it runs only under the Triton interpreter (TRITON_INTERPRET=1 set before the kernels are
   imported), which is how the tests exercise it without a GPU.
+- ``native``: the chunk driver with the C++ (CPU) / CUDA epilogues of ``csrc/``, loaded by ``are_fast.native``
+  (built just in time on first use).
 
 Choice, first match wins: the op's ``backend=`` argument, the ``ARE_FAST_BACKEND`` environment variable,
-then the tensors' device.
+then the tensors' device: ``triton`` on CUDA, else ``native`` where ``are_fast.native.use_by_default`` says so
+(``ARE_FAST_NATIVE``: auto, the default, means an ahead-of-time build is installed), else ``chunked``.
 """
 from __future__ import annotations
 
@@ -16,14 +19,18 @@ from types import SimpleNamespace
 
 import torch
 
-BACKENDS = ("reference", "chunked", "triton")
+from . import native
+
+BACKENDS = ("reference", "chunked", "triton", "native")
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The backend name to use for tensors on ``device``."""
     name = backend or os.environ.get("ARE_FAST_BACKEND") or None
     if name is None:
-        return "triton" if device.type == "cuda" and _triton_importable() else "chunked"
+        if device.type == "cuda" and _triton_importable():
+            return "triton"
+        return "native" if native.use_by_default(device) else "chunked"
     if name not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {name!r}")
     if name == "triton":
@@ -34,6 +41,11 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
                 f"backend='triton' runs on CUDA tensors, or on {device.type} tensors only under the Triton "
                 "interpreter (set TRITON_INTERPRET=1 before are_fast.kernels is imported)"
             )
+    if name == "native":
+        if not native.library.load(build=True):
+            raise ValueError(f"backend='native' is unavailable: {native.library.reason}")
+        if not native.supports(device):
+            raise ValueError(f"backend='native': the native library was built without kernels for {device.type} tensors")
     return name
 
 
@@ -47,6 +59,8 @@ def epilogues(name: str) -> SimpleNamespace:
         from . import kernels
 
         return SimpleNamespace(logprob=kernels.logprob_epilogue, kl=kernels.kl_epilogue)
+    if name == "native":
+        return native.epilogues()
     raise ValueError(f"backend: {name!r} has no fused epilogues")
 
 

@@ -1,0 +1,322 @@
+// Row epilogues of are_fast on CPU, with the contract of are_fast/torch_epilogues.py:
+//
+//   logprob_epilogue(logits [C, V], targets [C] int64, ignore_index, grad_scale [C] or None) -> [C]
+//       log softmax(logits)[target] per row; 0 where target == ignore_index, NaN where it is otherwise outside
+//       [0, V). With grad_scale g, logits becomes g * (onehot(target) - softmax(logits)), zero on those rows.
+//   kl_epilogue(logits_p [C, V], logits_q [C, V], valid [C] bool, grad_scale [C] or None) -> [C]
+//       KL(softmax(a) || softmax(b)) per row (a = logits_p, b = logits_q), 0 where valid is false. With
+//       grad_scale g, logits_p becomes g * p * ((a - b) - sum_v p_v (a_v - b_v)) and logits_q becomes g * (q - p).
+//
+// logits are float32 or float64 (grad_scale is converted to their dtype). Each row's statistics take one pass
+// over memory: the row is read tile by tile (a tile fits in L1), taking the tile's max and then its sum of
+// exponentials relative to the running max (online log-sum-exp). The gradient is a second pass, made while
+// the row is still in L2. Rows are spread over threads; inner loops are written to vectorize (omp simd, a
+// branch-free float32 exp) and, on x86-64 with GCC, compiled for AVX-512, AVX2 and a baseline, picked at load.
+// An infinite logit gives an infinite log-sum-exp (log-probs -inf or NaN) and a NaN KL.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "epilogue_checks.h"
+
+#if defined(__GNUC__)
+#define ARE_FAST_INLINE inline __attribute__((always_inline))
+#else
+#define ARE_FAST_INLINE inline
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define ARE_FAST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ARE_FAST_CLONES
+#endif
+
+namespace are_fast {
+namespace {
+
+constexpr int64_t kTile = 1024;  // elements per tile: 4 KiB of float32, read from memory once, then from L1
+
+template <typename T>
+constexpr T kInf = std::numeric_limits<T>::infinity();
+
+// exp(x) for x <= 0 (every caller passes a logit minus an upper bound of its row), branch-free so that loops
+// calling it vectorize: x = k ln2 + r with |r| <= ln2 / 2, exp(r) by its degree-7 Taylor polynomial (relative
+// error below 2e-7), 2^k written into the exponent bits. Below -87.3 (under the smallest normal float) it
+// returns 0; NaN stays NaN.
+ARE_FAST_INLINE float exp_nonpositive(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f;  // ln 2 = kLn2Hi - kLn2Lo, kLn2Hi exact in a few bits so k * kLn2Hi is exact
+  constexpr float kLn2Lo = 2.12194440e-4f;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits
+  constexpr uint32_t kRoundBits = 0x4B400000u;
+  const float xc = x < -87.3f ? -87.3f : x;
+  const float y = xc * kLog2e + kRound;
+  const float k = y - kRound;
+  const float r = (xc - k * kLn2Hi) + k * kLn2Lo;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  uint32_t bits;
+  std::memcpy(&bits, &y, sizeof bits);
+  bits = (bits - kRoundBits + 127u) << 23;  // the biased exponent of 2^k, k in [-126, 0]
+  float pow2;
+  std::memcpy(&pow2, &bits, sizeof pow2);
+  return x < -87.3f ? 0.0f : p * pow2;
+}
+
+ARE_FAST_INLINE double exp_nonpositive(double x) { return std::exp(x); }
+
+template <typename T>
+ARE_FAST_INLINE T tile_max(const T* x, int64_t n) {
+  T m = -kInf<T>;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) {
+    m = x[i] > m ? x[i] : m;
+  }
+  return m;
+}
+
+// Raises the running max m to cover a tile whose max is tile_max; returns exp(old m - new m), the factor that
+// rescales sums taken relative to the old max (1 while the max stays -inf: nothing finite seen yet).
+template <typename T>
+ARE_FAST_INLINE T raise_max(T& m, T tile_max) {
+  const T old = m;
+  m = std::max(m, tile_max);
+  return m == old ? T(1) : std::exp(old - m);
+}
+
+// What is subtracted before exponentiating: the running max, or 0 while it is -inf (so an element that is
+// -inf or NaN contributes 0 or NaN, never exp(-inf - -inf)).
+template <typename T>
+ARE_FAST_INLINE T shift_of(T m) {
+  return m == -kInf<T> ? T(0) : m;
+}
+
+template <typename T>
+ARE_FAST_INLINE T row_logsumexp(const T* x, int64_t n) {
+  T m = -kInf<T>;
+  T s = 0;  // sum of exp(x - shift_of(m)) over the tiles so far
+  for (int64_t start = 0; start < n; start += kTile) {
+    const T* tile = x + start;
+    const int64_t len = std::min(kTile, n - start);
+    const T factor = raise_max(m, tile_max(tile, len));
+    if (m == kInf<T>) {
+      return m;
+    }
+    const T shift = shift_of(m);
+    T tile_sum = 0;
+#pragma omp simd reduction(+ : tile_sum)
+    for (int64_t i = 0; i < len; ++i) {
+      tile_sum += exp_nonpositive(tile[i] - shift);
+    }
+    s = s * factor + tile_sum;
+  }
+  return m + std::log(s);
+}
+
+template <typename T>
+struct LogprobArgs {
+  T* logits;
+  int64_t stride;
+  int64_t vocab;
+  const int64_t* targets;
+  int64_t ignore_index;
+  const T* scale;  // nullptr: values only
+  T* out;
+};
+
+template <typename T>
+ARE_FAST_INLINE void logprob_rows(const LogprobArgs<T>& a, int64_t begin, int64_t end) {
+  for (int64_t row = begin; row < end; ++row) {
+    T* x = a.logits + row * a.stride;
+    const int64_t target = a.targets[row];
+    if (target == a.ignore_index || target < 0 || target >= a.vocab) {
+      a.out[row] = target == a.ignore_index ? T(0) : std::numeric_limits<T>::quiet_NaN();
+      if (a.scale != nullptr) {
+        std::fill(x, x + a.vocab, T(0));
+      }
+      continue;
+    }
+    const T lse = row_logsumexp(x, a.vocab);
+    a.out[row] = x[target] - lse;
+    if (a.scale != nullptr) {
+      const T g = a.scale[row];
+#pragma omp simd
+      for (int64_t i = 0; i < a.vocab; ++i) {
+        x[i] = -g * exp_nonpositive(x[i] - lse);
+      }
+      x[target] += g;
+    }
+  }
+}
+
+template <typename T>
+struct KlArgs {
+  T* logits_p;
+  T* logits_q;
+  int64_t stride_p;
+  int64_t stride_q;
+  int64_t vocab;
+  const bool* valid;
+  const T* scale;  // nullptr: values only
+  T* out;
+};
+
+template <typename T>
+struct KlStats {
+  T lse_p;
+  T lse_q;
+  T cross;  // sum_v p_v (a_v - b_v)
+};
+
+// Online over tiles: running maxes of a and b, s = sum exp(a - max a), t = sum exp(a - max a) (a - b) and the
+// sum for b; then cross = t / s.
+template <typename T>
+ARE_FAST_INLINE KlStats<T> row_kl_stats(const T* a, const T* b, int64_t n) {
+  T max_a = -kInf<T>, max_b = -kInf<T>;
+  T s = 0, t = 0, s_b = 0;
+  for (int64_t start = 0; start < n; start += kTile) {
+    const T* ta = a + start;
+    const T* tb = b + start;
+    const int64_t len = std::min(kTile, n - start);
+    const T factor_a = raise_max(max_a, tile_max(ta, len));
+    const T factor_b = raise_max(max_b, tile_max(tb, len));
+    if (max_a == kInf<T> || max_b == kInf<T>) {
+      const T nan = std::numeric_limits<T>::quiet_NaN();
+      return {nan, nan, nan};
+    }
+    const T shift_a = shift_of(max_a), shift_b = shift_of(max_b);
+    T tile_s = 0, tile_t = 0, tile_s_b = 0;
+#pragma omp simd reduction(+ : tile_s, tile_t, tile_s_b)
+    for (int64_t i = 0; i < len; ++i) {
+      const T e = exp_nonpositive(ta[i] - shift_a);
+      tile_s += e;
+      tile_t += e * (ta[i] - tb[i]);
+      tile_s_b += exp_nonpositive(tb[i] - shift_b);
+    }
+    s = s * factor_a + tile_s;
+    t = t * factor_a + tile_t;
+    s_b = s_b * factor_b + tile_s_b;
+  }
+  return {max_a + std::log(s), max_b + std::log(s_b), t / s};
+}
+
+template <typename T>
+ARE_FAST_INLINE void kl_rows(const KlArgs<T>& k, int64_t begin, int64_t end) {
+  for (int64_t row = begin; row < end; ++row) {
+    T* a = k.logits_p + row * k.stride_p;
+    T* b = k.logits_q + row * k.stride_q;
+    if (!k.valid[row]) {
+      k.out[row] = 0;
+      if (k.scale != nullptr) {
+        std::fill(a, a + k.vocab, T(0));
+        std::fill(b, b + k.vocab, T(0));
+      }
+      continue;
+    }
+    const KlStats<T> st = row_kl_stats(a, b, k.vocab);
+    k.out[row] = st.cross - st.lse_p + st.lse_q;
+    if (k.scale != nullptr) {
+      const T g = k.scale[row];
+#pragma omp simd
+      for (int64_t i = 0; i < k.vocab; ++i) {
+        const T p = exp_nonpositive(a[i] - st.lse_p);
+        const T q = exp_nonpositive(b[i] - st.lse_q);
+        const T diff = a[i] - b[i];
+        a[i] = g * p * (diff - st.cross);
+        b[i] = g * (q - p);
+      }
+    }
+  }
+}
+
+// Non-template entry points, so that each can be cloned per instruction set.
+ARE_FAST_CLONES void logprob_range(const LogprobArgs<float>& a, int64_t begin, int64_t end) {
+  logprob_rows(a, begin, end);
+}
+ARE_FAST_CLONES void logprob_range(const LogprobArgs<double>& a, int64_t begin, int64_t end) {
+  logprob_rows(a, begin, end);
+}
+ARE_FAST_CLONES void kl_range(const KlArgs<float>& k, int64_t begin, int64_t end) { kl_rows(k, begin, end); }
+ARE_FAST_CLONES void kl_range(const KlArgs<double>& k, int64_t begin, int64_t end) { kl_rows(k, begin, end); }
+
+at::Tensor logprob_epilogue_cpu(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
+                                const std::optional<at::Tensor>& grad_scale) {
+  check_logprob_args(logits, targets, c10::DeviceType::CPU);
+  const std::optional<at::Tensor> scale = checked_scale(grad_scale, logits);
+  const at::Tensor targets_c = targets.contiguous();
+  at::Tensor out = at::empty({logits.size(0)}, logits.options());
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "logprob_epilogue", [&] {
+    const LogprobArgs<scalar_t> args{logits.mutable_data_ptr<scalar_t>(),
+                                     logits.stride(0),
+                                     logits.size(1),
+                                     targets_c.const_data_ptr<int64_t>(),
+                                     ignore_index,
+                                     scale ? scale->const_data_ptr<scalar_t>() : nullptr,
+                                     out.mutable_data_ptr<scalar_t>()};
+    at::parallel_for(0, logits.size(0), 1, [&](int64_t begin, int64_t end) { logprob_range(args, begin, end); });
+  });
+  return out;
+}
+
+at::Tensor kl_epilogue_cpu(const at::Tensor& logits_p, const at::Tensor& logits_q, const at::Tensor& valid,
+                           const std::optional<at::Tensor>& grad_scale) {
+  check_kl_args(logits_p, logits_q, valid, c10::DeviceType::CPU);
+  const std::optional<at::Tensor> scale = checked_scale(grad_scale, logits_p);
+  const at::Tensor valid_c = valid.contiguous();
+  at::Tensor out = at::empty({logits_p.size(0)}, logits_p.options());
+  AT_DISPATCH_FLOATING_TYPES(logits_p.scalar_type(), "kl_epilogue", [&] {
+    const KlArgs<scalar_t> args{logits_p.mutable_data_ptr<scalar_t>(),
+                                logits_q.mutable_data_ptr<scalar_t>(),
+                                logits_p.stride(0),
+                                logits_q.stride(0),
+                                logits_p.size(1),
+                                valid_c.const_data_ptr<bool>(),
+                                scale ? scale->const_data_ptr<scalar_t>() : nullptr,
+                                out.mutable_data_ptr<scalar_t>()};
+    at::parallel_for(0, logits_p.size(0), 1, [&](int64_t begin, int64_t end) { kl_range(args, begin, end); });
+  });
+  return out;
+}
+
+// Shape-only versions for fake/meta tensors (torch.compile tracing).
+at::Tensor logprob_epilogue_meta(const at::Tensor& logits, const at::Tensor&, int64_t,
+                                 const std::optional<at::Tensor>&) {
+  return at::empty({logits.size(0)}, logits.options());
+}
+
+at::Tensor kl_epilogue_meta(const at::Tensor& logits_p, const at::Tensor&, const at::Tensor&,
+                            const std::optional<at::Tensor>&) {
+  return at::empty({logits_p.size(0)}, logits_p.options());
+}
+
+}  // namespace
+}  // namespace are_fast
+
+TORCH_LIBRARY(are_fast, m) {
+  m.def("logprob_epilogue(Tensor(a!) logits, Tensor targets, int ignore_index, Tensor? grad_scale) -> Tensor");
+  m.def("kl_epilogue(Tensor(a!) logits_p, Tensor(b!) logits_q, Tensor valid, Tensor? grad_scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(are_fast, CPU, m) {
+  m.impl("logprob_epilogue", &are_fast::logprob_epilogue_cpu);
+  m.impl("kl_epilogue", &are_fast::kl_epilogue_cpu);
+}
+
+TORCH_LIBRARY_IMPL(are_fast, Meta, m) {
+  m.impl("logprob_epilogue", &are_fast::logprob_epilogue_meta);
+  m.impl("kl_epilogue", &are_fast::kl_epilogue_meta);
+}
