@@ -1,0 +1,157 @@
+"""The compressor: any Hugging Face causal LM turns a text into k compressed vectors [B, k, H].
+
+    comp = Compressor.from_pretrained("path/to/model", num_embed_tokens=5)       # or Compressor(model, tokenizer, 5)
+    vectors = comp.compress(["a text"], "This sentence means in one word: ")     # [1, 5, H] float
+    embedding = vectors.mean(1)                                                  # the AutoRegEmbed text embedding
+
+It adds the special tokens <EMBED0>..<EMBED{k-1}> (the names of the released AutoRegEmbed checkpoints, so
+those load as they are) to the tokenizer and the input embeddings, appends them right after each row's last
+real token, and returns the base model's final hidden states (after its final norm) at those k positions.
+No LM head runs: only the transformer body (``model.base_model``) is kept.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .layout import Tokenized, compressor_prefix_ids, enable_checkpointing, pad_right, run_varlen
+
+
+def embed_token_names(num_embed_tokens: int) -> list[str]:
+    """["<EMBED0>", ..., "<EMBED{k-1}>"]."""
+    return [f"<EMBED{i}>" for i in range(num_embed_tokens)]
+
+
+def count_embed_tokens(tokenizer) -> int:
+    """How many consecutive <EMBED{i}> tokens, from <EMBED0>, the tokenizer's vocabulary holds."""
+    vocab = tokenizer.get_vocab()
+    k = 0
+    while f"<EMBED{k}>" in vocab:
+        k += 1
+    return k
+
+
+@dataclass
+class CompressorBatch:
+    """A collated compressor batch: ids [B, L] (prefix + k special tokens, right padding), lengths [B] (real
+    tokens including the k special ones) and embed_positions [B, k] (where the k special tokens sit)."""
+
+    input_ids: torch.Tensor
+    lengths: torch.Tensor
+    embed_positions: torch.Tensor
+
+    def to(self, device) -> "CompressorBatch":
+        return CompressorBatch(self.input_ids.to(device), self.lengths.to(device), self.embed_positions.to(device))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+class Compressor(nn.Module):
+    """Compresses texts into k vectors with a transformers model body.
+
+    Args:
+        model: an ``AutoModelForCausalLM`` or a base ``AutoModel`` (LlamaModel, Qwen2Model, ...); only its body
+            (``model.base_model``) is kept.
+        tokenizer: its tokenizer; the <EMBED{i}> tokens are added when missing and the input embeddings grow to
+            match (new rows drawn around the mean of the old ones, transformers' default).
+        num_embed_tokens: k (5 in the paper).
+        max_text_tokens: texts are cut to this many tokens (counted in ``Tokenized.truncated``); None: no limit.
+        pack: run rows packed with restarting positions (worth it with flash-attention 2) instead of padded.
+    """
+
+    def __init__(self, model, tokenizer, num_embed_tokens: int = 5, *, max_text_tokens: int | None = 512,
+                 pack: bool = False):
+        super().__init__()
+        if num_embed_tokens < 1:
+            raise ValueError(f"num_embed_tokens: expected at least 1, got {num_embed_tokens}")
+        self.backbone = model.base_model
+        self.tokenizer = tokenizer
+        self.num_embed_tokens = num_embed_tokens
+        self.max_text_tokens = max_text_tokens
+        self.pack = pack
+        names = embed_token_names(num_embed_tokens)
+        missing = [n for n in names if n not in tokenizer.get_vocab()]
+        if missing:
+            tokenizer.add_tokens(missing, special_tokens=True)  # never split, like released checkpoints
+        self.embed_token_ids = tokenizer.convert_tokens_to_ids(names)
+        if self.backbone.get_input_embeddings().num_embeddings <= max(self.embed_token_ids):
+            self.backbone.resize_token_embeddings(len(tokenizer))
+        self.pad_token_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone.get_input_embeddings().embedding_dim
+
+    def enable_checkpointing(self) -> None:
+        """Per-layer activation checkpointing of the body (non-reentrant, so no input-grad hooks are needed)."""
+        enable_checkpointing(self.backbone)
+
+    def tokenize(self, texts: Sequence[str], instructions: str | Sequence[str] | None = None) -> Tokenized:
+        """Prefix ids per text: [bos] + text + "\\n" + instruction + "\\n" (no special tokens yet)."""
+        if instructions is None or isinstance(instructions, str):
+            instructions = [instructions or ""] * len(texts)
+        return compressor_prefix_ids(self.tokenizer, texts, instructions, self.max_text_tokens)
+
+    def collate(self, prefixes: Sequence[Sequence[int]]) -> CompressorBatch:
+        """Prefix ids per row -> a right-padded batch with the k special tokens after each row's last token."""
+        k = self.num_embed_tokens
+        ids, lengths = pad_right(prefixes, self.pad_token_id, extra=k)
+        positions = lengths.unsqueeze(1) + torch.arange(k)
+        ids.scatter_(1, positions, torch.tensor(self.embed_token_ids).expand(len(prefixes), k))
+        return CompressorBatch(ids, lengths + k, positions)
+
+    def forward(self, batch: CompressorBatch) -> torch.Tensor:
+        """The final hidden states at the k special positions: [B, k, H] in the body's (or autocast) dtype."""
+        hidden = run_varlen(self.backbone, batch.lengths, self.pack, input_ids=batch.input_ids)
+        index = batch.embed_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        return hidden.gather(1, index)
+
+    def compress(self, texts: Sequence[str], instructions: str | Sequence[str] | None = None) -> torch.Tensor:
+        """Texts (and one instruction or one per text) -> [B, k, H] on the body's device."""
+        device = self.backbone.get_input_embeddings().weight.device
+        return self(self.collate(self.tokenize(texts, instructions).ids).to(device))
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write a Hugging Face model directory (body weights as safetensors, config, tokenizer with the
+        <EMBED{i}> tokens), the layout of released AutoRegEmbed checkpoints. A peft LoRA body is merged first."""
+        body = self.backbone
+        if hasattr(body, "merge_and_unload"):  # peft: export plain weights that any loader reads
+            body = body.merge_and_unload()
+            self.backbone = body
+        body.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, num_embed_tokens: int | None = None, *, dtype=None,
+                        device=None, attn_implementation: str | None = None, trust_remote_code: bool = False,
+                        **kwargs) -> "Compressor":
+        """Load a model directory (a base LM, our checkpoint or a released AutoRegEmbed one) as a compressor.
+
+        num_embed_tokens: k; None reads it from the tokenizer's <EMBED{i}> tokens (an error when it has none).
+        Other keyword arguments go to ``Compressor`` (max_text_tokens, pack).
+        """
+        from transformers import AutoModel, AutoTokenizer
+
+        if not os.path.isdir(path):
+            raise ValueError(f"path: expected a model directory, {str(path)!r} is not one")
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if num_embed_tokens is None:
+            num_embed_tokens = count_embed_tokens(tokenizer)
+            if num_embed_tokens == 0:
+                raise ValueError(f"num_embed_tokens: the tokenizer in {str(path)!r} has no <EMBED0> token; give k")
+        model = AutoModel.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+        )
+        comp = cls(model, tokenizer, num_embed_tokens, **kwargs)
+        return comp.to(device) if device is not None else comp
+
+
+def load_compressor(path, num_embed_tokens: int | None = None, **kwargs) -> Compressor:
+    """``Compressor.from_pretrained``: a saved model directory as a compressor."""
+    return Compressor.from_pretrained(path, num_embed_tokens, **kwargs)

@@ -1,0 +1,106 @@
+"""The frozen decoder: a copy of the base causal LM that scores target texts from compressed vectors.
+
+It returns final hidden states, never logits: every log-probability is computed by the fused ops of
+``are_fast.functional`` from those states and the LM-head weight (``FrozenDecoder.head``). Its parameters
+have ``requires_grad=False``, so the fused ops skip all weight-gradient work, while gradients still flow
+to the compressed vectors it reads.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .layout import Tokenized, decoder_labels, enable_checkpointing, pad_right, run_varlen, target_ids
+
+
+class FrozenDecoder(nn.Module):
+    """A frozen causal LM over [k compressed vectors ; target token embeddings].
+
+    Args:
+        lm: an ``AutoModelForCausalLM`` (its body and its LM head are used).
+        tokenizer: the base tokenizer (targets are tokenized with it and end with its eos token).
+        max_target_tokens: targets are cut to this many tokens before the eos (counted); None: no limit.
+        pack: run the streams packed with restarting positions (worth it with flash-attention 2).
+        checkpointing: per-layer activation checkpointing while gradients flow through it.
+    """
+
+    def __init__(self, lm, tokenizer, *, max_target_tokens: int | None = 512, pack: bool = False,
+                 checkpointing: bool = False):
+        super().__init__()
+        config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+        for name in ("final_logit_softcapping", "logit_scale"):
+            if getattr(config, name, None) not in (None, 1.0):
+                raise ValueError(f"lm: {type(lm).__name__} transforms its logits ({name}), which the fused ops "
+                                 "do not model; use a model whose logits are hidden @ lm_head.weight.T (+ bias)")
+        if lm.get_output_embeddings() is None:
+            raise ValueError(f"lm: expected a causal LM with an LM head, got {type(lm).__name__}")
+        self.lm = lm.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_target_tokens = max_target_tokens
+        self.pack = pack
+        self.checkpointing = checkpointing
+        if checkpointing:
+            enable_checkpointing(lm)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "FrozenDecoder":
+        """Always in eval mode (no dropout); with checkpointing, the decoder layers alone are flagged as
+        training, because transformers only checkpoints a layer whose ``training`` flag is set."""
+        super().train(False)
+        if self.checkpointing and mode:
+            from transformers.modeling_layers import GradientCheckpointingLayer
+
+            for module in self.lm.modules():
+                if isinstance(module, GradientCheckpointingLayer):
+                    module.training = True
+        return self
+
+    @property
+    def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight [V, H], bias [V] or None) of the LM head, frozen."""
+        out = self.lm.get_output_embeddings()
+        return out.weight, getattr(out, "bias", None)
+
+    def tokenize(self, texts: Sequence[str]) -> Tokenized:
+        """tokens(text) + [eos] per target text, cut to max_target_tokens (+ eos)."""
+        return target_ids(self.tokenizer, texts, self.max_target_tokens)
+
+    def forward(self, compressed: torch.Tensor, target: torch.Tensor, lengths: torch.Tensor):
+        """Score targets from compressed vectors.
+
+        Args:
+            compressed: [S, k, H] compressed vectors (gradients flow back to them).
+            target: [S, T] int64 target ids with eos, right-padded; lengths: [S] real lengths.
+        Returns:
+            (hidden [S, k + T, H] final hidden states, labels [S, k + T] int64 with -100 over the k vectors and
+            the padding): position t predicts labels[:, t + 1], as the fused sequence ops expect.
+        """
+        k = compressed.shape[1]
+        embeds = self.lm.get_input_embeddings()(target)
+        inputs = torch.cat([compressed.to(embeds.dtype), embeds], dim=1)
+        hidden = run_varlen(self.lm.base_model, lengths + k, self.pack, inputs_embeds=inputs)
+        return hidden, decoder_labels(target, lengths, k)
+
+    def collate(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target ids per row -> (ids [S, T] right-padded, lengths [S])."""
+        pad = next(t for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if t is not None)
+        return pad_right(rows, pad)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, device=None,
+                        attn_implementation: str | None = None, trust_remote_code: bool = False,
+                        **kwargs) -> "FrozenDecoder":
+        """Load the base causal LM and its tokenizer from a model directory as a frozen decoder."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not os.path.isdir(path):
+            raise ValueError(f"path: expected a model directory, {str(path)!r} is not one")
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        lm = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+        )
+        dec = cls(lm, tokenizer, **kwargs)
+        return dec.to(device) if device is not None else dec
