@@ -1,0 +1,43 @@
+"""Print the largest relative error of every op, dtype and backend against the float64 reference.
+
+Run: python tests/error_table.py [--trials 20]. Each trial draws fresh inputs (the shapes of
+test_functional.py) and compares the value and every gradient, frozen and trainable head.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _helpers import FUSED_BACKENDS, rel_error  # noqa: E402
+from test_functional import OPS, make_inputs, run_op  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--trials", type=int, default=20, help="fresh random inputs per cell (default 20)")
+    args = parser.parse_args()
+    torch.manual_seed(1234)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    print(f"| op | backend | {' | '.join(dtypes)} |\n|---|---|{'---|' * len(dtypes)}")
+    for op in OPS:
+        for backend in FUSED_BACKENDS:
+            cells = []
+            for dtype in dtypes.values():
+                worst = 0.0
+                for trial in range(args.trials):
+                    trainable = trial % 2 == 1
+                    masters = make_inputs()
+                    ref, upstream, ref_grads = run_op(op, masters, torch.float64, "reference", trainable)
+                    out, _, grads = run_op(op, masters, dtype, backend, trainable, upstream=upstream, chunk_rows=4)
+                    worst = max([worst, rel_error(out, ref)] + [rel_error(grads[n], g) for n, g in ref_grads.items()])
+                cells.append(f"{worst:.1e}")
+            print(f"| {op} | {backend} | {' | '.join(cells)} |")
+
+
+if __name__ == "__main__":
+    main()
