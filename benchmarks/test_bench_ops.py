@@ -1,0 +1,77 @@
+"""Forward+backward of every loss op, per shape, for each are_fast backend and each installed peer, and the
+bare-matmul floor of each shape.
+
+Ids read like ``token_logprobs-llama3-8b-N16384-bf16-frozen-chunked``; each (op, shape) is one
+pytest-benchmark group, so its implementations print side by side. Shapes and inputs: benchmarks/cases.py;
+implementations: benchmarks/impls.py. ``python -m benchmarks.report`` turns --benchmark-json output into
+the Markdown table and chart.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .cases import bench_device, clear_grads, floor_shapes, make_inputs, op_cases, smoke_mode
+from .impls import floor_fn, implementations, loss_fn
+
+
+def pytest_generate_tests(metafunc):
+    device = bench_device()
+    cases = op_cases(device, smoke_mode())
+    if "impl" in metafunc.fixturenames:
+        params = [
+            pytest.param(case, impl, id=f"{case.id}-{impl.name}")
+            for case in cases
+            for impl in implementations()
+            if case.op in impl.ops and device.type in impl.devices
+        ]
+        metafunc.parametrize(("case", "impl"), params)
+    if "shape" in metafunc.fixturenames:
+        metafunc.parametrize("shape", floor_shapes(cases), ids=lambda shape: shape.id)
+
+
+def _shape_info(shape) -> dict:
+    return {
+        "suite": "ops",
+        "shape": shape.id,
+        "head": shape.head.name,
+        "hidden": shape.head.hidden,
+        "vocab": shape.head.vocab,
+        "tokens": shape.tokens,
+        "dtype": str(shape.dtype).replace("torch.", ""),
+        "mode": shape.mode,
+    }
+
+
+def test_op(case, impl, measure):
+    """Time loss.backward() of ``case.op`` under ``impl`` (forward included), and its peak extra memory."""
+    device = bench_device()
+    reason = impl.skip_reason(device)
+    if reason:
+        pytest.skip(reason)
+    x = make_inputs(case, device)
+    loss = loss_fn(impl, case.op, device)
+    measure(
+        lambda: loss(x).backward(),
+        lambda: clear_grads(x),
+        warmup=True if impl.jit else None,
+        group=case.id,
+        op=case.op,
+        impl=impl.name,
+        kind=impl.kind,
+        note=impl.note(case.op, case.shape.trainable),
+        **_shape_info(case.shape),
+    )
+
+
+def test_floor(shape, measure):
+    """The bare matmuls of ``shape`` (see benchmarks.impls.floor_fn): the time no implementation can beat."""
+    device = bench_device()
+    generator = torch.Generator(device=device).manual_seed(0)
+    head = shape.head
+
+    def randn(*dims):
+        return torch.randn(*dims, generator=generator, device=device).to(shape.dtype)
+
+    run = floor_fn(randn(shape.tokens, head.hidden), randn(head.vocab, head.hidden), randn(shape.tokens, head.vocab), shape.trainable)
+    measure(run, group=f"floor-{shape.id}", op="floor", impl="floor", kind="floor", **_shape_info(shape))
