@@ -1,0 +1,173 @@
+"""Training data: reading JSON-lines rows, validating them, and tokenizing them into model items.
+
+Stage-1 rows: {context, instruction, output}. Stage-2 rows: {query, pos, neg (a string or a list),
+instruction}. An ``id`` field, when present, names the row (else its line number does); reference scores
+are stored against these ids, so a shuffled or filtered data file can never pick up another row's scores.
+
+Bad input never crashes a job and is never silently dropped: unreadable files raise a ValueError naming the
+path; rows with invalid JSON, missing fields, empty strings or too few negatives are skipped and counted per
+reason; texts over the maximum length are truncated and counted. ``DataReport.summary()`` says it all.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .model.objectives import Stage1Item, Stage2Item
+
+STAGE1_FIELDS = ("context", "instruction", "output")
+STAGE2_FIELDS = ("query", "pos", "neg", "instruction")
+
+
+@dataclass
+class DataReport:
+    """What happened to a file's rows: kept, skipped per reason (with the first few line numbers), truncated."""
+
+    path: str
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)  # reason -> first line numbers
+    truncated: Counter = field(default_factory=Counter)  # text kind -> rows cut to the maximum length
+
+    def skip(self, reason: str, line: int) -> None:
+        self.skipped[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < 5:
+            self.examples[reason].append(line)
+
+    def summary(self) -> str:
+        parts = [f"{self.path}: {self.kept} rows kept"]
+        for reason, count in self.skipped.items():
+            parts.append(f"{count} skipped ({reason}; lines {', '.join(map(str, self.examples[reason]))}...)")
+        for kind, count in self.truncated.items():
+            if count:
+                parts.append(f"{count} {kind} truncated to the maximum length")
+        return "; ".join(parts)
+
+
+def read_jsonl(path: str, report: DataReport):
+    """Yield (line number, dict) per non-empty line; bad JSON lines are counted in ``report`` and skipped."""
+    try:
+        handle = open(path, encoding="utf-8")
+    except OSError as err:
+        raise ValueError(f"data file {path!r} cannot be read: {err.strerror or err}") from None
+    with handle:
+        try:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    report.skip("invalid JSON", number)
+                    continue
+                if not isinstance(row, dict):
+                    report.skip("not a JSON object", number)
+                    continue
+                yield number, row
+        except UnicodeDecodeError as err:
+            raise ValueError(f"data file {path!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _text(row: dict, name: str) -> str | None:
+    value = row.get(name)
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _row_id(row: dict, number: int, seen: set, report: DataReport) -> str | None:
+    row_id = str(row["id"]) if "id" in row else f"line{number}"
+    if row_id in seen:
+        report.skip("duplicate id", number)
+        return None
+    seen.add(row_id)
+    return row_id
+
+
+def load_stage1(path: str, instruction: str | None = None) -> tuple[list[dict], DataReport]:
+    """Valid stage-1 rows as dicts with id, context, instruction, output. ``instruction`` fills rows without one."""
+    report, rows, seen = DataReport(path), [], set()
+    for number, row in read_jsonl(path, report):
+        values = {name: _text(row, name) for name in STAGE1_FIELDS}
+        if values["instruction"] is None and instruction is not None:
+            values["instruction"] = instruction
+        bad = [name for name, value in values.items() if value is None]
+        if bad:
+            report.skip(f"missing or empty {'/'.join(bad)}", number)
+            continue
+        row_id = _row_id(row, number, seen, report)
+        if row_id is not None:
+            rows.append({"id": row_id, **values})
+    report.kept = len(rows)
+    return rows, report
+
+
+def load_stage2(path: str, num_negatives: int, instruction: str | None = None) -> tuple[list[dict], DataReport]:
+    """Valid stage-2 rows as dicts with id, query, pos, neg (a list of exactly ``num_negatives``), instruction.
+
+    A list-valued pos keeps its first entry (as released); longer negative lists keep their first
+    ``num_negatives``; rows with fewer are skipped and counted, never padded with another row's texts.
+    """
+    if num_negatives < 1:
+        raise ValueError(f"num_negatives: expected at least 1, got {num_negatives}")
+    report, rows, seen = DataReport(path), [], set()
+    for number, row in read_jsonl(path, report):
+        pos = row.get("pos")
+        if isinstance(pos, list):
+            row = {**row, "pos": pos[0] if pos else None}
+        neg = row.get("neg")
+        negs = [neg] if isinstance(neg, str) else neg if isinstance(neg, list) else []
+        values = {name: _text(row, name) for name in ("query", "pos", "instruction")}
+        if values["instruction"] is None and instruction is not None:
+            values["instruction"] = instruction
+        bad = [name for name, value in values.items() if value is None]
+        if any(not (isinstance(n, str) and n.strip()) for n in negs) or not negs:
+            bad.append("neg")
+        if bad:
+            report.skip(f"missing or empty {'/'.join(bad)}", number)
+            continue
+        if len(negs) < num_negatives:
+            report.skip(f"fewer than {num_negatives} negatives", number)
+            continue
+        row_id = _row_id(row, number, seen, report)
+        if row_id is not None:
+            rows.append({"id": row_id, **values, "neg": negs[:num_negatives]})
+    report.kept = len(rows)
+    return rows, report
+
+
+def fingerprint(row: dict) -> int:
+    """A 63-bit hash of a stage-2 row's texts: the reference-score file checks rows against it."""
+    text = json.dumps([row["query"], row["pos"], row["neg"], row["instruction"]], ensure_ascii=False)
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little") >> 1
+
+
+def stage1_items(rows, compressor, decoder, report: DataReport | None = None) -> list[Stage1Item]:
+    """Tokenize stage-1 rows; truncations are counted in ``report``."""
+    prefixes = compressor.tokenize([r["context"] for r in rows], [r["instruction"] for r in rows])
+    targets = decoder.tokenize([r["output"] for r in rows])
+    if report is not None:
+        report.truncated["contexts"] += prefixes.truncated
+        report.truncated["outputs"] += targets.truncated
+    return [Stage1Item(p, t) for p, t in zip(prefixes.ids, targets.ids)]
+
+
+def stage2_items(rows, compressor, decoder, report: DataReport | None = None, scores=None) -> list[Stage2Item]:
+    """Tokenize stage-2 rows; ``scores`` maps row id -> (ref_p, ref_n list) (see training.refscores)."""
+    instructions = [r["instruction"] for r in rows]
+    queries = compressor.tokenize([r["query"] for r in rows], instructions)
+    pos_prefix = compressor.tokenize([r["pos"] for r in rows], instructions)
+    pos_target = decoder.tokenize([r["pos"] for r in rows])
+    n = len(rows[0]["neg"]) if rows else 0
+    negs = decoder.tokenize([neg for r in rows for neg in r["neg"]])
+    if report is not None:
+        report.truncated["queries"] += queries.truncated
+        report.truncated["positives"] += pos_prefix.truncated
+        report.truncated["negatives"] += negs.truncated
+    items = []
+    for i, row in enumerate(rows):
+        ref_p, ref_n = scores[row["id"]] if scores is not None else (None, None)
+        items.append(Stage2Item(row["id"], queries.ids[i], pos_prefix.ids[i], pos_target.ids[i],
+                                negs.ids[i * n: (i + 1) * n], ref_p, ref_n))
+    return items
