@@ -215,8 +215,8 @@ def chart(results: list, path) -> None:
     ax_t.set_xlabel("fwd+bwd time / bare-matmul floor (lower is better)")
     ax_m.set_xscale("log")
     ax_m.set_xlabel("peak extra memory, MiB (log)")
-    ax_m.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    fig.legend(*ax_t.get_legend_handles_labels(), loc="upper center", ncol=len(impls), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
