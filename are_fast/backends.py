@@ -45,7 +45,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         if not native.library.load(build=True):
             raise ValueError(f"backend='native' is unavailable: {native.library.reason}")
         if not native.supports(device):
-            raise ValueError(f"backend='native': the native library was built without kernels for {device.type} tensors")
+            raise ValueError(f"backend='native': the native library has no kernels for {device.type} tensors")
     return name
 
 

@@ -1,0 +1,217 @@
+// CUDA versions of the row epilogues of epilogues.cpp (same contract and schemas, registered for the CUDA
+// dispatch key): one thread block per row. Each thread folds its strided share of the row into a running
+// (max, sum of exp(x - max)) pair, the block merges the pairs with warp shuffles, and a second sweep writes
+// the gradient over the logits. Arithmetic runs in the logits' dtype (float32 or float64).
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "epilogue_checks.h"
+
+namespace are_fast {
+namespace {
+
+constexpr int kThreads = 512;  // per block; a multiple of the warp size
+constexpr int kWarp = 32;
+
+template <typename T>
+__device__ __forceinline__ T neg_inf() {
+  return -T(INFINITY);
+}
+
+// Running max, sum of exp(x - max) and a weighted sum of exp(x - max) * w over a set of elements.
+template <typename T>
+struct Stat {
+  T max;
+  T sum;
+  T weighted;
+};
+
+// A single element x with weight w; -inf contributes nothing.
+template <typename T>
+__device__ __forceinline__ Stat<T> element(T x, T w) {
+  const T one = x == neg_inf<T>() ? T(0) : T(1);
+  return {x, one, one * w};
+}
+
+// Merges two statistics (associative). fmax ignores NaN in the maxes; a NaN element still poisons the sums.
+template <typename T>
+__device__ __forceinline__ Stat<T> merge(const Stat<T>& a, const Stat<T>& b) {
+  const T m = fmax(a.max, b.max);
+  const T fa = a.max == m ? T(1) : exp(a.max - m);
+  const T fb = b.max == m ? T(1) : exp(b.max - m);
+  return {m, a.sum * fa + b.sum * fb, a.weighted * fa + b.weighted * fb};
+}
+
+// The merge of every thread's statistic, returned to all threads. shared: kThreads / kWarp entries.
+template <typename T>
+__device__ Stat<T> block_merge(Stat<T> s, Stat<T>* shared) {
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    const Stat<T> other{__shfl_down_sync(0xffffffffu, s.max, offset), __shfl_down_sync(0xffffffffu, s.sum, offset),
+                        __shfl_down_sync(0xffffffffu, s.weighted, offset)};
+    s = merge(s, other);
+  }
+  __syncthreads();  // shared may still be read from a previous call
+  if (lane == 0) {
+    shared[warp] = s;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    s = lane < kThreads / kWarp ? shared[lane] : Stat<T>{neg_inf<T>(), T(0), T(0)};
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+      const Stat<T> other{__shfl_down_sync(0xffffffffu, s.max, offset),
+                          __shfl_down_sync(0xffffffffu, s.sum, offset),
+                          __shfl_down_sync(0xffffffffu, s.weighted, offset)};
+      s = merge(s, other);
+    }
+    if (lane == 0) {
+      shared[0] = s;
+    }
+  }
+  __syncthreads();
+  return shared[0];
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) logprob_kernel(T* logits, int64_t stride, int64_t vocab,
+                                                           const int64_t* targets, int64_t ignore_index,
+                                                           const T* scale, T* out) {
+  __shared__ Stat<T> shared[kThreads / kWarp];
+  const int64_t row = blockIdx.x;
+  T* x = logits + row * stride;
+  const int64_t target = targets[row];
+  if (target == ignore_index || target < 0 || target >= vocab) {
+    if (threadIdx.x == 0) {
+      out[row] = target == ignore_index ? T(0) : T(NAN);
+    }
+    if (scale != nullptr) {
+      for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
+        x[i] = T(0);
+      }
+    }
+    return;
+  }
+  const T target_logit = x[target];  // read by every thread before block_merge's barrier, so before any write
+  Stat<T> s{neg_inf<T>(), T(0), T(0)};
+  for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
+    s = merge(s, element(x[i], T(0)));
+  }
+  s = block_merge(s, shared);
+  const T lse = s.max + log(s.sum);
+  if (threadIdx.x == 0) {
+    out[row] = target_logit - lse;
+  }
+  if (scale != nullptr) {
+    const T g = scale[row];
+    for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
+      x[i] = (i == target ? g : T(0)) - g * exp(x[i] - lse);
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) kl_kernel(T* logits_p, T* logits_q, int64_t stride_p, int64_t stride_q,
+                                                      int64_t vocab, const bool* valid, const T* scale, T* out) {
+  __shared__ Stat<T> shared[kThreads / kWarp];
+  const int64_t row = blockIdx.x;
+  T* a = logits_p + row * stride_p;
+  T* b = logits_q + row * stride_q;
+  if (!valid[row]) {
+    if (threadIdx.x == 0) {
+      out[row] = T(0);
+    }
+    if (scale != nullptr) {
+      for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
+        a[i] = T(0);
+        b[i] = T(0);
+      }
+    }
+    return;
+  }
+  Stat<T> sa{neg_inf<T>(), T(0), T(0)};  // weighted: sum exp(a - max a) (a - b)
+  Stat<T> sb{neg_inf<T>(), T(0), T(0)};
+  for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
+    sa = merge(sa, element(a[i], a[i] - b[i]));
+    sb = merge(sb, element(b[i], T(0)));
+  }
+  sa = block_merge(sa, shared);
+  sb = block_merge(sb, shared);
+  const T lse_p = sa.max + log(sa.sum);
+  const T lse_q = sb.max + log(sb.sum);
+  const T cross = sa.weighted / sa.sum;  // sum_v p_v (a_v - b_v)
+  if (threadIdx.x == 0) {
+    out[row] = cross - lse_p + lse_q;
+  }
+  if (scale != nullptr) {
+    const T g = scale[row];
+    for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
+      const T p = exp(a[i] - lse_p);
+      const T q = exp(b[i] - lse_q);
+      const T diff = a[i] - b[i];
+      a[i] = g * p * (diff - cross);
+      b[i] = g * (q - p);
+    }
+  }
+}
+
+at::Tensor logprob_epilogue_cuda(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
+                                 const std::optional<at::Tensor>& grad_scale) {
+  check_logprob_args(logits, targets, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const std::optional<at::Tensor> scale = checked_scale(grad_scale, logits);
+  const at::Tensor targets_c = targets.contiguous();
+  TORCH_CHECK(logits.size(0) <= std::numeric_limits<int32_t>::max(),
+              "logits: at most 2^31 - 1 rows per call (one block per row)");
+  at::Tensor out = at::empty({logits.size(0)}, logits.options());
+  if (logits.size(0) == 0) {
+    return out;
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "logprob_epilogue", [&] {
+    logprob_kernel<scalar_t><<<logits.size(0), kThreads, 0, stream>>>(
+        logits.mutable_data_ptr<scalar_t>(), logits.stride(0), logits.size(1), targets_c.const_data_ptr<int64_t>(),
+        ignore_index, scale ? scale->const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor kl_epilogue_cuda(const at::Tensor& logits_p, const at::Tensor& logits_q, const at::Tensor& valid,
+                            const std::optional<at::Tensor>& grad_scale) {
+  check_kl_args(logits_p, logits_q, valid, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(logits_p.device());
+  const std::optional<at::Tensor> scale = checked_scale(grad_scale, logits_p);
+  const at::Tensor valid_c = valid.contiguous();
+  TORCH_CHECK(logits_p.size(0) <= std::numeric_limits<int32_t>::max(),
+              "logits_p: at most 2^31 - 1 rows per call (one block per row)");
+  at::Tensor out = at::empty({logits_p.size(0)}, logits_p.options());
+  if (logits_p.size(0) == 0) {
+    return out;
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(logits_p.scalar_type(), "kl_epilogue", [&] {
+    kl_kernel<scalar_t><<<logits_p.size(0), kThreads, 0, stream>>>(
+        logits_p.mutable_data_ptr<scalar_t>(), logits_q.mutable_data_ptr<scalar_t>(), logits_p.stride(0),
+        logits_q.stride(0), logits_p.size(1), valid_c.const_data_ptr<bool>(),
+        scale ? scale->const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace are_fast
+
+TORCH_LIBRARY_IMPL(are_fast, CUDA, m) {
+  m.impl("logprob_epilogue", &are_fast::logprob_epilogue_cuda);
+  m.impl("kl_epilogue", &are_fast::kl_epilogue_cuda);
+}
