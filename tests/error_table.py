@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(__file__))
 
 from _helpers import FUSED_BACKENDS, rel_error  # noqa: E402
-from test_functional import OPS, make_inputs, run_op  # noqa: E402
+from test_functional import OPS, make_inputs, representable, run_op  # noqa: E402
 
 
 def main():
@@ -31,7 +31,7 @@ def main():
                 worst = 0.0
                 for trial in range(args.trials):
                     trainable = trial % 2 == 1
-                    masters = make_inputs()
+                    masters = representable(make_inputs(), dtype)
                     ref, upstream, ref_grads = run_op(op, masters, torch.float64, "reference", trainable)
                     out, _, grads = run_op(op, masters, dtype, backend, trainable, upstream=upstream, chunk_rows=4)
                     worst = max([worst, rel_error(out, ref)] + [rel_error(grads[n], g) for n, g in ref_grads.items() if g is not None])
