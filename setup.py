@@ -2,9 +2,31 @@
 
 The default install is pure Python: no torch import here (it would break build isolation) and no hardware
 probing. Triton kernels live in the top-level folder ``kernels/`` and are installed as the subpackage
-``are_fast.kernels`` (a PyPI package named ``kernels`` exists, so a top-level module would clash).
+``are_fast.kernels`` (a PyPI package named ``kernels`` exists, so a top-level module would clash). The C++/CUDA
+sources of ``csrc/`` ship as ``are_fast/csrc`` for the just-in-time build of ``are_fast.native``.
 """
+import os
+
 from setuptools import setup
+
+
+def native_build() -> dict:
+    """With ARE_FAST_BUILD_NATIVE=1, compile csrc/ ahead of time into are_fast/_native*.so (else it is built
+    just in time on first use). Needs torch at build time: pip install --no-build-isolation."""
+    if os.environ.get("ARE_FAST_BUILD_NATIVE") != "1":
+        return {}
+    try:  # torch only here, so the default install never imports it
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as exc:
+        raise SystemExit(f"ARE_FAST_BUILD_NATIVE=1 needs torch installed first and --no-build-isolation ({exc})")
+    sources, make = ["csrc/epilogues.cpp"], cpp_extension.CppExtension
+    if torch.version.cuda and cpp_extension.CUDA_HOME is not None:
+        sources, make = sources + ["csrc/epilogues_cuda.cu"], cpp_extension.CUDAExtension
+    flags = {"cxx": ["-O3", "-fopenmp"], "nvcc": ["-O3"]}  # as in are_fast/native.py
+    extension = make("are_fast._native", sources, extra_compile_args=flags, extra_link_args=["-fopenmp"])
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
+
 
 setup(
     name="are_fast",
@@ -14,8 +36,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["are_fast", "are_fast.kernels"],
-    package_dir={"are_fast": "are_fast", "are_fast.kernels": "kernels"},
+    packages=["are_fast", "are_fast.kernels", "are_fast.csrc"],
+    package_dir={"are_fast": "are_fast", "are_fast.kernels": "kernels", "are_fast.csrc": "csrc"},
+    package_data={"are_fast.csrc": ["*.cpp", "*.cu", "*.h"]},
     install_requires=[
         # The supported stacks: torch 2.11-2.13, triton 3.6-3.9, transformers 5.17+.
         "torch>=2.11,<2.14",
@@ -29,4 +52,5 @@ setup(
         "flash": ["flash-attn"],
     },
     entry_points={"console_scripts": ["are-fast=are_fast.cli:main"]},
+    **native_build(),
 )
