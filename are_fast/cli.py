@@ -18,10 +18,39 @@ def _add_demo(subparsers) -> None:
     demo.add_argument("--repeats", type=int, default=2, help="timed runs per case; the best is shown (default 2)")
 
 
+def _add_encode(subparsers) -> None:
+    enc = subparsers.add_parser(
+        "encode", help="embed every row of a file into resumable shards (see are_fast.encode_job)",
+        description="Embed each row of --input with the model into shards in --output, then write manifest.json. "
+        "A rerun resumes (finished shards are kept); under torchrun each rank takes every WORLD_SIZE-th shard. "
+        "Bad rows are skipped and reported; the exit code is 1 only when nothing can proceed.",
+    )
+    enc.add_argument("--model", required=True, help="model directory (a trained checkpoint with <EMBED*> tokens)")
+    enc.add_argument("--input", required=True, help="a .jsonl, .txt (a text a line) or .parquet file")
+    enc.add_argument("--output", required=True, help="output directory (created; reused to resume)")
+    enc.add_argument("--field", default="text", help="the text field of .jsonl rows / .parquet column (default text)")
+    enc.add_argument("--input-format", choices=["jsonl", "txt", "parquet"], default=None,
+                     help="input format (default: from the file extension)")
+    enc.add_argument("--instruction", default=None, help="instruction appended after each text (default none)")
+    enc.add_argument("--shard-size", type=int, default=10000, help="input rows per shard (default 10000)")
+    enc.add_argument("--shard-format", choices=["safetensors", "npy"], default="safetensors",
+                     help="safetensors: one file with embeddings and row_ids; npy: .npy and .rows.npy")
+    enc.add_argument("--max-length", type=int, default=512, help="texts are cut to this many tokens (default 512)")
+    enc.add_argument("--max-tokens", type=int, default=None,
+                     help="token budget per batch (default 32768 on CUDA, 8192 on CPU)")
+    enc.add_argument("--batch-size", type=int, default=None, help="cap on texts per batch (default: none)")
+    enc.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    enc.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                     help="model dtype (default bfloat16 on CUDA, float32 on CPU); embeddings are saved in float32")
+    enc.add_argument("--no-normalize", dest="normalize", action="store_false", help="keep embeddings unnormalized")
+    enc.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="are-fast", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_demo(subparsers)
+    _add_encode(subparsers)
     return parser
 
 
@@ -32,4 +61,8 @@ def main(argv=None) -> int:
 
         run_demo(args.hidden_size, args.vocab, args.batch, args.length, args.negatives, args.device, args.dtype,
                  args.repeats)
+    if args.command == "encode":
+        from .encode_job import JobConfig, run_job
+
+        return run_job(JobConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
     return 0
