@@ -19,8 +19,6 @@ from types import SimpleNamespace
 
 import torch
 
-from . import native
-
 BACKENDS = ("reference", "chunked", "triton", "native")
 
 
@@ -30,6 +28,8 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     if name is None:
         if device.type == "cuda" and _triton_importable():
             return "triton"
+        from . import native  # imported on use: `python -m are_fast.native` must find it not yet imported
+
         return "native" if native.use_by_default(device) else "chunked"
     if name not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {name!r}")
@@ -42,6 +42,8 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
                 "interpreter (set TRITON_INTERPRET=1 before are_fast.kernels is imported)"
             )
     if name == "native":
+        from . import native
+
         if not native.library.load(build=True):
             raise ValueError(f"backend='native' is unavailable: {native.library.reason}")
         if not native.supports(device):
@@ -60,6 +62,8 @@ def epilogues(name: str) -> SimpleNamespace:
 
         return SimpleNamespace(logprob=kernels.logprob_epilogue, kl=kernels.kl_epilogue)
     if name == "native":
+        from . import native
+
         return native.epilogues()
     raise ValueError(f"backend: {name!r} has no fused epilogues")
 

@@ -105,8 +105,16 @@ ARE_FAST_INLINE T shift_of(T m) {
   return m == -kInf<T> ? T(0) : m;
 }
 
+// log-sum-exp of a row as max + log_sum. Callers form x - lse as (x - max) - log_sum: with logits of magnitude
+// 1e4, rounding lse itself to float32 would cost 1e-3 in every probability.
 template <typename T>
-ARE_FAST_INLINE T row_logsumexp(const T* x, int64_t n) {
+struct Lse {
+  T max;
+  T log_sum;
+};
+
+template <typename T>
+ARE_FAST_INLINE Lse<T> row_logsumexp(const T* x, int64_t n) {
   T m = -kInf<T>;
   T s = 0;  // sum of exp(x - shift_of(m)) over the tiles so far
   for (int64_t start = 0; start < n; start += kTile) {
@@ -114,7 +122,7 @@ ARE_FAST_INLINE T row_logsumexp(const T* x, int64_t n) {
     const int64_t len = std::min(kTile, n - start);
     const T factor = raise_max(m, tile_max(tile, len));
     if (m == kInf<T>) {
-      return m;
+      return {m, T(0)};
     }
     const T shift = shift_of(m);
     T tile_sum = 0;
@@ -124,7 +132,7 @@ ARE_FAST_INLINE T row_logsumexp(const T* x, int64_t n) {
     }
     s = s * factor + tile_sum;
   }
-  return m + std::log(s);
+  return {m, std::log(s)};
 }
 
 template <typename T>
@@ -150,13 +158,13 @@ ARE_FAST_INLINE void logprob_rows(const LogprobArgs<T>& a, int64_t begin, int64_
       }
       continue;
     }
-    const T lse = row_logsumexp(x, a.vocab);
-    a.out[row] = x[target] - lse;
+    const Lse<T> lse = row_logsumexp(x, a.vocab);
+    a.out[row] = (x[target] - lse.max) - lse.log_sum;
     if (a.scale != nullptr) {
       const T g = a.scale[row];
 #pragma omp simd
       for (int64_t i = 0; i < a.vocab; ++i) {
-        x[i] = -g * exp_nonpositive(x[i] - lse);
+        x[i] = -g * exp_nonpositive((x[i] - lse.max) - lse.log_sum);
       }
       x[target] += g;
     }
@@ -177,8 +185,8 @@ struct KlArgs {
 
 template <typename T>
 struct KlStats {
-  T lse_p;
-  T lse_q;
+  Lse<T> p;
+  Lse<T> q;
   T cross;  // sum_v p_v (a_v - b_v)
 };
 
@@ -196,7 +204,7 @@ ARE_FAST_INLINE KlStats<T> row_kl_stats(const T* a, const T* b, int64_t n) {
     const T factor_b = raise_max(max_b, tile_max(tb, len));
     if (max_a == kInf<T> || max_b == kInf<T>) {
       const T nan = std::numeric_limits<T>::quiet_NaN();
-      return {nan, nan, nan};
+      return {{nan, nan}, {nan, nan}, nan};
     }
     const T shift_a = shift_of(max_a), shift_b = shift_of(max_b);
     T tile_s = 0, tile_t = 0, tile_s_b = 0;
@@ -211,7 +219,7 @@ ARE_FAST_INLINE KlStats<T> row_kl_stats(const T* a, const T* b, int64_t n) {
     t = t * factor_a + tile_t;
     s_b = s_b * factor_b + tile_s_b;
   }
-  return {max_a + std::log(s), max_b + std::log(s_b), t / s};
+  return {{max_a, std::log(s)}, {max_b, std::log(s_b)}, t / s};
 }
 
 template <typename T>
@@ -228,13 +236,13 @@ ARE_FAST_INLINE void kl_rows(const KlArgs<T>& k, int64_t begin, int64_t end) {
       continue;
     }
     const KlStats<T> st = row_kl_stats(a, b, k.vocab);
-    k.out[row] = st.cross - st.lse_p + st.lse_q;
+    k.out[row] = st.cross - (st.p.max - st.q.max) - (st.p.log_sum - st.q.log_sum);
     if (k.scale != nullptr) {
       const T g = k.scale[row];
 #pragma omp simd
       for (int64_t i = 0; i < k.vocab; ++i) {
-        const T p = exp_nonpositive(a[i] - st.lse_p);
-        const T q = exp_nonpositive(b[i] - st.lse_q);
+        const T p = exp_nonpositive((a[i] - st.p.max) - st.p.log_sum);
+        const T q = exp_nonpositive((b[i] - st.q.max) - st.q.log_sum);
         const T diff = a[i] - b[i];
         a[i] = g * p * (diff - st.cross);
         b[i] = g * (q - p);

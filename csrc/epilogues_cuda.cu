@@ -106,14 +106,14 @@ __global__ void __launch_bounds__(kThreads) logprob_kernel(T* logits, int64_t st
     s = merge(s, element(x[i], T(0)));
   }
   s = block_merge(s, shared);
-  const T lse = s.max + log(s.sum);
+  const T log_sum = log(s.sum);  // x - lse is formed as (x - max) - log_sum, exact for large logits
   if (threadIdx.x == 0) {
-    out[row] = target_logit - lse;
+    out[row] = (target_logit - s.max) - log_sum;
   }
   if (scale != nullptr) {
     const T g = scale[row];
     for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
-      x[i] = (i == target ? g : T(0)) - g * exp(x[i] - lse);
+      x[i] = (i == target ? g : T(0)) - g * exp((x[i] - s.max) - log_sum);
     }
   }
 }
@@ -145,17 +145,17 @@ __global__ void __launch_bounds__(kThreads) kl_kernel(T* logits_p, T* logits_q, 
   }
   sa = block_merge(sa, shared);
   sb = block_merge(sb, shared);
-  const T lse_p = sa.max + log(sa.sum);
-  const T lse_q = sb.max + log(sb.sum);
+  const T log_sum_p = log(sa.sum);
+  const T log_sum_q = log(sb.sum);
   const T cross = sa.weighted / sa.sum;  // sum_v p_v (a_v - b_v)
   if (threadIdx.x == 0) {
-    out[row] = cross - lse_p + lse_q;
+    out[row] = cross - (sa.max - sb.max) - (log_sum_p - log_sum_q);
   }
   if (scale != nullptr) {
     const T g = scale[row];
     for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
-      const T p = exp(a[i] - lse_p);
-      const T q = exp(b[i] - lse_q);
+      const T p = exp((a[i] - sa.max) - log_sum_p);
+      const T q = exp((b[i] - sb.max) - log_sum_q);
       const T diff = a[i] - b[i];
       a[i] = g * p * (diff - cross);
       b[i] = g * (q - p);
@@ -169,8 +169,8 @@ at::Tensor logprob_epilogue_cuda(const at::Tensor& logits, const at::Tensor& tar
   const c10::cuda::CUDAGuard guard(logits.device());
   const std::optional<at::Tensor> scale = checked_scale(grad_scale, logits);
   const at::Tensor targets_c = targets.contiguous();
-  TORCH_CHECK(logits.size(0) <= std::numeric_limits<int32_t>::max(),
-              "logits: at most 2^31 - 1 rows per call (one block per row)");
+  TORCH_CHECK_VALUE(logits.size(0) <= std::numeric_limits<int32_t>::max(),
+                    "logits: at most 2^31 - 1 rows per call (one block per row)");
   at::Tensor out = at::empty({logits.size(0)}, logits.options());
   if (logits.size(0) == 0) {
     return out;
@@ -191,8 +191,8 @@ at::Tensor kl_epilogue_cuda(const at::Tensor& logits_p, const at::Tensor& logits
   const c10::cuda::CUDAGuard guard(logits_p.device());
   const std::optional<at::Tensor> scale = checked_scale(grad_scale, logits_p);
   const at::Tensor valid_c = valid.contiguous();
-  TORCH_CHECK(logits_p.size(0) <= std::numeric_limits<int32_t>::max(),
-              "logits_p: at most 2^31 - 1 rows per call (one block per row)");
+  TORCH_CHECK_VALUE(logits_p.size(0) <= std::numeric_limits<int32_t>::max(),
+                    "logits_p: at most 2^31 - 1 rows per call (one block per row)");
   at::Tensor out = at::empty({logits_p.size(0)}, logits_p.options());
   if (logits_p.size(0) == 0) {
     return out;
