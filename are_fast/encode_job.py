@@ -11,7 +11,7 @@ written to a temporary name and renamed, and the record comes last, so a killed 
 a rerun skips the shards whose record is there and matches the job. ``manifest.json`` comes at the end: the
 model, the input's checksum and row count, the totals and the shard list. Outputs depend on nothing but the
 job (no times, no rank count), so a killed-and-resumed or multi-process run writes the same bytes as one
-uninterrupted process (same device and thread count).
+uninterrupted process (same device, thread count and batching options; other batch shapes change the last bits).
 
 Bad rows (empty, invalid UTF-8 or JSON, no text field, not a string) are skipped, reported and recorded;
 texts over ``max_length`` tokens are cut and counted. The exit code is 1 only when nothing can proceed (the
