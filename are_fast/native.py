@@ -48,6 +48,11 @@ _CUDA_CFLAGS = ["-O3"]
 _MODES = ("auto", "0", "1")
 
 
+def ahead_of_time_builds() -> list:
+    """The libraries that ``ARE_FAST_BUILD_NATIVE=1 pip install`` put into the package."""
+    return sorted(_PACKAGE.glob("_native*.so"))
+
+
 def _sources_dir() -> Path | None:
     """csrc/ of a source checkout (editable install), or its copy installed inside the package."""
     for candidate in (_PACKAGE.parent / "csrc", _PACKAGE / "csrc"):
@@ -80,7 +85,7 @@ class NativeLibrary:
                 return False
             if not self._aot_checked:
                 self._aot_checked = True
-                for path in sorted(_PACKAGE.glob("_native*.so")):
+                for path in ahead_of_time_builds():
                     if self._load_library(str(path), "ahead-of-time"):
                         return True
             if not build:
@@ -119,8 +124,8 @@ class NativeLibrary:
     def _build(self, plan: SimpleNamespace) -> bool:
         from torch.utils import cpp_extension
 
-        compiler = os.environ.get("CXX", "c++")
-        if shutil.which(compiler) is None:
+        compiler = os.environ.get("CXX", "").strip() or "c++"
+        if shutil.which(compiler.split()[0]) is None:
             return self._fail(f"no C++ compiler: {compiler!r} (the CXX environment variable, or c++) is not on PATH")
         if not cpp_extension.is_ninja_available():
             return self._fail("ninja is not installed (pip install ninja)")
@@ -138,8 +143,8 @@ class NativeLibrary:
                 verbose=False,
             )
         except Exception as exc:  # a failed build must leave the PyTorch path working
-            first_lines = "\n".join(str(exc).strip().splitlines()[-20:])
-            return self._fail(f"the build in {plan.directory} failed: {type(exc).__name__}: {first_lines}")
+            tail = "\n".join(str(exc).strip().splitlines()[-20:])  # the compiler's last words
+            return self._fail(f"the build in {plan.directory} failed: {type(exc).__name__}: {tail}")
         self._loaded(str(path), f"just-in-time, {time.perf_counter() - start:.1f} s")
         return True
 
@@ -183,7 +188,9 @@ def use_by_default(device: torch.device) -> bool:
     mode = os.environ.get("ARE_FAST_NATIVE", "auto")
     if mode not in _MODES:
         raise ValueError(f"ARE_FAST_NATIVE: expected one of {', '.join(_MODES)}, got {mode!r}")
-    return mode != "0" and library.load(build=mode == "1") and supports(device)
+    if mode == "0" or (mode == "auto" and not ahead_of_time_builds()):  # not on what this process happened to load
+        return False
+    return library.load(build=mode == "1") and supports(device)
 
 
 def main(argv: list | None = None) -> int:

@@ -239,13 +239,16 @@ def test_fallback_to_pytorch_epilogues(unbuildable, monkeypatch):
 
 
 def test_default_backend_follows_are_fast_native(ops, monkeypatch):
-    """ARE_FAST_NATIVE=1 takes the native epilogues when no backend is named, 0 never; an explicit backend wins."""
+    """With no backend named: ARE_FAST_NATIVE=1 takes the native epilogues, 0 never, auto only from an
+    ahead-of-time build; an explicit backend always wins."""
     cpu = torch.device("cpu")
     monkeypatch.setenv("ARE_FAST_NATIVE", "1")
     assert resolve_backend(None, cpu) == "native"
     assert resolve_backend("chunked", cpu) == "chunked"  # the PyTorch epilogues stay reachable
     monkeypatch.setenv("ARE_FAST_NATIVE", "0")
     assert resolve_backend(None, cpu) == "chunked"
+    monkeypatch.setenv("ARE_FAST_NATIVE", "auto")  # an installed ahead-of-time build, not what this process loaded
+    assert resolve_backend(None, cpu) == ("native" if native.ahead_of_time_builds() else "chunked")
     monkeypatch.setenv("ARE_FAST_NATIVE", "yes")
     with pytest.raises(ValueError, match="ARE_FAST_NATIVE: expected one of auto, 0, 1, got 'yes'"):
         resolve_backend(None, cpu)
