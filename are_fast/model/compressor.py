@@ -59,7 +59,7 @@ class Compressor(nn.Module):
         model: an ``AutoModelForCausalLM`` or a base ``AutoModel`` (LlamaModel, Qwen2Model, ...); only its body
             (``model.base_model``) is kept.
         tokenizer: its tokenizer; the <EMBED{i}> tokens are added when missing and the input embeddings grow to
-            match (new rows drawn around the mean of the old ones, transformers' default).
+            match (new rows start at the mean of the old ones).
         num_embed_tokens: k (5 in the paper).
         max_text_tokens: texts are cut to this many tokens (counted in ``Tokenized.truncated``); None: no limit.
         pack: run rows packed with restarting positions (worth it with flash-attention 2) instead of padded.
@@ -80,8 +80,13 @@ class Compressor(nn.Module):
         if missing:
             tokenizer.add_tokens(missing, special_tokens=True)  # never split, like released checkpoints
         self.embed_token_ids = tokenizer.convert_tokens_to_ids(names)
-        if self.backbone.get_input_embeddings().num_embeddings <= max(self.embed_token_ids):
-            self.backbone.resize_token_embeddings(len(tokenizer))
+        old_rows = self.backbone.get_input_embeddings().num_embeddings
+        if old_rows <= max(self.embed_token_ids):
+            # New rows start at the mean of the old ones: deterministic, unlike transformers' sampled default.
+            self.backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            with torch.no_grad():
+                weight = self.backbone.get_input_embeddings().weight
+                weight[old_rows:] = weight[:old_rows].mean(0)
         self.pad_token_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
 
     @property

@@ -3,6 +3,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from _helpers import rel_error
+
 import are_fast
 from are_fast.model import Compressor, FrozenDecoder, Stage1Item, Stage1Model, load_compressor
 
@@ -31,7 +33,7 @@ def test_layout_matches_released(tiny_dir):
         assert int(batch.lengths[row]) == n + 3
 
 
-def test_compressed_vectors_are_final_normed_hidden_states(tiny_dir, rel_err):
+def test_compressed_vectors_are_final_normed_hidden_states(tiny_dir):
     comp, _ = _pair(tiny_dir)
     texts = ["the cat", "a much longer text than the first"]
     out = comp.compress(texts, "in one word:")
@@ -39,7 +41,7 @@ def test_compressed_vectors_are_final_normed_hidden_states(tiny_dir, rel_err):
     for row, text in enumerate(texts):  # one row at a time, no padding: the model's own last hidden state
         ids = comp.collate(comp.tokenize([text], "in one word:").ids)
         alone = comp.backbone(input_ids=ids.input_ids).last_hidden_state[0, ids.embed_positions[0]]
-        assert rel_err(out[row], alone) <= 1e-5
+        assert rel_error(out[row], alone) <= 1e-5
 
 
 def test_bos_is_prepended_when_the_tokenizer_has_one(tiny_dir):
@@ -50,7 +52,7 @@ def test_bos_is_prepended_when_the_tokenizer_has_one(tiny_dir):
 
 
 @pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
-def test_stage1_loss_equals_transformers_logits_loss(tiny_dir, pack, rel_err):
+def test_stage1_loss_equals_transformers_logits_loss(tiny_dir, pack):
     """(a) the fused stage-1 loss equals the causal LM's own logits-based loss on the same batch."""
     comp, dec = _pair(tiny_dir, pack=pack)
     model = Stage1Model(comp, dec)
@@ -70,9 +72,9 @@ def test_stage1_loss_equals_transformers_logits_loss(tiny_dir, pack, rel_err):
     _, labels = dec(compressed, batch.targets.ids, batch.targets.lengths)
     expected = dec.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
     expected.backward()
-    assert rel_err(loss, expected) <= 1e-5
+    assert rel_error(loss, expected) <= 1e-5
     for got, p in zip(ours, comp.parameters()):
-        assert rel_err(got, p.grad) <= 1e-5
+        assert rel_error(got, p.grad) <= 1e-5
     assert all(p.grad is None for p in dec.parameters())  # the decoder is frozen
 
 
@@ -86,7 +88,7 @@ def test_gradient_reaches_compressed_vectors_not_decoder(tiny_dir):
     assert not any(p.requires_grad for p in dec.parameters())
 
 
-def test_checkpointed_decoder_gives_the_same_gradients(tiny_dir, rel_err):
+def test_checkpointed_decoder_gives_the_same_gradients(tiny_dir):
     comp, dec = _pair(tiny_dir)
     plain = FrozenDecoder.from_pretrained(tiny_dir)
     ckpt = FrozenDecoder.from_pretrained(tiny_dir, checkpointing=True)
@@ -102,18 +104,18 @@ def test_checkpointed_decoder_gives_the_same_gradients(tiny_dir, rel_err):
         are_fast.compression_loss(hidden, dec.head[0], labels).backward()
         grads.append(compressed.grad)
         saved.append(sum(count))
-    assert rel_err(grads[1], grads[0]) <= 1e-5
+    assert rel_error(grads[1], grads[0]) <= 1e-5
     assert saved[1] < saved[0] / 2  # the layers' activations were not kept
 
 
-def test_loads_a_released_style_checkpoint(tiny_dir, tmp_path, rel_err):
+def test_loads_a_released_style_checkpoint(tiny_dir, tmp_path):
     """A released AutoRegEmbed checkpoint: a body-only model directory whose tokenizer holds <EMBED{i}>."""
     comp, _ = _pair(tiny_dir, k=5)
     comp.save_pretrained(tmp_path)
     loaded = load_compressor(str(tmp_path))
     assert loaded.num_embed_tokens == 5 and loaded.embed_token_ids == comp.embed_token_ids
     text = ["the same text"]
-    assert rel_err(loaded.compress(text, "i"), comp.compress(text, "i")) <= 1e-6
+    assert rel_error(loaded.compress(text, "i"), comp.compress(text, "i")) <= 1e-6
 
 
 def test_bad_paths_and_models_are_refused(tiny_dir, tmp_path):

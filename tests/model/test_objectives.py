@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from _helpers import rel_error
+
 from are_fast import reference
 from are_fast.data import stage2_items
 from are_fast.model import Compressor, FrozenDecoder, Stage2Model, reference_scores
@@ -23,7 +25,7 @@ def _setup(tiny_dir, negatives, rows=3, seed=0):
 
 @pytest.mark.parametrize("negatives", [1, 3], ids=["neg1", "neg3"])
 @pytest.mark.parametrize("ref_sign", [1.0, -1.0], ids=["released-sign", "dpo-sign"])
-def test_stage2_loss_and_grads_equal_released_pattern(tiny_dir, negatives, ref_sign, rel_err):
+def test_stage2_loss_and_grads_equal_released_pattern(tiny_dir, negatives, ref_sign):
     """(b) loss and compressor gradients equal the released pattern's, fp32."""
     comp, dec, items = _setup(tiny_dir, negatives)
     model = Stage2Model(comp, dec, beta=0.5, tau=0.2, ref_sign=ref_sign)
@@ -33,13 +35,13 @@ def test_stage2_loss_and_grads_equal_released_pattern(tiny_dir, negatives, ref_s
     comp.zero_grad()
     expected = released_stage2_loss(comp, dec, items, beta=0.5, tau=0.2, ref_sign=ref_sign)
     expected.backward()
-    assert rel_err(loss, expected) <= 1e-5
+    assert rel_error(loss, expected) <= 1e-5
     for name, p in comp.named_parameters():
-        assert rel_err(ours[name], p.grad) <= 1e-5, name
+        assert rel_error(ours[name], p.grad) <= 1e-5, name
     assert all(p.grad is None for p in dec.parameters())
 
 
-def test_stage2_kl_distance_matches_reference(tiny_dir, rel_err):
+def test_stage2_kl_distance_matches_reference(tiny_dir):
     comp, dec, items = _setup(tiny_dir, 2)
     model = Stage2Model(comp, dec, distance="kl")
     batch = model.collate(items)
@@ -58,12 +60,12 @@ def test_stage2_kl_distance_matches_reference(tiny_dir, rel_err):
     expected = reference.alignment_loss(logp[:b], logp[b: 2 * b], logp[2 * b:].view(b, 2), batch.ref_p, batch.ref_n,
                                         distance=kl)
     expected.backward()
-    assert rel_err(loss, expected) <= 1e-5
+    assert rel_error(loss, expected) <= 1e-5
     for got, p in zip(ours, comp.parameters()):
-        assert rel_err(got, p.grad) <= 1e-5
+        assert rel_error(got, p.grad) <= 1e-5
 
 
-def test_reference_scores_equal_released_pattern(tiny_dir, rel_err):
+def test_reference_scores_equal_released_pattern(tiny_dir):
     comp, dec, items = _setup(tiny_dir, 2, rows=4)
     ref_p, ref_n = reference_scores(comp, dec, items)
     with torch.no_grad():
@@ -71,7 +73,7 @@ def test_reference_scores_equal_released_pattern(tiny_dir, rel_err):
         exp_n = _score(comp, dec, [i.query for i in items for _ in range(2)],
                        [n for i in items for n in i.neg_targets]).view(4, 2)
     assert ref_p.shape == (4,) and ref_n.shape == (4, 2)
-    assert rel_err(ref_p, exp_p) <= 1e-5 and rel_err(ref_n, exp_n) <= 1e-5
+    assert rel_error(ref_p, exp_p) <= 1e-5 and rel_error(ref_n, exp_n) <= 1e-5
 
 
 def test_stage2_refuses_rows_without_reference_scores(tiny_dir):

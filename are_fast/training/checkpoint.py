@@ -1,0 +1,126 @@
+"""Checkpoints that resume a run exactly: trainable weights, optimizer, scheduler, RNG and data position.
+
+A checkpoint is a directory ``step-NNNNNNNN/`` written atomically (a temporary directory, then a rename):
+- ``model.safetensors``: the trainable parameters (frozen ones come back from the model directory);
+- ``optimizer.safetensors`` + the param groups in ``state.json``: AdamW state keyed by parameter name;
+- ``rng-rank{r}.safetensors`` + ``state.json``: torch CPU/CUDA generator states per rank, Python's ``random``;
+- ``state.json``: step, data position, scheduler state, the run's configuration.
+State dicts go through ``torch.distributed.checkpoint.state_dict``, so plain, DDP and FSDP models save full,
+unsharded tensors under the same names.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+_OPTIONS = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def checkpoint_dirs(output_dir: str) -> list[str]:
+    """Finished checkpoint directories in ``output_dir``, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = sorted(n for n in os.listdir(output_dir) if n.startswith("step-") and not n.endswith(".tmp"))
+    return [os.path.join(output_dir, n) for n in names if os.path.isfile(os.path.join(output_dir, n, "state.json"))]
+
+
+def _flatten_optimizer(osd: dict) -> tuple[dict, dict]:
+    tensors, scalars = {}, {}
+    for name, state in osd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{name}/{key}"] = value
+    return tensors, scalars
+
+
+def _unflatten_optimizer(tensors: dict, scalars: dict, groups: list) -> dict:
+    state: dict = {}
+    for flat, value in list(tensors.items()) + list(scalars.items()):
+        name, key = flat.rsplit("/", 1)
+        state.setdefault(name, {})[key] = value
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, data_state: dict, config: dict,
+                    keep: int = 2) -> str:
+    """Write checkpoint ``step`` of ``model`` (plain, DDP or FSDP) on every rank's behalf; keep the last ``keep``."""
+    final = os.path.join(output_dir, f"step-{step:08d}")
+    tmp = final + ".tmp"
+    rank = _rank()
+    model_sd = get_model_state_dict(model, options=_OPTIONS)
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=_OPTIONS)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if dist.is_initialized():
+        dist.barrier()
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, os.path.join(tmp, f"rng-rank{rank}.safetensors"))
+    python_rng = random.getstate()
+    with open(os.path.join(tmp, f"python-rng-rank{rank}.json"), "w") as f:
+        json.dump([python_rng[0], list(python_rng[1]), python_rng[2]], f)
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in model_sd.items()}, os.path.join(tmp, "model.safetensors"))
+        tensors, scalars = _flatten_optimizer(optim_sd)
+        save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+        state = {"step": step, "data": data_state, "scheduler": scheduler.state_dict(), "optimizer_scalars": scalars,
+                 "param_groups": optim_sd["param_groups"], "config": config,
+                 "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(state, f, indent=1)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return final
+
+
+def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
+    """Restore model, optimizer, scheduler and RNG from ``path``; return its state (step, data position)."""
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if state["world_size"] != world:
+        raise ValueError(f"checkpoint {path!r} was written by {state['world_size']} processes, this run has {world}: "
+                         "the data order would differ, so the resume would not be exact")
+    set_model_state_dict(model, load_file(os.path.join(path, "model.safetensors")),
+                         options=StateDictOptions(full_state_dict=True, strict=False))
+    osd = _unflatten_optimizer(load_file(os.path.join(path, "optimizer.safetensors")), state["optimizer_scalars"],
+                               state["param_groups"])
+    set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
+    scheduler.load_state_dict(state["scheduler"])
+    rank = _rank()
+    rng = load_file(os.path.join(path, f"rng-rank{rank}.safetensors"))
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
+    with open(os.path.join(path, f"python-rng-rank{rank}.json")) as f:
+        version, internal, gauss = json.load(f)
+    random.setstate((version, tuple(internal), gauss))
+    return state

@@ -1,0 +1,226 @@
+"""The thin trainer: one readable loop around a model whose ``forward(batch)`` returns (loss, metrics).
+
+Why our own loop and not transformers' Trainer: the two stages need a frozen decoder beside a trainable
+compressor, reference scores carried with each row, length-bucketed batches of stage-2 items and an exact
+resume (data position included) - each a hook or an override in Trainer. The loop below is ~200 lines a
+reader checks in one sitting, and it uses the field's pieces for everything else: torch AdamW,
+transformers' warmup + cosine schedule, torch.distributed (DDP, FSDP2), torch.distributed.checkpoint state
+dicts, safetensors, tqdm, peft (in the jobs).
+
+Features: gradient accumulation, clipping, bf16 autocast on CUDA, JSON-lines loss log (``loss.jsonl``),
+progress bar, checkpoints with exact resume (``checkpoint.py``), DDP under torchrun (gloo on CPU, NCCL on GPU)
+and FSDP2 sharding as an option (CUDA only: gloo has no reduce-scatter).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    """Options of a training run (the CLI exposes each one)."""
+
+    output_dir: str
+    max_steps: int = 100  # optimizer steps
+    batch_size: int = 8  # rows per micro-batch, per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    seed: int = 0
+    save_every: int = 0  # 0: a checkpoint at the end only
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from the newest checkpoint in output_dir
+    bf16: bool | None = None  # bf16 autocast; None: on for CUDA
+    bucket_window: int = 32  # batches formed from windows of this many batches sorted by length
+    fsdp: bool = False
+    progress: bool = True
+
+
+class BucketedBatches:
+    """Deterministic, length-bucketed batches: the order depends only on (seed, epoch, lengths, batch_size).
+
+    Each epoch shuffles the rows, sorts windows of ``window * batch_size`` rows by length, cuts them into
+    batches (so a batch pads little) and shuffles the batches. Process r of w takes batches r, r + w, ...
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, window: int = 32, rank: int = 0,
+                 world_size: int = 1):
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected at least 1, got {batch_size}")
+        if len(lengths) < batch_size * world_size:
+            raise ValueError(f"the data has {len(lengths)} rows, fewer than one batch per process "
+                             f"({batch_size} x {world_size})")
+        self.lengths, self.batch_size, self.seed, self.window = list(lengths), batch_size, seed, window
+        self.rank, self.world_size = rank, world_size
+        self._cache: dict = {}
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        """This process's batches (lists of row indices) of ``epoch``."""
+        if epoch not in self._cache:
+            rng = random.Random(self.seed * 1_000_003 + epoch)
+            order = list(range(len(self.lengths)))
+            rng.shuffle(order)
+            span = self.window * self.batch_size
+            batches = []
+            for start in range(0, len(order), span):
+                window = sorted(order[start: start + span], key=self.lengths.__getitem__)
+                batches += [window[i: i + self.batch_size] for i in range(0, len(window), self.batch_size)]
+            batches = [b for b in batches if len(b) == self.batch_size]
+            rng.shuffle(batches)
+            usable = len(batches) - len(batches) % self.world_size
+            self._cache = {epoch: batches[self.rank: usable: self.world_size]}
+        return self._cache[epoch]
+
+
+def setup_distributed() -> tuple[torch.device, int, int]:
+    """(device, rank, world size); under torchrun, joins the process group (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+    return torch.device(f"cuda:{local}" if cuda else "cpu"), rank, (dist.get_world_size() if dist.is_initialized() else 1)
+
+
+class Trainer:
+    """Train ``model`` (its ``collate(items)`` makes a batch, ``forward(batch)`` returns (loss, metrics)) on items
+    that have a ``length``. Only parameters with ``requires_grad`` are optimized and checkpointed."""
+
+    def __init__(self, model: torch.nn.Module, items: Sequence, config: TrainConfig):
+        from transformers import get_cosine_schedule_with_warmup
+
+        self.config = config
+        self.device, self.rank, self.world_size = setup_distributed()
+        self.items = items
+        self.core = model.to(self.device)
+        self.model = self._wrap(self.core)
+        params = [p for p in self.core.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("model: no parameter requires a gradient")
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, config.warmup_steps, config.max_steps)
+        self.batches = BucketedBatches([i.length for i in items], config.batch_size, config.seed,
+                                       config.bucket_window, self.rank, self.world_size)
+        bf16 = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
+        self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=bool(bf16))
+        self.log_path = os.path.join(config.output_dir, "loss.jsonl")
+
+    def _wrap(self, model):
+        if self.config.fsdp:
+            if self.device.type != "cuda":
+                raise ValueError("fsdp: FSDP shards over NCCL on CUDA; on CPU use plain DDP (torchrun without --fsdp)")
+            from torch.distributed.fsdp import fully_shard
+            from transformers.modeling_layers import GradientCheckpointingLayer
+
+            for module in model.modules():
+                if isinstance(module, GradientCheckpointingLayer):
+                    fully_shard(module)
+            return fully_shard(model)
+        if self.world_size > 1:
+            return torch.nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if
+                                                             self.device.type == "cuda" else None)
+        return model
+
+    def _no_sync(self, last: bool):
+        if last or self.world_size == 1:
+            return contextlib.nullcontext()
+        if self.config.fsdp:
+            self.model.set_requires_gradient_sync(False)
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def train_step(self, micro_batches: Sequence) -> dict:
+        """One optimizer step over collated micro-batches. Gradients stay in ``.grad`` until the next step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        metrics: dict = {}
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            if self.config.fsdp and last:
+                self.model.set_requires_gradient_sync(True)
+            with self._no_sync(last), torch.autocast(**self.autocast):
+                loss, extra = self.model(batch.to(self.device))
+                (loss / len(micro_batches)).backward()
+            total += loss.detach().float()
+            for key, value in extra.items():
+                metrics[key] = metrics.get(key, 0.0) + value / len(micro_batches)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm or math.inf)
+        self.optimizer.step()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        loss = total / len(micro_batches)
+        if self.world_size > 1:
+            dist.all_reduce(loss)
+            loss /= self.world_size
+        return {"loss": float(loss), "grad_norm": float(norm), "lr": lr, **metrics}
+
+    def train(self) -> list[dict]:
+        """Run (or resume) to ``max_steps``; return the log records of this run's steps."""
+        cfg = self.config
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        step, epoch, cursor = 0, 0, 0
+        existing = checkpoint_dirs(cfg.output_dir) if cfg.resume else []
+        if existing:
+            state = load_checkpoint(existing[-1], self.model, self.optimizer, self.scheduler)
+            step, epoch, cursor = state["step"], state["data"]["epoch"], state["data"]["cursor"]
+        else:
+            torch.manual_seed(cfg.seed + self.rank)
+            random.seed(cfg.seed + self.rank)
+        if self.rank == 0:
+            self._truncate_log(step)
+        self.core.train()
+        records = []
+        bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not cfg.progress or self.rank != 0)
+        start = time.perf_counter()
+        tokens = 0
+        while step < cfg.max_steps:
+            micro = []
+            for _ in range(cfg.grad_accum):
+                if cursor >= len(self.batches.epoch(epoch)):
+                    epoch, cursor = epoch + 1, 0
+                micro.append(self.core.collate([self.items[i] for i in self.batches.epoch(epoch)[cursor]]))
+                cursor += 1
+            record = self.train_step(micro)
+            step += 1
+            tokens += sum(b.num_tokens for b in micro) * self.world_size
+            elapsed = time.perf_counter() - start
+            record.update(step=step, epoch=epoch, tokens_per_s=tokens / elapsed, elapsed_s=elapsed)
+            records.append(record)
+            if self.rank == 0:
+                with open(self.log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
+                save_checkpoint(cfg.output_dir, step, self.model, self.optimizer, self.scheduler,
+                                {"epoch": epoch, "cursor": cursor}, asdict(cfg), cfg.keep_checkpoints)
+        bar.close()
+        return records
+
+    def _truncate_log(self, step: int) -> None:
+        """Keep the log lines of steps up to ``step`` (those after the checkpoint are redone)."""
+        if not os.path.exists(self.log_path):
+            return
+        with open(self.log_path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.log_path, "w") as f:
+            f.writelines(kept)
