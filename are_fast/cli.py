@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
+
+from .train_cli import add_training_commands, parse_training_args, run_training_command
 
 
 def _add_demo(subparsers) -> None:
@@ -51,11 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_demo(subparsers)
     _add_encode(subparsers)
+    add_training_commands(subparsers)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("stage1", "ref-scores", "stage2", "main"):  # reparsed: a --config file gives defaults
+        argv = sys.argv[1:] if argv is None else list(argv)
+        command = args.command
+        args = parse_training_args(command, argv[argv.index(command) + 1:])
+        args.command = command
+        return run_training_command(args)
     if args.command == "demo":
         from .demo import run_demo
 

@@ -1,0 +1,204 @@
+"""The training subcommands of ``are-fast``: stage1, ref-scores, stage2 and main (the embedded default).
+
+Every option can come from a flag or from a config file (``--config run.yaml`` or ``.json``) whose keys are
+the option names (``max_steps`` or ``max-steps``); flags win over the file. Run under ``torchrun`` for DDP.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+_PARSERS: dict = {}
+_REQUIRED = {
+    "stage1": ("data", "base_model", "output_dir"),
+    "ref-scores": ("data", "model", "base_model", "output"),
+    "stage2": ("data", "scores", "model", "base_model", "output_dir"),
+    "main": (),
+}
+
+
+def _model_options(p) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--num-embed-tokens", type=int, default=5, help="k, compressed tokens <EMBED0>..<EMBED{k-1}> (default 5)")
+    g.add_argument("--max-text-tokens", type=int, default=512, help="compressor texts are cut to this many tokens (default 512)")
+    g.add_argument("--max-target-tokens", type=int, default=512, help="decoder targets are cut to this many tokens (default 512)")
+    g.add_argument("--attn-implementation", default=None, choices=["eager", "sdpa", "flash_attention_2"],
+                   help="attention kernel (default: transformers' choice); flash_attention_2 packs rows (needs flash-attn)")
+    g.add_argument("--checkpointing", action="store_true", help="per-layer activation checkpointing (compressor and decoder)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights' dtype (default: as saved)")
+    g.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the compressor via peft; 0: full fine-tuning (default)")
+    g.add_argument("--lora-alpha", type=int, default=None, help="LoRA alpha (default 2 x rank)")
+    g.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout (default 0.1)")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory (default off)")
+    g.add_argument("--backend", default=None, choices=["reference", "chunked", "triton", "native"],
+                   help="loss-op backend (default: ARE_FAST_BACKEND, else by device)")
+    g.add_argument("--seed", type=int, default=0, help="seed of initialization and data order (default 0)")
+
+
+def _train_options(p) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--output-dir", default=None, help="run directory: checkpoints, loss.jsonl, model/ (required)")
+    g.add_argument("--max-steps", type=int, default=100, help="optimizer steps (default 100)")
+    g.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch per process (default 8)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of AdamW (default 1e-4)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps before the cosine decay (default 0)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm; 0 turns it off (default 1)")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps; 0: at the end only (default 0)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default 2)")
+    g.add_argument("--no-resume", dest="resume", action="store_false", help="ignore checkpoints in --output-dir")
+    g.add_argument("--bf16", dest="bf16", action="store_true", default=None, help="bf16 autocast (default: on CUDA only)")
+    g.add_argument("--no-bf16", dest="bf16", action="store_false", help="no bf16 autocast")
+    g.add_argument("--bucket-window", type=int, default=32, help="batches per length-sorted window (default 32)")
+    g.add_argument("--fsdp", action="store_true", help="shard the models with FSDP2 (CUDA + NCCL, under torchrun)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _data_options(p, stage2: bool) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None, help="JSON-lines file of rows (required): " +
+                   ("{query, pos, neg, instruction}" if stage2 else "{context, instruction, output}"))
+    g.add_argument("--instruction", default=None, help="instruction for rows that have none (default: such rows are skipped)")
+    if stage2:
+        g.add_argument("--num-negatives", type=int, default=1, help="negatives per row; rows with fewer are skipped (default 1)")
+
+
+def add_training_commands(subparsers) -> None:
+    """Add stage1, ref-scores, stage2 and main to the ``are-fast`` parser."""
+    config_help = "JSON or YAML file of options (keys as the option names); flags override it"
+    p = subparsers.add_parser("stage1", help="stage 1: information compression",
+                              description="Train the compressor to let the frozen base LM reconstruct each row's output.")
+    p.add_argument("--config", default=None, help=config_help)
+    p.add_argument("--base-model", default=None, help="base causal LM directory: compressor start and frozen decoder (required)")
+    _data_options(p, False), _model_options(p), _train_options(p)
+    _PARSERS["stage1"] = p
+
+    p = subparsers.add_parser("ref-scores", help="reference scores of stage-2 rows under the stage-1 model",
+                              description="log p(pos|c(q)) and log p(neg_j|c(q)) per row, saved by row id (safetensors).")
+    p.add_argument("--config", default=None, help=config_help)
+    p.add_argument("--model", default=None, help="stage-1 model directory (<output-dir>/model of stage1) (required)")
+    p.add_argument("--base-model", default=None, help="base causal LM directory, the frozen decoder (required)")
+    p.add_argument("--output", default=None, help="score file to write (.safetensors) (required)")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per batch (default 32)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _data_options(p, True), _model_options(p)
+    _PARSERS["ref-scores"] = p
+
+    p = subparsers.add_parser("stage2", help="stage 2: conditional distribution alignment",
+                              description="Train the stage-1 compressor with the alignment loss and the reference scores.")
+    p.add_argument("--config", default=None, help=config_help)
+    p.add_argument("--scores", default=None, help="reference-score file from ref-scores (required)")
+    p.add_argument("--model", default=None, help="stage-1 model directory, the compressor's start (required)")
+    p.add_argument("--base-model", default=None, help="base causal LM directory, the frozen decoder (required)")
+    p.add_argument("--beta", type=float, default=0.1, help="sigmoid scale of the alignment loss (default 0.1)")
+    p.add_argument("--tau", type=float, default=0.1, help="temperature of the alignment loss (default 0.1)")
+    p.add_argument("--ref-sign", type=float, default=1.0, choices=[1.0, -1.0],
+                   help="+1 adds the reference margin as released (default); -1 subtracts it (DPO-consistent)")
+    p.add_argument("--distance", default="logprob", choices=["logprob", "kl"],
+                   help="logprob: |log p(pos|c(q)) - log p(pos|c(pos))| as released (default); kl: conditional KL")
+    _data_options(p, True), _model_options(p), _train_options(p)
+    _PARSERS["stage2"] = p
+
+    from .main_job import MainJobConfig
+
+    d = MainJobConfig()
+    p = subparsers.add_parser("main", help="the main job on the embedded default (tiny Llama, ByT5 bytes, toy data)",
+                              description="Pretrain a tiny Llama on generated sentences, then stage 1 -> reference "
+                              "scores -> stage 2, with triplet accuracy before and after. No download; ~2 min on 2 CPU cores.")
+    p.add_argument("--config", default=None, help=config_help)
+    p.add_argument("--output-dir", default=d.output_dir, help=f"where everything goes (default {d.output_dir})")
+    for name, help_text in (("hidden_size", "hidden size of the tiny Llama"), ("layers", "its layers"),
+                            ("num_embed_tokens", "k compressed tokens"), ("stage1_rows", "generated stage-1 rows"),
+                            ("stage2_rows", "generated stage-2 rows"), ("eval_rows", "held-out evaluation rows"),
+                            ("num_negatives", "negatives per stage-2 row"), ("pretrain_steps", "LM pretraining steps"),
+                            ("stage1_steps", "stage-1 steps"), ("stage2_steps", "stage-2 steps"),
+                            ("batch_size", "rows per batch"), ("seed", "seed"), ("threads", "torch CPU threads")):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name),
+                       help=f"{help_text} (default {getattr(d, name)})")
+    for name, help_text in (("stage1_lr", "stage-1 learning rate"), ("stage2_lr", "stage-2 learning rate"),
+                            ("beta", "alignment beta"), ("tau", "alignment tau")):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name),
+                       help=f"{help_text} (default {getattr(d, name)})")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    _PARSERS["main"] = p
+
+
+def _load_config(path: str, parser) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as err:
+        parser.error(f"--config {path!r} cannot be read: {err.strerror}")
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except Exception as err:  # the parsers raise their own error types
+        parser.error(f"--config {path!r} is not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}: {err}")
+    if not isinstance(values, dict):
+        parser.error(f"--config {path!r}: expected a mapping of option names to values")
+    known = {a.dest for a in parser._actions}
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        parser.error(f"--config {path!r}: unknown options {', '.join(unknown)}")
+    return values
+
+
+def parse_training_args(command: str, argv) -> argparse.Namespace:
+    """Parse ``argv`` (after the command) with the config file's values as defaults; check required options."""
+    parser = _PARSERS[command]
+    args = parser.parse_args(argv)
+    if args.config:
+        parser.set_defaults(**_load_config(args.config, parser))
+        args = parser.parse_args(argv)
+    missing = [name for name in _REQUIRED[command] if getattr(args, name) is None]
+    if missing:
+        parser.error("missing " + ", ".join("--" + m.replace("_", "-") for m in missing) + " (a flag or a --config key)")
+    return args
+
+
+def _pick(cls, args, **renames):
+    from dataclasses import fields
+
+    values = vars(args)
+    return cls(**{f.name: values[renames.get(f.name, f.name)] for f in fields(cls)
+                  if renames.get(f.name, f.name) in values})
+
+
+def run_training_command(args: argparse.Namespace) -> int:
+    """Run a parsed training subcommand; bad input prints one clear line and returns 2."""
+    import transformers
+
+    from .training.jobs import ModelOptions, run_reference_scores, run_stage1, run_stage2
+    from .training.trainer import TrainConfig
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        if args.command == "main":
+            from .main_job import MainJobConfig, run_main_job
+
+            run_main_job(_pick(MainJobConfig, args))
+            return 0
+        opts = _pick(ModelOptions, args)
+        if args.command == "stage1":
+            run_stage1(args.data, args.base_model, _pick(TrainConfig, args), opts, args.instruction)
+        elif args.command == "ref-scores":
+            run_reference_scores(args.data, args.model, args.base_model, args.output, args.num_negatives, opts,
+                                 args.batch_size, args.instruction, args.progress)
+        else:
+            run_stage2(args.data, args.scores, args.model, args.base_model, _pick(TrainConfig, args), opts,
+                       args.num_negatives, args.beta, args.tau, args.ref_sign, args.distance, args.instruction)
+    except ValueError as err:
+        print(f"are-fast {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    if args.command != "ref-scores" and (os.environ.get("RANK", "0") == "0"):
+        print(f"model written to {os.path.join(args.output_dir, 'model')}")
+    return 0

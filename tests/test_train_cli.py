@@ -1,0 +1,66 @@
+"""The training subcommands end to end on a tiny model: flags, a YAML config file, clear errors."""
+import json
+import os
+
+import pytest
+import torch
+
+from are_fast.cli import main
+from are_fast.toy import compression_rows, tiny_llama, triplet_rows, write_jsonl
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_stage1_ref_scores_stage2_from_the_command_line(tmp_path, capsys):
+    base, s1, s2 = str(tmp_path / "base"), str(tmp_path / "s1"), str(tmp_path / "s2")
+    tiny_llama(base, hidden_size=16, layers=1)
+    write_jsonl(str(tmp_path / "c.jsonl"), compression_rows(16))
+    write_jsonl(str(tmp_path / "t.jsonl"), triplet_rows(12, 2))
+    common = ["--num-embed-tokens", "2", "--no-progress"]
+    (tmp_path / "s1.yaml").write_text(f"data: {tmp_path / 'c.jsonl'}\nbase-model: {base}\nmax_steps: 2\nbatch_size: 4\n")
+    assert main(["stage1", "--config", str(tmp_path / "s1.yaml"), "--output-dir", s1, "--lr", "1e-3"] + common) == 0
+    with open(os.path.join(s1, "loss.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2]  # max_steps from the config file
+    scores = str(tmp_path / "scores.safetensors")
+    assert main(["ref-scores", "--data", str(tmp_path / "t.jsonl"), "--model", os.path.join(s1, "model"),
+                 "--base-model", base, "--output", scores, "--num-negatives", "2"] + common) == 0
+    args = ["stage2", "--data", str(tmp_path / "t.jsonl"), "--scores", scores, "--model", os.path.join(s1, "model"),
+            "--base-model", base, "--output-dir", s2, "--num-negatives", "2", "--max-steps", "2", "--batch-size", "4"]
+    assert main(args + common) == 0
+    assert os.path.isfile(os.path.join(s2, "model", "model.safetensors"))
+    assert "12 rows kept" in capsys.readouterr().out
+
+    # A score file for other rows is refused with a clear message, not silently misaligned.
+    write_jsonl(str(tmp_path / "other.jsonl"), triplet_rows(12, 2, seed=5))
+    args[2] = str(tmp_path / "other.jsonl")
+    assert main(args + common) == 2
+    assert "no score for 12 of 12 data rows" in capsys.readouterr().err
+
+
+def test_bad_invocations_give_clear_errors(tmp_path, capsys):
+    assert main(["stage1", "--data", str(tmp_path / "missing.jsonl"), "--base-model", str(tmp_path),
+                 "--output-dir", str(tmp_path / "o")]) == 2
+    assert "cannot be read" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["stage2", "--data", "x"])
+    assert "missing --scores, --model, --base-model, --output-dir" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text('{"max_steps": 3, "no_such_option": 1}')
+    with pytest.raises(SystemExit):
+        main(["stage1", "--config", str(tmp_path / "bad.json")])
+    assert "unknown options no_such_option" in capsys.readouterr().err
+
+
+def test_every_option_is_documented():
+    from are_fast.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    for name in ("stage1", "ref-scores", "stage2", "main"):
+        for action in subparsers[name]._actions:
+            assert action.help, f"{name} {action.option_strings} has no help"
