@@ -127,3 +127,17 @@ def test_bad_paths_and_models_are_refused(tiny_dir, tmp_path):
     lm.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         FrozenDecoder(lm, AutoTokenizer.from_pretrained(tiny_dir))
+
+
+def test_stage1_under_bf16_autocast_matches_fp32(tiny_dir):
+    comp, dec = _pair(tiny_dir)
+    model = Stage1Model(comp, dec)
+    items = [Stage1Item(p, t) for p, t in zip(comp.tokenize(["some text", "more"], "r").ids,
+                                               dec.tokenize(["an output", "x y"]).ids)]
+    batch = model.collate(items)
+    expected, _ = model(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model(batch)
+    loss.backward()
+    assert loss.dtype == torch.float32 and rel_error(loss, expected) <= 2e-2
+    assert all(torch.isfinite(p.grad).all() for p in comp.parameters())

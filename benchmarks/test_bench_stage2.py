@@ -1,0 +1,127 @@
+"""One stage-2 training step (forward + backward to the compressor), ours against the released pattern.
+
+Same model, same batch, same loss (checked before timing), with 1 and 4 negatives per query:
+- released: three model calls (q->pos, pos->pos, q->neg with the query encoded again for every negative),
+  each padded on its own, each a full causal-LM forward with [S, T, V] logits and a log-softmax
+  (``are_fast.model.released``);
+- ours-logits: ``Stage2Model`` with the reference backend: our batching (queries and positives compressed
+  once in one call, every decoder stream in one call) but the logits materialized, to separate the gains;
+- ours: ``Stage2Model``: the batching above and every log-prob in one fused ``sequence_logprobs`` call on the
+  stacked hidden states, no N x V logits;
+- ours-checkpointing: ours with per-layer activation checkpointing in the compressor and the decoder.
+The model is a random-init Llama read by a byte-level tokenizer: on CPU H=256, 4 layers and the Llama-2
+vocabulary size (32000); on CUDA a ~1B Llama (Llama-3.2-1B's shape, vocabulary 128256) in bfloat16.
+The rows are ../shared/data/medi_nli_sample.jsonl's when present (extra negatives taken from the next rows),
+else the generated triplets of ``are_fast.toy``. ``extra_info`` holds tokens (all the batch's texts),
+tokens_per_s, the loss, and for our rows speedup_vs_released and memory_vs_released, read side by side.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import pytest
+import torch
+
+from are_fast.data import stage2_items
+from are_fast.model import Compressor, FrozenDecoder, Stage2Model
+from are_fast.model.released import released_stage2_loss
+from are_fast.toy import triplet_rows
+
+from .cases import bench_device, smoke_mode
+
+MEDI = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
+                    "medi_nli_sample.jsonl")
+K = 5
+CONFIGS = {  # LlamaConfig fields and rows per batch, per device; smoke mode shrinks the CPU one
+    "cpu": (dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=32000), 8),
+    "cuda": (dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                  num_key_value_heads=8, vocab_size=128256), 16),
+    "smoke": (dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=512), 2),
+}
+_results: dict = {}  # (negatives, impl) -> (mean seconds, peak bytes) of this session
+
+
+def bench_rows(count: int, negatives: int) -> tuple[list[dict], str]:
+    if os.path.isfile(MEDI):
+        with open(MEDI, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()][: count + negatives]
+        out = []
+        for i, row in enumerate(rows[:count]):
+            negs = [row["neg"]] + [r["neg"] for r in rows[i + 1: i + negatives]]
+            out.append({"id": str(i), "query": row["query"], "pos": row["pos"], "neg": negs,
+                        "instruction": row["instruction"]})
+        return out, "medi_nli_sample.jsonl"
+    return triplet_rows(count, negatives), "are_fast.toy triplets (medi_nli_sample.jsonl not found)"
+
+
+@pytest.fixture(scope="module")
+def models():
+    """(device, name, compressor, decoder, batch rows) of this run."""
+    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+
+    device = bench_device()
+    name = "smoke" if smoke_mode() else device.type
+    fields, rows = CONFIGS[name]
+    tokenizer = ByT5Tokenizer()
+    config = LlamaConfig(**fields, max_position_embeddings=2048, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as path:
+        LlamaForCausalLM(config).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        pairs = {}
+        for checkpointing in (False, True):
+            comp = Compressor.from_pretrained(path, K, dtype=dtype, device=device).train()  # train mode: checkpointing
+            if checkpointing:
+                comp.enable_checkpointing()
+            dec = FrozenDecoder.from_pretrained(path, dtype=dtype, device=device, checkpointing=checkpointing).train()
+            pairs[checkpointing] = comp, dec
+    yield device, name, pairs, rows
+
+
+@pytest.mark.parametrize("impl", ["released", "ours-logits", "ours", "ours-checkpointing"])
+@pytest.mark.parametrize("negatives", [1, 4], ids=["neg1", "neg4"])
+def test_stage2_step(negatives, impl, models, measure, benchmark):
+    device, name, pairs, count = models
+    comp, dec = pairs[impl == "ours-checkpointing"]
+    rows, source = bench_rows(count, negatives)
+    gen = torch.Generator().manual_seed(0)
+    scores = {r["id"]: (float(torch.randn(1, generator=gen)), torch.randn(negatives, generator=gen).tolist())
+              for r in rows}
+    items = stage2_items(rows, comp, dec, scores=scores)
+    model = Stage2Model(comp, dec, backend="reference" if impl == "ours-logits" else None)
+    batch = model.collate(items).to(device)
+
+    def ours():
+        loss, _ = model(batch)
+        loss.backward()
+        return loss
+
+    def released():
+        loss = released_stage2_loss(comp, dec, items)
+        loss.backward()
+        return loss
+
+    step = released if impl == "released" else ours
+    loss = float(step())
+    comp.zero_grad(set_to_none=True)
+    other = float((ours if impl == "released" else released)())  # the same loss, or the comparison is void
+    comp.zero_grad(set_to_none=True)
+    assert abs(loss - other) <= (2e-2 if device.type == "cuda" else 1e-5) * max(abs(other), 1e-6)
+
+    tokens = sum(len(i.query) + len(i.pos_prefix) + len(i.pos_target) + sum(map(len, i.neg_targets)) for i in items)
+    peak = measure(step, lambda: comp.zero_grad(set_to_none=True), group=f"stage2-step-neg{negatives}",
+                   suite="stage2", impl=impl, negatives=negatives, config=name, rows=count, tokens=tokens,
+                   source=source, loss=loss)
+    mean = benchmark.stats.stats.mean
+    _results[(negatives, impl)] = (mean, peak)
+    benchmark.extra_info["tokens_per_s"] = tokens / mean
+    if impl != "released" and (negatives, "released") in _results:
+        base_time, base_peak = _results[(negatives, "released")]
+        benchmark.extra_info["speedup_vs_released"] = base_time / mean
+        benchmark.extra_info["memory_vs_released"] = peak / max(base_peak, 1)
