@@ -1,0 +1,138 @@
+"""Encoding throughput (texts/s): ``are_fast.Encoder`` against the usual padded batch loop, on one text mix.
+
+The texts are the query, pos and neg fields of ../shared/data/medi_nli_sample.jsonl (next to the repository)
+when that file is present, else a generated mix with log-normal character lengths (median ~90, like it).
+The model is a random-init Llama with a byte-level tokenizer (the layout of a trained checkpoint, k=5):
+CPU: H=128, 2 layers, vocabulary 1024 (the LM head is ~21% of a token's forward FLOPs, as in 1B-class models;
+small so that the CPU suite takes about a minute); CUDA: Llama-3.2-1B's shape (H=2048, 16 layers, vocabulary
+128256) in bfloat16.
+
+Rows of one group, side by side:
+- naive: batches of 64 texts in input order, padded to the longest, the full causal-LM forward (LM head and
+  logits included) under no_grad, the k hidden states read from ``output_hidden_states``;
+- naive-no-head: the same batches through the model body only (what dropping the head alone buys);
+- encoder: ``Encoder.encode`` (length-sorted token-budget batches, background tokenization, no head,
+  inference mode).
+``extra_info`` holds texts, real and padded tokens, texts_per_s, and for the encoder speedup_vs_naive.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+
+import pytest
+import torch
+
+from are_fast.encoder import Encoder
+from are_fast.model import Compressor
+
+from .cases import bench_device, smoke_mode
+
+MEDI = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
+                    "medi_nli_sample.jsonl")
+INSTRUCTION = "This sentence means in one word:"
+K = 5
+NAIVE_BATCH = 64
+CONFIGS = {  # LlamaConfig fields per device; smoke mode shrinks the CPU one
+    "cpu": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=1024),
+    "cuda": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256),
+    "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=1024),
+}
+TEXTS = {"cpu": 256, "cuda": 3000, "smoke": 96}
+_means: dict = {}  # impl -> mean seconds of this session (the speed-up is read side by side)
+
+
+def bench_texts(count: int) -> tuple[list[str], str]:
+    """``count`` texts and where they come from."""
+    if os.path.isfile(MEDI):
+        with open(MEDI, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        texts = [row[field] for row in rows for field in ("query", "pos", "neg")]
+        return texts[:count], "medi_nli_sample.jsonl"
+    rng = random.Random(0)
+    words = ["the", "a", "model", "reads", "every", "text", "quickly", "and", "writes", "vectors", "of", "meaning"]
+    texts = []
+    for _ in range(count):
+        chars = min(600, int(rng.lognormvariate(math.log(90), 0.6)))
+        text = ""
+        while len(text) < chars:
+            text += rng.choice(words) + " "
+        texts.append(text.strip())
+    return texts, "log-normal mix (medi_nli_sample.jsonl not found)"
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """(device, model directory, texts, source, dtype, config name) of this run."""
+    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the naive rows load the body checkpoint with a fresh random LM head
+    device = bench_device()
+    name = "smoke" if smoke_mode() else device.type
+    tokenizer = ByT5Tokenizer()
+    config = LlamaConfig(**CONFIGS[name], max_position_embeddings=2048, bos_token_id=None,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as path:
+        Compressor(LlamaForCausalLM(config), tokenizer, K).save_pretrained(path)  # a trained checkpoint's layout
+        texts, source = bench_texts(TEXTS[name])
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        yield device, path, texts, source, dtype, name
+
+
+def _naive(lm, comp: Compressor, texts, device, head: bool):
+    """The padded loop: fixed batches in input order; returns [n, H] float32 unit embeddings."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(texts), NAIVE_BATCH):
+            batch = comp.collate(comp.tokenize(texts[start: start + NAIVE_BATCH], INSTRUCTION).ids).to(device)
+            mask = (torch.arange(batch.input_ids.shape[1], device=device) < batch.lengths.unsqueeze(1)).long()
+            if head:
+                hidden = lm(input_ids=batch.input_ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+            else:
+                hidden = lm.model(input_ids=batch.input_ids, attention_mask=mask).last_hidden_state
+            index = batch.embed_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+            emb = hidden.gather(1, index).float().mean(1)
+            out.append(torch.nn.functional.normalize(emb, dim=-1).cpu())
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("impl", ["naive", "naive-no-head", "encoder"])
+def test_encode_throughput(impl, setup, measure, benchmark):
+    from transformers import AutoModelForCausalLM
+
+    device, path, texts, source, dtype, name = setup
+    encoder = Encoder.from_pretrained(path, device, dtype, max_length=512)
+    comp = encoder.compressor
+    if impl == "encoder":
+        def run():
+            return encoder.encode(texts, INSTRUCTION, convert_to="torch")
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+
+        def run():
+            return _naive(lm, comp, texts, device, head=impl == "naive")
+    # Same numbers before timing: the rows do the same work.
+    expected = encoder.encode(texts[:NAIVE_BATCH], INSTRUCTION, convert_to="torch")
+    got = run()[:NAIVE_BATCH] if impl == "encoder" else _naive(lm, comp, texts[:NAIVE_BATCH], device, impl == "naive")
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    assert float((got - expected).norm() / expected.norm()) <= tolerance
+    lengths = [len(ids) + K for ids in comp.tokenize(texts, INSTRUCTION).ids]
+    padded = sum(len(chunk) * max(chunk) for chunk in
+                 (lengths[i: i + NAIVE_BATCH] for i in range(0, len(lengths), NAIVE_BATCH)))
+    measure(run, group=f"encode-{name}", suite="encoder", impl=impl, texts=len(texts),
+            source=source, config=name, dtype=str(dtype).removeprefix("torch."), real_tokens=sum(lengths),
+            naive_padded_tokens=padded, max_tokens=encoder.max_tokens)
+    mean = benchmark.stats.stats.mean
+    _means[impl] = mean
+    benchmark.extra_info["texts_per_s"] = len(texts) / mean
+    if impl == "encoder" and "naive" in _means:
+        benchmark.extra_info["speedup_vs_naive"] = _means["naive"] / mean
