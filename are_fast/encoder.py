@@ -65,7 +65,7 @@ class PreparedChunk:
 
     source: Any  # what the caller passed as the chunk
     size: int  # texts
-    batches: list  # list[tuple[torch.Tensor, CompressorBatch]]: row positions [B] int64, the batch
+    batches: list[tuple[torch.Tensor, CompressorBatch]]  # row positions within the chunk [B] int64, the batch
     tokens: int  # real tokens, the k special ones included
     truncated: int  # texts cut to max_length
 

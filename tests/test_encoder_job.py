@@ -211,3 +211,15 @@ def test_torchrun_two_ranks_equal_one_process(kill_input, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0:" in proc.stderr and "rank 1:" in proc.stderr  # both ranks encoded shards
     assert snapshot(tmp_path / "two") == snapshot(tmp_path / "one")
+
+
+def test_help_documents_every_option(capsys):
+    from are_fast.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["encode", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--model", "--input", "--output", "--field", "--input-format", "--instruction", "--shard-size",
+                   "--shard-format", "--max-length", "--max-tokens", "--batch-size", "--device", "--dtype",
+                   "--no-normalize", "--no-progress"):
+        assert option in text
