@@ -316,8 +316,8 @@ def _run(cfg: JobConfig, rank: int, world: int, local_rank: int) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     device = cfg.device
-    if device is None and world > 1 and torch.cuda.is_available():
-        device = f"cuda:{local_rank}"
+    if device in (None, "cuda") and world > 1 and torch.cuda.is_available():
+        device = f"cuda:{local_rank}"  # one GPU per rank
     encoder = Encoder.from_pretrained(cfg.model, device, cfg.dtype, max_length=cfg.max_length,
                                       max_tokens=cfg.max_tokens, batch_size=cfg.batch_size)
     dtype = str(encoder.dtype).removeprefix("torch.")
@@ -382,6 +382,7 @@ def _run(cfg: JobConfig, rank: int, world: int, local_rank: int) -> int:
     _log(f"{os.path.join(cfg.output, MANIFEST)}: {rows['total']} rows, {rows['embedded']} embedded, "
          f"{rows['bad']} bad, {rows['truncated']} truncated")
     if rows["embedded"] == 0:
-        print("are-fast encode: error: no row could be embedded (see the bad rows above)", file=sys.stderr)
+        why = "the input has no rows" if rows["total"] == 0 else "see the bad rows above"
+        print(f"are-fast encode: error: no row could be embedded ({why})", file=sys.stderr)
         return 1
     return 0
