@@ -4,7 +4,8 @@ A tiny Llama (from a config), transformers' ByT5Tokenizer (bytes, no files) and 
 data of ``are_fast.toy``. AutoRegEmbed starts from a pretrained LM, so step 0 pretrains the tiny LM on the
 toy sentences (causal-LM loss through the fused ``compression_loss``, trainable head); then stage 1
 (information compression) -> reference scores -> stage 2 (conditional distribution alignment), with triplet
-accuracy on held-out rows before and after. Writes the
+accuracy on held-out rows before and after, against two kinds of negatives: hard ones (the query's own words
+with one slot's meaning changed) and random ones (other held-out rows' texts). Writes the
 models, data, scores, ``loss.jsonl`` per stage, ``loss_curves.png`` and ``summary.json`` under the output
 directory, and prints a summary. A rerun resumes from the checkpoints it finds there.
 """
@@ -37,11 +38,11 @@ class MainJobConfig:
     eval_rows: int = 200
     num_negatives: int = 2
     pretrain_steps: int = 200
-    stage1_steps: int = 300
+    stage1_steps: int = 400
     stage2_steps: int = 150
     batch_size: int = 32
-    stage1_lr: float = 2e-3
-    stage2_lr: float = 5e-4
+    stage1_lr: float = 5e-3
+    stage2_lr: float = 1e-3
     beta: float = 0.1
     tau: float = 0.1
     seed: int = 0
@@ -123,8 +124,9 @@ def _plot(paths: dict, out: str) -> None:
     plt.close(fig)
 
 
-def _accuracy(model_dir: str, k: int, rows) -> float:
-    return triplet_accuracy(Compressor.from_pretrained(model_dir, k), rows)
+def _accuracy(model_dir: str, k: int, eval_sets: dict) -> dict:
+    compressor = Compressor.from_pretrained(model_dir, k)
+    return {name: triplet_accuracy(compressor, rows) for name, rows in eval_sets.items()}
 
 
 def run_main_job(cfg: MainJobConfig) -> dict:
@@ -145,14 +147,15 @@ def run_main_job(cfg: MainJobConfig) -> dict:
     k = cfg.num_embed_tokens
     toy.tiny_llama(base, cfg.hidden_size, cfg.layers, cfg.seed)
     _pretrain(base, stage1_rows, cfg)
-    acc = {"base model": triplet_accuracy(Compressor.from_pretrained(base, k), eval_rows)}
+    eval_sets = {"hard negatives": eval_rows, "random negatives": toy.with_random_negatives(eval_rows, cfg.seed)}
+    acc = {"base model": _accuracy(base, k, eval_sets)}
 
     common = dict(batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress, max_grad_norm=1.0)
     s1 = TrainConfig(os.path.join(out, "stage1"), max_steps=cfg.stage1_steps, lr=cfg.stage1_lr,
                      warmup_steps=cfg.stage1_steps // 10, **common)
     run_stage1(files["stage1"], base, s1, opts)
     stage1_model = os.path.join(s1.output_dir, "model")
-    acc["after stage 1"] = _accuracy(stage1_model, k, eval_rows)
+    acc["after stage 1"] = _accuracy(stage1_model, k, eval_sets)
 
     scores = os.path.join(out, "reference_scores.safetensors")
     run_reference_scores(files["stage2"], stage1_model, base, scores, cfg.num_negatives, opts, batch_size=64,
@@ -160,7 +163,7 @@ def run_main_job(cfg: MainJobConfig) -> dict:
     s2 = TrainConfig(os.path.join(out, "stage2"), max_steps=cfg.stage2_steps, lr=cfg.stage2_lr,
                      warmup_steps=cfg.stage2_steps // 10, **common)
     run_stage2(files["stage2"], scores, stage1_model, base, s2, opts, cfg.num_negatives, cfg.beta, cfg.tau)
-    acc["after stage 2"] = _accuracy(os.path.join(s2.output_dir, "model"), k, eval_rows)
+    acc["after stage 2"] = _accuracy(os.path.join(s2.output_dir, "model"), k, eval_sets)
 
     curves = os.path.join(out, "loss_curves.png")
     _plot({"step 0: LM pretraining": os.path.join(out, "pretrain", "loss.jsonl"),
@@ -178,8 +181,9 @@ def run_main_job(cfg: MainJobConfig) -> dict:
     print(f"\nare_fast main job ({summary['seconds']:.0f} s) - output in {out}")
     for name, item in losses.items():
         print(f"  {name} loss: {item['first']:.4f} -> {item['last']:.4f} over {item['steps']} steps")
-    print(f"  triplet accuracy on {summary['eval_pairs']} held-out (query, pos, neg) pairs, cos(q,pos) > cos(q,neg):")
+    print(f"  triplet accuracy, cos(q, pos) > cos(q, neg), on {summary['eval_pairs']} held-out (q, pos, neg) triplets:")
+    print(f"    {'':<14} {'hard negatives':>15} {'random negatives':>17}")
     for name, value in acc.items():
-        print(f"    {name:<14} {value:.3f}")
+        print(f"    {name:<14} {value['hard negatives']:>15.3f} {value['random negatives']:>17.3f}")
     print(f"  loss curves: {curves}")
     return summary

@@ -70,6 +70,17 @@ def triplet_rows(count: int, num_negatives: int = 2, seed: int = 0) -> list[dict
     return rows
 
 
+def with_random_negatives(rows: list[dict], seed: int = 0) -> list[dict]:
+    """The same rows with each negative replaced by another row's query or positive (an easy negative)."""
+    rng = random.Random(seed)
+    out = []
+    for i, row in enumerate(rows):
+        others = [j for j in range(len(rows)) if j != i]
+        negs = [rows[j][rng.choice(("query", "pos"))] for j in rng.sample(others, len(row["neg"]))]
+        out.append({**row, "neg": negs})
+    return out
+
+
 def compression_rows(count: int, seed: int = 0) -> list[dict]:
     """Stage-1 rows {id, context, instruction, output}: the output restates the context with other synonyms."""
     rng = random.Random(seed)

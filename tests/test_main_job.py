@@ -18,11 +18,12 @@ def test_main_job_runs_every_step(tmp_path, capsys):
         torch.set_num_threads(threads)
     acc = summary["triplet_accuracy"]
     assert set(acc) == {"base model", "after stage 1", "after stage 2"}
-    assert all(0.0 <= v <= 1.0 for v in acc.values())
+    assert all(0.0 <= v <= 1.0 for sets in acc.values() for v in sets.values())
+    assert all(set(sets) == {"hard negatives", "random negatives"} for sets in acc.values())
     assert {k: v["steps"] for k, v in summary["losses"].items()} == {"pretrain": 2, "stage1": 2, "stage2": 2}
     for path in ("loss_curves.png", "summary.json", "reference_scores.safetensors", "stage2/model/config.json"):
         assert os.path.isfile(os.path.join(cfg.output_dir, path)), path
     out = capsys.readouterr().out
-    assert "triplet accuracy on 16 held-out" in out and "after stage 2" in out
+    assert "on 16 held-out (q, pos, neg) triplets" in out and "after stage 2" in out
     with open(os.path.join(cfg.output_dir, "summary.json")) as f:
         assert json.load(f)["triplet_accuracy"] == acc
