@@ -45,10 +45,16 @@ setup(
         "triton>=3.6,<3.10; platform_system == 'Linux'",
         "numpy",
         "tqdm",
+        "transformers>=5.17",  # the model layer, trainer and encoder
+        "safetensors",  # reference scores, checkpoints and embeddings on disk
+        "matplotlib",  # the main job's loss curves
+        "ninja",  # the just-in-time build of the optional native epilogues
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=5.17", "safetensors"],
-        "bench": ["pytest-benchmark>=4", "matplotlib", "liger-kernel", "cut-cross-entropy"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pyarrow"],
+        "parquet": ["pyarrow"],
+        "lora": ["peft"],
+        "bench": ["pytest-benchmark>=4", "liger-kernel", "cut-cross-entropy"],
         "flash": ["flash-attn"],
     },
     entry_points={"console_scripts": ["are-fast=are_fast.cli:main"]},

@@ -7,6 +7,7 @@ See ``are_fast.functional`` for the ops, ``are_fast.backends`` for how an implem
 """
 from .backends import BACKENDS
 from .checks import set_label_checks
+from .encoder import Encoder
 from .functional import alignment_loss, compression_loss, conditional_kl, sequence_logprobs, token_logprobs
 from .modules import AlignmentLoss, CompressionLoss, ConditionalKL, SequenceLogprobs
 
@@ -17,6 +18,7 @@ __all__ = [
     "AlignmentLoss",
     "CompressionLoss",
     "ConditionalKL",
+    "Encoder",
     "SequenceLogprobs",
     "alignment_loss",
     "compression_loss",
