@@ -60,14 +60,14 @@ has_module pytest_benchmark || { log "pytest-benchmark is missing: put its wheel
 # 2. Correctness of the Triton kernels (and of how the peers are called), on the GPU.
 log "tests: $TESTS"
 # shellcheck disable=SC2086  # TESTS is a list of paths
-timeout -k 10 "${ARE_FAST_GPU_TEST_S:-150}" "$PY" -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tee "$OUT_DIR/tests.log" \
+timeout -k 10 "${ARE_FAST_GPU_TEST_S:-150}" "$PY" -m pytest -p no:cacheprovider $TESTS 2>&1 | tee "$OUT_DIR/tests.log" \
     || { status=1; log "tests failed or timed out"; }
 
 # 3. Benchmarks. SIGINT on timeout lets pytest-benchmark still write the JSON of what ran.
 bench() {
     local name=$1 limit=$2 filter=$3
     log "benchmarks ($name, at most ${limit}s)"
-    timeout -s INT -k 30 "$limit" "$PY" -m pytest benchmarks/test_bench_ops.py -q -p no:cacheprovider -k "$filter" \
+    timeout -s INT -k 30 "$limit" "$PY" -m pytest benchmarks/test_bench_ops.py -p no:cacheprovider -k "$filter" \
         --benchmark-json="$OUT_DIR/bench-$name.json" 2>&1 | tee "$OUT_DIR/bench-$name.log" \
         || { status=1; log "benchmarks ($name) failed or timed out"; }
 }
