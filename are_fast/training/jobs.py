@@ -86,13 +86,24 @@ def run_reference_scores(data: str, model: str, base_model: str, output: str, nu
     rows, report = load_stage2(data, num_negatives, instruction)
     if not rows:
         raise ValueError(f"data: no usable stage-2 row in {data!r} ({report.summary()})")
-    device, _, _ = setup_distributed()
+    device, rank, world = setup_distributed()
     compressor, decoder = build_models(model, base_model, opts, device)
     stage2_items(rows, compressor, decoder, report)  # counts truncations for the report
     _say(report.summary())
     compressor.eval()
-    ref_p, ref_n = compute_reference_scores(compressor, decoder, rows, batch_size, opts.backend, progress)
-    save_reference_scores(output, rows, ref_p, ref_n)
+    mine = list(range(rank, len(rows), world))  # under torchrun each process scores every world-th row
+    ref_p, ref_n = compute_reference_scores(compressor, decoder, [rows[i] for i in mine], batch_size, opts.backend,
+                                            progress and rank == 0)
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, (mine, ref_p, ref_n))
+        ref_p, ref_n = torch.empty(len(rows)), torch.empty(len(rows), num_negatives)
+        for index, p, n in parts:
+            ref_p[index], ref_n[index] = p, n
+    if rank == 0:
+        save_reference_scores(output, rows, ref_p, ref_n)
+    if world > 1:
+        dist.barrier()
     return ref_p, ref_n, report
 
 

@@ -13,8 +13,9 @@ from _helpers import rel_error
 
 from are_fast.data import stage1_items
 from are_fast.model import Stage1Model
-from are_fast.toy import compression_rows
-from are_fast.training.jobs import ModelOptions, build_models
+from are_fast.toy import compression_rows, triplet_rows, write_jsonl
+from are_fast.training.jobs import ModelOptions, build_models, run_reference_scores
+from are_fast.training.refscores import compute_reference_scores, load_reference_scores
 from are_fast.training.trainer import BucketedBatches, Trainer, TrainConfig
 
 
@@ -30,7 +31,7 @@ def _grads(trainer):
     return {n: p.grad.detach().clone() for n, p in trainer.core.named_parameters() if p.requires_grad}
 
 
-def _ddp_worker(rank, port, base, out, result):
+def _ddp_worker(rank, port, base, out, result, data):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -40,6 +41,9 @@ def _ddp_worker(rank, port, base, out, result):
         save_file(_grads(trainer), result)
         with open(result + ".json", "w") as f:
             json.dump(record, f)
+    # The reference-score job shards rows over the processes and gathers them in order.
+    run_reference_scores(data, base, base, result + ".scores", 2, ModelOptions(num_embed_tokens=2),
+                         batch_size=2, progress=False)
     torch.distributed.destroy_process_group()
 
 
@@ -50,9 +54,11 @@ def _free_port():
 
 
 def test_ddp_step_equals_single_process_accumulation(tiny_dir, tmp_path):
-    """(c) one DDP step, 2 gloo processes x 1 micro-batch == one process x 2 accumulated micro-batches."""
-    result = str(tmp_path / "ddp.safetensors")
-    mp.spawn(_ddp_worker, args=(_free_port(), tiny_dir, str(tmp_path / "ddp"), result), nprocs=2, join=True)
+    """(c) one DDP step, 2 gloo processes x 1 micro-batch == one process x 2 accumulated micro-batches; the
+    reference scores computed by 2 processes == one process's."""
+    result, data = str(tmp_path / "ddp.safetensors"), str(tmp_path / "triplets.jsonl")
+    write_jsonl(data, triplet_rows(5, 2))
+    mp.spawn(_ddp_worker, args=(_free_port(), tiny_dir, str(tmp_path / "ddp"), result, data), nprocs=2, join=True)
     single = _trainer(tiny_dir, tmp_path / "single", max_steps=1, batch_size=3, grad_accum=2)
     record = single.train()[0]
     ddp_grads = load_file(result)
@@ -63,6 +69,12 @@ def test_ddp_step_equals_single_process_accumulation(tiny_dir, tmp_path):
         assert rel_error(ddp_grads[name], grad) <= 1e-5, name
     assert abs(ddp_record["loss"] - record["loss"]) <= 1e-5 * abs(record["loss"])
     assert abs(ddp_record["grad_norm"] - record["grad_norm"]) <= 1e-5 * record["grad_norm"]
+    compressor, decoder = build_models(tiny_dir, tiny_dir, ModelOptions(num_embed_tokens=2))
+    expected = compute_reference_scores(compressor, decoder, triplet_rows(5, 2), batch_size=2, progress=False)
+    scores = load_reference_scores(result + ".scores", triplet_rows(5, 2))
+    for i, row in enumerate(triplet_rows(5, 2)):
+        assert scores[row["id"]][0] == pytest.approx(float(expected[0][i]), rel=1e-5)
+        assert scores[row["id"]][1] == pytest.approx(expected[1][i].tolist(), rel=1e-5)
 
 
 def test_resume_continues_the_exact_loss_sequence(tiny_dir, tmp_path):
