@@ -75,15 +75,17 @@ class FrozenDecoder(nn.Module):
             compressed: [S, k, H] compressed vectors (gradients flow back to them).
             target: [S, T] int64 target ids with eos, right-padded; lengths: [S] real lengths.
         Returns:
-            (hidden [S, k + T, H] final hidden states in the head's dtype, labels [S, k + T] int64 with -100 over the k vectors and
-            the padding): position t predicts labels[:, t + 1], as the fused sequence ops expect.
+            (hidden [S, 1 + T, H], labels [S, 1 + T] int64): the final hidden states (in the head's dtype) from the
+            last compressed position on, and labels with -100 in front and over the padding. Position t predicts
+            labels[:, t + 1], as the fused sequence ops expect; the first k - 1 positions are left out because
+            they predict nothing (the released labels are -100 there), so no head work goes to them.
         """
         k = compressed.shape[1]
         embeds = self.lm.get_input_embeddings()(target)
         inputs = torch.cat([compressed.to(embeds.dtype), embeds], dim=1)
-        hidden = run_varlen(self.lm.base_model, lengths + k, self.pack, inputs_embeds=inputs)
+        hidden = run_varlen(self.lm.base_model, lengths + k, self.pack, inputs_embeds=inputs)[:, k - 1:]
         # Under autocast the states come out in bf16 while the head may be fp32: the fused ops want one dtype.
-        return hidden.to(self.head[0].dtype), decoder_labels(target, lengths, k)
+        return hidden.to(self.head[0].dtype), decoder_labels(target, lengths, 1)
 
     def collate(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Target ids per row -> (ids [S, T] right-padded, lengths [S])."""

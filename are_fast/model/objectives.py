@@ -143,7 +143,7 @@ class Stage1Model(nn.Module):
 def stream_logprobs(compressor: Compressor, decoder: FrozenDecoder, batch: Stage2Batch, backend=None):
     """All decoder streams of a stage-2 batch in one decoder call and one fused log-prob call.
 
-    Returns (hidden [S, k + T, H], labels [S, k + T], logprobs [S] float32), rows in ``collate_stage2``'s order:
+    Returns (hidden [S, 1 + T, H], labels [S, 1 + T], logprobs [S] float32), rows in ``collate_stage2``'s order:
     q->pos (B), pos->pos (B, when the batch has positives), q->neg row-major (nB).
     """
     compressed = compressor(batch.compressor)

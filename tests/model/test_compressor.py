@@ -7,6 +7,7 @@ from _helpers import rel_error
 
 import are_fast
 from are_fast.model import Compressor, FrozenDecoder, Stage1Item, Stage1Model, load_compressor
+from are_fast.model.layout import decoder_labels
 
 
 def _pair(tiny_dir, k=3, **kwargs):
@@ -69,7 +70,7 @@ def test_stage1_loss_equals_transformers_logits_loss(tiny_dir, pack):
     k = compressed.shape[1]
     embeds = torch.cat([compressed, dec.lm.get_input_embeddings()(batch.targets.ids)], dim=1)
     mask = (torch.arange(embeds.shape[1]) < (batch.targets.lengths + k).unsqueeze(1)).long()
-    _, labels = dec(compressed, batch.targets.ids, batch.targets.lengths)
+    labels = decoder_labels(batch.targets.ids, batch.targets.lengths, k)
     expected = dec.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
     expected.backward()
     assert rel_error(loss, expected) <= 1e-5
