@@ -8,7 +8,8 @@ log p(neg_j | c(q)) and the stage-1 reference scores.
 What the stage-2 step does that the released code does not (see ``are_fast.model.released``):
 - queries and positives are compressed in one compressor call, each query once, reused for every stream;
 - the streams q->pos, pos->pos and q->neg_j of a batch run in ONE decoder call, and all their log-prob
-  terms come from ONE ``sequence_logprobs`` call on the stacked hidden states (no N x V logits).
+  terms come from ONE fused call on the stacked hidden states (no N x V logits), which only feeds the LM
+  head the positions that predict a target: padding and the compressed positions cost no head work.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from torch import nn
 from .. import functional as F
 from .compressor import Compressor, CompressorBatch
 from .decoder import FrozenDecoder
+from .layout import IGNORE_INDEX
 
 
 @dataclass
@@ -135,13 +137,26 @@ class Stage1Model(nn.Module):
     def forward(self, batch: Stage1Batch):
         compressed = self.compressor(batch.compressor)
         hidden, labels = self.decoder(compressed, batch.targets.ids, batch.targets.lengths)
-        weight, bias = self.decoder.head
-        loss = F.compression_loss(hidden, weight, labels, bias, backend=self.backend)
-        return loss, {}
+        logp, _ = target_logprobs(hidden, labels, *self.decoder.head, backend=self.backend)
+        return -logp.mean(), {}  # transformers' causal-LM loss: the mean over all target tokens
+
+
+def target_logprobs(hidden, labels, weight, bias=None, backend=None):
+    """Log-probabilities of every target token of right-padded streams, in one fused call.
+
+    Only the positions that predict a target reach the LM head (padding and ignored positions cost nothing).
+    Args: hidden [S, T, H], labels [S, T] (position t predicts labels[:, t + 1]), the head (weight [V, H], bias).
+    Returns: (logprobs [M] float32, row [M] int64: the stream each target belongs to), M = number of targets.
+    """
+    valid = labels[:, 1:] != IGNORE_INDEX
+    rows = valid.nonzero()[:, 0]
+    logp = F.token_logprobs(hidden[:, :-1][valid], weight, labels[:, 1:][valid], bias, backend=backend)
+    return logp, rows
 
 
 def stream_logprobs(compressor: Compressor, decoder: FrozenDecoder, batch: Stage2Batch, backend=None):
-    """All decoder streams of a stage-2 batch in one decoder call and one fused log-prob call.
+    """All decoder streams of a stage-2 batch in one decoder call and one fused log-prob call (per-stream sums
+    of ``target_logprobs``, i.e. ``sequence_logprobs`` without head work on padding).
 
     Returns (hidden [S, 1 + T, H], labels [S, 1 + T], logprobs [S] float32), rows in ``collate_stage2``'s order:
     q->pos (B), pos->pos (B, when the batch has positives), q->neg row-major (nB).
@@ -150,8 +165,10 @@ def stream_logprobs(compressor: Compressor, decoder: FrozenDecoder, batch: Stage
     c_q = compressed[: batch.rows]
     streams = [c_q, compressed[batch.rows:], c_q.repeat_interleave(batch.num_negatives, dim=0)]
     hidden, labels = decoder(torch.cat(streams), batch.targets.ids, batch.targets.lengths)
-    weight, bias = decoder.head
-    return hidden, labels, F.sequence_logprobs(hidden, weight, labels, bias, backend=backend)
+    logp, rows = target_logprobs(hidden, labels, *decoder.head, backend=backend)
+    # Sums in float64: the alignment loss takes differences of these large, close sums.
+    sums = torch.zeros(hidden.shape[0], dtype=torch.float64, device=logp.device).index_add(0, rows, logp.double())
+    return hidden, labels, sums.to(logp.dtype)
 
 
 class Stage2Model(nn.Module):

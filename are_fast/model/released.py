@@ -25,7 +25,8 @@ def _score(compressor: Compressor, decoder: FrozenDecoder, prefixes, targets) ->
     embeds = torch.cat([compressed, decoder.lm.get_input_embeddings()(ids)], dim=1)
     k = compressed.shape[1]
     mask = (torch.arange(embeds.shape[1], device=device) < (lengths + k).unsqueeze(1)).long()
-    logits = decoder.lm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits.float()
+    logits = decoder.lm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32, float64 stays float64
     labels = decoder_labels(ids, lengths, k)[:, 1:]
     valid = labels != -100
     picked = logits[:, :-1].log_softmax(-1).gather(2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)

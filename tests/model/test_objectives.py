@@ -23,22 +23,38 @@ def _setup(tiny_dir, negatives, rows=3, seed=0):
     return comp, dec, stage2_items(data, comp, dec, scores=scores)
 
 
+def _loss_and_grads(fn, comp):
+    comp.zero_grad()
+    loss = fn()
+    loss.backward()
+    return [loss] + [p.grad.clone() for p in comp.parameters()]
+
+
 @pytest.mark.parametrize("negatives", [1, 3], ids=["neg1", "neg3"])
 @pytest.mark.parametrize("ref_sign", [1.0, -1.0], ids=["released-sign", "dpo-sign"])
 def test_stage2_loss_and_grads_equal_released_pattern(tiny_dir, negatives, ref_sign):
-    """(b) loss and compressor gradients equal the released pattern's, fp32."""
+    """(b) loss and compressor gradients equal the released pattern's: the same math in float64 (to 1e-6:
+    transformers' RMSNorm computes in float32 even in a float64 model), and in float32 within 1e-5 or, where
+    the loss's conditioning (differences of large log-prob sums) makes float32 itself less exact, within
+    twice the released pattern's own float32 error, both measured against the float64 oracle."""
     comp, dec, items = _setup(tiny_dir, negatives)
-    model = Stage2Model(comp, dec, beta=0.5, tau=0.2, ref_sign=ref_sign)
-    loss, _ = model(model.collate(items))
-    loss.backward()
-    ours = {n: p.grad.clone() for n, p in comp.named_parameters()}
-    comp.zero_grad()
-    expected = released_stage2_loss(comp, dec, items, beta=0.5, tau=0.2, ref_sign=ref_sign)
-    expected.backward()
-    assert rel_error(loss, expected) <= 1e-5
-    for name, p in comp.named_parameters():
-        assert rel_error(ours[name], p.grad) <= 1e-5, name
+    kw = dict(beta=0.5, tau=0.2, ref_sign=ref_sign)
+
+    def ours():
+        model = Stage2Model(comp, dec, **kw)
+        return model(model.collate(items))[0]
+
+    def released():
+        return released_stage2_loss(comp, dec, items, **kw)
+
+    ours32, released32 = _loss_and_grads(ours, comp), _loss_and_grads(released, comp)
     assert all(p.grad is None for p in dec.parameters())
+    comp.double(), dec.double()
+    ours64, oracle = _loss_and_grads(ours, comp), _loss_and_grads(released, comp)
+    names = ["loss"] + [n for n, _ in comp.named_parameters()]
+    for name, a, b, got, ref in zip(names, ours64, oracle, ours32, released32):
+        assert rel_error(a, b) <= 1e-6, name
+        assert rel_error(got, b) <= max(1e-5, 2 * rel_error(ref, b)), name
 
 
 def test_stage2_kl_distance_matches_reference(tiny_dir):
