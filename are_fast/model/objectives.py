@@ -6,7 +6,7 @@ and n negatives; the loss is ``alignment_loss`` over log p(pos | c(q)), log p(po
 log p(neg_j | c(q)) and the stage-1 reference scores.
 
 What the stage-2 step does that the released code does not (see ``are_fast.model.released``):
-- queries and positives are compressed in one compressor call, each query once, reused for every stream;
+- each query is compressed once and reused for the positive and every negative;
 - the streams q->pos, pos->pos and q->neg_j of a batch run in ONE decoder call, and all their log-prob
   terms come from ONE fused call on the stacked hidden states (no N x V logits), which only feeds the LM
   head the positions that predict a target: padding and the compressed positions cost no head work.
@@ -81,8 +81,9 @@ class Stage1Batch:
 
 @dataclass
 class Stage2Batch:
-    compressor: CompressorBatch  # 2B rows: the B queries, then the B positives
-    targets: DecoderTargets  # (2 + n)B rows: pos (for q), pos (for pos), then the negatives row-major [B, n]
+    queries: CompressorBatch  # B rows
+    positives: CompressorBatch | None  # B rows (None for the reference scores, which need no pos->pos stream)
+    targets: DecoderTargets  # pos (for q), pos (for pos, when positives are there), the negatives row-major [B, n]
     rows: int  # B
     num_negatives: int
     ref_p: torch.Tensor | None  # [B] float32
@@ -90,12 +91,13 @@ class Stage2Batch:
 
     def to(self, device) -> "Stage2Batch":
         move = (lambda t: None if t is None else t.to(device))
-        return Stage2Batch(self.compressor.to(device), self.targets.to(device), self.rows, self.num_negatives,
-                           move(self.ref_p), move(self.ref_n))
+        return Stage2Batch(self.queries.to(device), move(self.positives), self.targets.to(device), self.rows,
+                           self.num_negatives, move(self.ref_p), move(self.ref_n))
 
     @property
     def num_tokens(self) -> int:
-        return self.compressor.num_tokens + int(self.targets.lengths.sum())
+        extra = self.positives.num_tokens if self.positives is not None else 0
+        return self.queries.num_tokens + extra + int(self.targets.lengths.sum())
 
 
 def collate_stage1(compressor: Compressor, decoder: FrozenDecoder, items: Sequence[Stage1Item]) -> Stage1Batch:
@@ -106,16 +108,17 @@ def collate_stage1(compressor: Compressor, decoder: FrozenDecoder, items: Sequen
 def collate_stage2(compressor: Compressor, decoder: FrozenDecoder, items: Sequence[Stage2Item],
                    with_positives: bool = True) -> Stage2Batch:
     """Stack a batch's streams; ``with_positives=False`` leaves out the pos->pos stream and the positives'
-    compression (the reference scores need neither)."""
+    compression (the reference scores need neither). Queries and positives are padded apart (queries are
+    often much longer than positives), the decoder streams together."""
     n = len(items[0].neg_targets)
     if any(len(i.neg_targets) != n for i in items):
         raise ValueError("items: every row of a batch needs the same number of negatives")
-    prefixes = [i.query for i in items] + ([i.pos_prefix for i in items] if with_positives else [])
     targets = [i.pos_target for i in items] * (2 if with_positives else 1)
     targets += [neg for i in items for neg in i.neg_targets]
     have_refs = all(i.ref_p is not None for i in items)
     return Stage2Batch(
-        compressor.collate(prefixes),
+        compressor.collate([i.query for i in items]),
+        compressor.collate([i.pos_prefix for i in items]) if with_positives else None,
         DecoderTargets(*decoder.collate(targets)),
         len(items),
         n,
@@ -161,9 +164,9 @@ def stream_logprobs(compressor: Compressor, decoder: FrozenDecoder, batch: Stage
     Returns (hidden [S, 1 + T, H], labels [S, 1 + T], logprobs [S] float32), rows in ``collate_stage2``'s order:
     q->pos (B), pos->pos (B, when the batch has positives), q->neg row-major (nB).
     """
-    compressed = compressor(batch.compressor)
-    c_q = compressed[: batch.rows]
-    streams = [c_q, compressed[batch.rows:], c_q.repeat_interleave(batch.num_negatives, dim=0)]
+    c_q = compressor(batch.queries)
+    streams = [c_q] + ([compressor(batch.positives)] if batch.positives is not None else [])
+    streams.append(c_q.repeat_interleave(batch.num_negatives, dim=0))
     hidden, labels = decoder(torch.cat(streams), batch.targets.ids, batch.targets.lengths)
     logp, rows = target_logprobs(hidden, labels, *decoder.head, backend=backend)
     # Sums in float64: the alignment loss takes differences of these large, close sums.

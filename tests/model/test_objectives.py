@@ -66,9 +66,8 @@ def test_stage2_kl_distance_matches_reference(tiny_dir):
     ours = [p.grad.clone() for p in comp.parameters()]
     comp.zero_grad()
     b = len(items)
-    compressed = comp(batch.compressor)
-    c_q = compressed[:b]
-    hidden, labels = dec(torch.cat([c_q, compressed[b:], c_q.repeat_interleave(2, 0)]), batch.targets.ids,
+    c_q = comp(batch.queries)
+    hidden, labels = dec(torch.cat([c_q, comp(batch.positives), c_q.repeat_interleave(2, 0)]), batch.targets.ids,
                          batch.targets.lengths)
     w = dec.head[0]
     logp = reference.sequence_logprobs(hidden, w, labels)
