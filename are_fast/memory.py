@@ -3,7 +3,7 @@
 CUDA: ``torch.cuda.max_memory_allocated`` around the call, less what was allocated before it.
 CPU: PyTorch's profiler with ``profile_memory=True`` records every allocation and free of PyTorch's CPU
 allocator, each with the running total allocated since profiling began; the largest running total is the
-call's peak extra memory. Unlike process RSS it counts exactly the tensors the call allocates (including
+call's peak extra memory (measured from the total before the call's first allocation). Unlike process RSS it counts exactly the tensors the call allocates (including
 temporaries inside ATen ops and the autograd graph's saved tensors), ignores allocator caching and memory
 that other threads or earlier calls hold, and is repeatable.
 """
@@ -35,8 +35,15 @@ def peak_extra_memory(fn: Callable[[], object], device: torch.device | str = "cp
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
-    peak = 0
-    for event in _walk(prof.profiler.kineto_results.experimental_event_tree()):
-        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-            peak = max(peak, event.extra_fields.total_allocated)
-    return result, peak
+    events = sorted(
+        (e for e in _walk(prof.profiler.kineto_results.experimental_event_tree())
+         if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu"),
+        key=lambda e: e.start_time_ns,
+    )
+    if not events:
+        return result, 0
+    # The running total is not reset between profiles (a tensor allocated under an earlier profile and freed
+    # outside it stays counted), so measure from the total just before this call's first event.
+    first = events[0].extra_fields
+    baseline = first.total_allocated - first.alloc_size
+    return result, max(0, max(e.extra_fields.total_allocated for e in events) - baseline)

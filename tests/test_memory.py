@@ -14,3 +14,12 @@ def test_cpu_peak_counts_temporaries_not_existing_tensors():
     result, peak = peak_extra_memory(call)
     assert result == 2 * (1 << 21) + 1
     assert 16 << 20 <= peak < 17 << 20  # the temporary and its doubled copy were alive together
+
+
+def test_cpu_peak_ignores_earlier_profiles():
+    """A tensor allocated under one profile and freed outside any must not inflate the next measurement."""
+    kept = []
+    peak_extra_memory(lambda: kept.append(torch.ones(1 << 20)))
+    kept.clear()
+    _, peak = peak_extra_memory(lambda: float(torch.ones(1 << 18).sum()))
+    assert 1 << 20 <= peak < (1 << 20) + 4096
