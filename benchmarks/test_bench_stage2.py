@@ -12,7 +12,8 @@ Same model, same batch, same loss (checked before timing), with 1 and 4 negative
 The model is a random-init Llama read by a byte-level tokenizer: on CPU H=256, 4 layers and the Llama-2
 vocabulary size (32000); on CUDA a ~1B Llama (Llama-3.2-1B's shape, vocabulary 128256) in bfloat16.
 The rows are ../shared/data/medi_nli_sample.jsonl's when present (extra negatives taken from the next rows),
-else the generated triplets of ``are_fast.toy``. ``extra_info`` holds tokens (all the batch's texts),
+else (and in smoke mode) the generated triplets of ``are_fast.toy``. Timings on a shared CPU are steadier
+with ``OMP_NUM_THREADS=1 pytest benchmarks/test_bench_stage2.py --benchmark-timer=time.process_time``. ``extra_info`` holds tokens (all the batch's texts),
 tokens_per_s, the loss, and for our rows speedup_vs_released and memory_vs_released, read side by side.
 """
 from __future__ import annotations
@@ -45,8 +46,9 @@ CONFIGS = {  # LlamaConfig fields and rows per batch, per device; smoke mode shr
 _results: dict = {}  # (negatives, impl) -> (mean seconds, peak bytes) of this session
 
 
-def bench_rows(count: int, negatives: int) -> tuple[list[dict], str]:
-    if os.path.isfile(MEDI):
+def bench_rows(count: int, negatives: int, smoke: bool = False) -> tuple[list[dict], str]:
+    """``count`` stage-2 rows with ``negatives`` each and where they come from (smoke mode: short toy rows)."""
+    if os.path.isfile(MEDI) and not smoke:
         with open(MEDI, encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()][: count + negatives]
         out = []
@@ -89,7 +91,7 @@ def models():
 def test_stage2_step(negatives, impl, models, measure, benchmark):
     device, name, pairs, count = models
     comp, dec = pairs[impl == "ours-checkpointing"]
-    rows, source = bench_rows(count, negatives)
+    rows, source = bench_rows(count, negatives, smoke=name == "smoke")
     gen = torch.Generator().manual_seed(0)
     scores = {r["id"]: (float(torch.randn(1, generator=gen)), torch.randn(negatives, generator=gen).tolist())
               for r in rows}
