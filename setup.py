@@ -36,7 +36,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["are_fast", "are_fast.kernels", "are_fast.csrc"],
+    packages=["are_fast", "are_fast.model", "are_fast.training", "are_fast.kernels", "are_fast.csrc"],
     package_dir={"are_fast": "are_fast", "are_fast.kernels": "kernels", "are_fast.csrc": "csrc"},
     package_data={"are_fast.csrc": ["*.cpp", "*.cu", "*.h"]},
     install_requires=[
@@ -51,7 +51,7 @@ setup(
         "ninja",  # the just-in-time build of the optional native epilogues
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "pyarrow"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pyarrow", "peft"],
         "parquet": ["pyarrow"],
         "lora": ["peft"],
         "bench": ["pytest-benchmark>=4", "liger-kernel", "cut-cross-entropy"],
