@@ -1,8 +1,8 @@
 """Forward+backward of every loss op, per shape, for each are_fast backend and each installed peer, and the
 bare-matmul floor of each shape.
 
-Ids read like ``token_logprobs-llama3-8b-N16384-bf16-frozen-chunked``; each (op, shape) is one
-pytest-benchmark group, so its implementations print side by side. Shapes and inputs: benchmarks/cases.py;
+Ids read like ``token_logprobs-llama3-8b-N16384-bf16-frozen-chunked`` (and ``floor-llama3-8b-N16384-bf16-frozen``);
+each (op, shape) is one pytest-benchmark group, so its implementations print side by side. Shapes and inputs: benchmarks/cases.py;
 implementations: benchmarks/impls.py. ``python -m benchmarks.report`` turns --benchmark-json output into
 the Markdown table and chart.
 """
@@ -11,23 +11,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .cases import bench_device, clear_grads, floor_shapes, make_inputs, op_cases, smoke_mode
+from .cases import Case, bench_device, clear_grads, floor_shapes, make_inputs, op_cases, smoke_mode
 from .impls import floor_fn, implementations, loss_fn
 
 
 def pytest_generate_tests(metafunc):
     device = bench_device()
     cases = op_cases(device, smoke_mode())
-    if "impl" in metafunc.fixturenames:
-        params = [
+    params = []
+    for shape in floor_shapes(cases):  # each shape's floor right before its cases, under the same machine load
+        params.append(pytest.param(Case("floor", shape), None, id=f"floor-{shape.id}"))
+        params += [
             pytest.param(case, impl, id=f"{case.id}-{impl.name}")
             for case in cases
+            if case.shape == shape
             for impl in implementations()
             if case.op in impl.ops and device.type in impl.devices
         ]
-        metafunc.parametrize(("case", "impl"), params)
-    if "shape" in metafunc.fixturenames:
-        metafunc.parametrize("shape", floor_shapes(cases), ids=lambda shape: shape.id)
+    metafunc.parametrize(("case", "impl"), params)
 
 
 def _shape_info(shape) -> dict:
@@ -44,8 +45,12 @@ def _shape_info(shape) -> dict:
 
 
 def test_op(case, impl, measure):
-    """Time loss.backward() of ``case.op`` under ``impl`` (forward included), and its peak extra memory."""
+    """Time loss.backward() of ``case.op`` under ``impl`` (forward included), and its peak extra memory;
+    ``impl`` None: the bare matmuls of the shape (see benchmarks.impls.floor_fn), the time nobody can beat."""
     device = bench_device()
+    if impl is None:
+        _floor(case.shape, device, measure)
+        return
     reason = impl.skip_reason(device)
     if reason:
         pytest.skip(reason)
@@ -64,14 +69,13 @@ def test_op(case, impl, measure):
     )
 
 
-def test_floor(shape, measure):
-    """The bare matmuls of ``shape`` (see benchmarks.impls.floor_fn): the time no implementation can beat."""
-    device = bench_device()
+def _floor(shape, device, measure):
     generator = torch.Generator(device=device).manual_seed(0)
     head = shape.head
 
     def randn(*dims):
         return torch.randn(*dims, generator=generator, device=device).to(shape.dtype)
 
-    run = floor_fn(randn(shape.tokens, head.hidden), randn(head.vocab, head.hidden), randn(shape.tokens, head.vocab), shape.trainable)
+    hidden, weight, grad = randn(shape.tokens, head.hidden), randn(head.vocab, head.hidden), randn(shape.tokens, head.vocab)
+    run = floor_fn(hidden, weight, grad, shape.trainable)
     measure(run, group=f"floor-{shape.id}", op="floor", impl="floor", kind="floor", **_shape_info(shape))
