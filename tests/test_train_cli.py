@@ -3,18 +3,12 @@ import json
 import os
 
 import pytest
-import torch
 
 from are_fast.cli import main
 from are_fast.toy import compression_rows, tiny_llama, triplet_rows, write_jsonl
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_stage1_ref_scores_stage2_from_the_command_line(tmp_path, capsys):

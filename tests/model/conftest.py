@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from are_fast.toy import tiny_llama
 
@@ -13,9 +12,5 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a shared 2-core machine spin and crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def model_tests_on_one_thread(one_thread):
+    """Every model and training test runs on one thread (the fixture is in tests/conftest.py)."""
