@@ -97,7 +97,8 @@ def op_cases(device: torch.device, smoke: bool) -> list[Case]:
         cases = [Case(op, shape) for shape in core for op in OPS]
         token_counts = [Shape(HEADS["llama3-8b"], n, dtype, False, seq) for n in (8192, 32768)]
         other_heads = [Shape(HEADS[name], 16384, dtype, False, seq) for name in ("llama2-7b", "qwen2.5-7b", "small")]
-        return cases + [Case(op, s) for s in token_counts + other_heads for op in ("token_logprobs", "sequence_logprobs")]
+        extra_ops = ("token_logprobs", "sequence_logprobs")
+        return cases + [Case(op, s) for s in token_counts + other_heads for op in extra_ops]
     seq = 256
     target = Shape(HEADS["cpu-target"], 4096, dtype, False, seq)
     cases = [Case(op, target) for op in OPS]

@@ -178,7 +178,8 @@ def implementations() -> list[Impl]:
     impls.append(Impl("liger", "peer", _liger_primitives, _liger_skip, notes=dict(_LIGER_NOTES)))
     # CCE's Triton kernels on CUDA; on CPU its torch_compile fallback, the only implementation that runs there.
     impls.append(
-        Impl("cce", "peer", _cce_primitives(), _cce_skip, _CCE_OPS, ("cuda",), notes={"*": "gradient filtering on (its default)"})
+        Impl("cce", "peer", _cce_primitives(), _cce_skip, _CCE_OPS, ("cuda",),
+             notes={"*": "gradient filtering on (its default)"})
     )
     impls.append(Impl("cce-exact", "peer", _cce_primitives(filter_eps=None), _cce_skip, _CCE_OPS, ("cuda",)))
     impls.append(

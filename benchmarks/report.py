@@ -77,7 +77,7 @@ def _header(machine: dict, commit: dict, when: str | None) -> list[str]:
     lines = [
         f"- date: {when or '?'}; machine: {hardware}{threads}",
         f"- torch {env.get('torch', '?')}, triton {env.get('triton') or 'not installed'}; peers: {peers or 'none'}",
-        f"- commit: {commit_id}" + ("; SMOKE MODE (tiny shapes, 1 round: not a measurement)" if env.get("smoke") else ""),
+        f"- commit: {commit_id}" + ("; SMOKE MODE (tiny shapes, 1 round: not a measurement)" * bool(env.get("smoke"))),
     ]
     return lines if (machine or commit or when) else []
 
@@ -132,7 +132,8 @@ def target_lines(groups: dict, floors: dict) -> list[str]:
         t, m = ours["seconds"] / ref["seconds"], ours["peak"] / ref["peak"]
         slower = f" ({(t - 1) * 100:.0f}% slower)" if t > 1 else ""
         lines.append(
-            f"- {op}: time {_ms(ours['seconds'])} ms vs {_ms(ref['seconds'])} ms = {t:.2f}x -> {_verdict(t <= 1)}{slower}; "
+            f"- {op}: time {_ms(ours['seconds'])} ms vs {_ms(ref['seconds'])} ms = {t:.2f}x -> "
+            f"{_verdict(t <= 1)}{slower}; "
             f"memory {_mib(ours['peak'])} vs {_mib(ref['peak'])} MiB = {m:.3f}x -> {_verdict(m <= CPU_MEMORY_RATIO)}"
         )
     if not found:
@@ -157,7 +158,7 @@ def target_lines(groups: dict, floors: dict) -> list[str]:
             if "reference" in impls:
                 m = row["peak"] / impls["reference"]["peak"]
                 parts.append(f"memory {m:.4f}x reference -> {_verdict(m <= GPU_MEMORY_RATIO)}")
-            missing = [p for p in ("floor", "reference", "liger", "cce") if p not in impls and not (p == "floor" and floor)]
+            missing = [p for p in ("reference", "liger", "cce") if p not in impls] + ([] if floor else ["floor"])
             if missing:
                 parts.append("not measured: " + ", ".join(missing))
             lines.append(f"- {op} / {name} ({_ms(row['seconds'])} ms): " + "; ".join(parts))
@@ -169,7 +170,8 @@ def target_lines(groups: dict, floors: dict) -> list[str]:
     if ref and ours:
         lines.append(
             f"- chunked {_ms(ours['seconds'])} ms, {_mib(ours['peak'])} MiB; reference {_ms(ref['seconds'])} ms, "
-            f"{_mib(ref['peak'])} MiB: time {ours['seconds'] / ref['seconds']:.2f}x, memory {ours['peak'] / ref['peak']:.3f}x"
+            f"{_mib(ref['peak'])} MiB: time {ours['seconds'] / ref['seconds']:.2f}x, "
+            f"memory {ours['peak'] / ref['peak']:.3f}x"
         )
     else:
         lines.append("- not measured in this run")

@@ -2,9 +2,9 @@
 bare-matmul floor of each shape.
 
 Ids read like ``token_logprobs-llama3-8b-N16384-bf16-frozen-chunked`` (and ``floor-llama3-8b-N16384-bf16-frozen``);
-each (op, shape) is one pytest-benchmark group, so its implementations print side by side. Shapes and inputs: benchmarks/cases.py;
-implementations: benchmarks/impls.py. ``python -m benchmarks.report`` turns --benchmark-json output into
-the Markdown table and chart.
+each (op, shape) is one pytest-benchmark group, so its implementations print side by side. Shapes and
+inputs: benchmarks/cases.py; implementations: benchmarks/impls.py. ``python -m benchmarks.report`` turns
+--benchmark-json output into the Markdown table and chart.
 """
 from __future__ import annotations
 
@@ -76,6 +76,6 @@ def _floor(shape, device, measure):
     def randn(*dims):
         return torch.randn(*dims, generator=generator, device=device).to(shape.dtype)
 
-    hidden, weight, grad = randn(shape.tokens, head.hidden), randn(head.vocab, head.hidden), randn(shape.tokens, head.vocab)
-    run = floor_fn(hidden, weight, grad, shape.trainable)
+    hidden, weight = randn(shape.tokens, head.hidden), randn(head.vocab, head.hidden)
+    run = floor_fn(hidden, weight, randn(shape.tokens, head.vocab), shape.trainable)
     measure(run, group=f"floor-{shape.id}", op="floor", impl="floor", kind="floor", **_shape_info(shape))

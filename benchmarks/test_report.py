@@ -10,8 +10,9 @@ MIB = 2**20
 
 def _result(op, impl, seconds, peak, head="cpu-target", tokens=4096, dtype="float32", kind=None):
     shape = f"{head}-N{tokens}-{'fp32' if dtype == 'float32' else 'bf16'}-frozen"
-    info = {"suite": "ops", "op": op, "impl": impl, "kind": kind or ("peer" if impl.startswith(("liger", "cce")) else "backend"),
-            "shape": shape, "head": head, "tokens": tokens, "dtype": dtype, "mode": "frozen", "peak_extra_bytes": peak}
+    kind = kind or ("peer" if impl.startswith(("liger", "cce")) else "backend")
+    info = {"suite": "ops", "op": op, "impl": impl, "kind": kind, "shape": shape, "head": head, "tokens": tokens,
+            "dtype": dtype, "mode": "frozen", "peak_extra_bytes": peak}
     return {"name": f"test_op[{op}-{shape}-{impl}]", "stats": {"median": seconds}, "extra_info": info}
 
 
