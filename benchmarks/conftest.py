@@ -80,20 +80,6 @@ def smoke() -> bool:
     return smoke_mode()
 
 
-def _peak_extra_memory(fn: Callable[[], object], device: torch.device) -> int:
-    """are_fast.memory.peak_extra_memory, less what earlier profiled calls left in the CPU counter.
-
-    On CPU it reads the profiler's running total of PyTorch's CPU allocator, which keeps counting tensors
-    allocated under an earlier profile and freed outside one: every case would carry the ones before it. A
-    1-byte probe just before reads that offset (and costs exactly 1 byte if the offset is ever fixed there).
-    """
-    offset = 0
-    if device.type == "cpu":
-        _, offset = peak_extra_memory(lambda: torch.empty(1, dtype=torch.uint8), device)
-    _, peak = peak_extra_memory(fn, device)
-    return peak - offset
-
-
 def default_rounds(device: torch.device) -> int:
     if "ARE_FAST_BENCH_ROUNDS" in os.environ:
         return int(os.environ["ARE_FAST_BENCH_ROUNDS"])
@@ -107,7 +93,7 @@ def measure(benchmark, bench_device):
     """measure(fn, setup=None, *, warmup=None, group=None, **extra_info) -> peak extra bytes.
 
     Runs ``setup()`` (untimed) before every call of ``fn()``; optionally one warm-up call (default: on CUDA,
-    where kernels compile and autotune on first use); then one call under ``_peak_extra_memory``
+    where kernels compile and autotune on first use); then one call under ``are_fast.memory.peak_extra_memory``
     and the timed rounds with ``benchmark.pedantic``, synchronizing CUDA inside the timed function. Stores
     the peak in ``extra_info["peak_extra_bytes"]`` with the device and the caller's ``extra_info``. A CUDA
     out-of-memory error skips the case, saying so.
@@ -130,7 +116,7 @@ def measure(benchmark, bench_device):
                 prepare()
                 timed()
             prepare()
-            peak = _peak_extra_memory(fn, device)
+            _, peak = peak_extra_memory(fn, device)
         except torch.OutOfMemoryError as err:
             gc.collect()
             torch.cuda.empty_cache()
