@@ -39,17 +39,18 @@ def kl_epilogue(
     """KL(softmax(a) || softmax(b)) per row, with a = logits_p, b = logits_q.
 
     logits_p, logits_q [C, V] float; valid [C] bool (False rows give 0 and zero gradients); grad_scale [C] or
-    None. Returns [C]. With grad_scale g: logits_p becomes g * p * ((a - b) - KL_cross) where KL_cross =
-    sum_v p_v (a_v - b_v), and logits_q becomes g * (q - p).
+    None. Returns [C]. With grad_scale g: logits_p becomes g * p * ((a - b) - sum_v p_v (a_v - b_v)), which
+    equals g * p * (log p - log q - KL), and logits_q becomes g * (q - p).
     """
-    lse_p = torch.logsumexp(logits_p, dim=1, keepdim=True)
-    lse_q = torch.logsumexp(logits_q, dim=1, keepdim=True)
-    diff = logits_p - logits_q
-    logits_p.sub_(lse_p).exp_()  # p, in place
-    cross = torch.linalg.vecdot(logits_p, diff)  # sum_v p_v (a_v - b_v), without a [C, V] temporary
-    kl = torch.where(valid, cross - lse_p.squeeze(1) + lse_q.squeeze(1), 0.0)
+    # ATen's fused log_softmax, and KL as sum p (log p - log q): no cancellation between two log-sum-exps.
+    log_ratio = torch.log_softmax(logits_p, dim=1)
+    log_q = torch.log_softmax(logits_q, dim=1)
+    torch.exp(log_ratio, out=logits_p)  # p, in place
+    log_ratio.sub_(log_q)
+    per_row = torch.linalg.vecdot(logits_p, log_ratio)  # without a [C, V] temporary
+    kl = torch.where(valid, per_row, 0.0)
     if grad_scale is not None:
         scale = torch.where(valid, grad_scale.to(logits_p.dtype), 0.0).unsqueeze(1)
-        logits_q.sub_(lse_q).exp_().sub_(logits_p).mul_(scale)  # g * (q - p)
-        logits_p.mul_(diff.sub_(cross.unsqueeze(1))).mul_(scale)  # g * p * ((a - b) - cross)
+        torch.exp(log_q, out=logits_q).sub_(logits_p).mul_(scale)  # g * (q - p)
+        logits_p.mul_(log_ratio.sub_(per_row.unsqueeze(1))).mul_(scale)  # g * p * (log p/q - KL)
     return kl
