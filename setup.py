@@ -3,7 +3,7 @@
 The default install is pure Python: no torch import here (it would break build isolation) and no hardware
 probing. Triton kernels live in the top-level folder ``kernels/`` and are installed as the subpackage
 ``are_fast.kernels`` (a PyPI package named ``kernels`` exists, so a top-level module would clash). The C++/CUDA
-sources of ``csrc/`` ship as ``are_fast/csrc`` for the just-in-time build of ``are_fast.native``.
+sources of ``csrc/`` ship as ``are_fast/csrc`` for the just-in-time build of ``are_fast.ops.native``.
 """
 import os
 
@@ -23,7 +23,7 @@ def native_build() -> dict:
     sources, make = ["csrc/epilogues.cpp"], cpp_extension.CppExtension
     if torch.version.cuda and cpp_extension.CUDA_HOME is not None:
         sources, make = sources + ["csrc/epilogues_cuda.cu"], cpp_extension.CUDAExtension
-    flags = {"cxx": ["-O3", "-fopenmp"], "nvcc": ["-O3"]}  # as in are_fast/native.py
+    flags = {"cxx": ["-O3", "-fopenmp"], "nvcc": ["-O3"]}  # as in are_fast/ops/native.py
     extension = make("are_fast._native", sources, extra_compile_args=flags, extra_link_args=["-fopenmp"])
     return {"ext_modules": [extension], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
 
@@ -36,7 +36,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["are_fast", "are_fast.model", "are_fast.training", "are_fast.kernels", "are_fast.csrc"],
+    packages=["are_fast", "are_fast.ops", "are_fast.encoding", "are_fast.model", "are_fast.training", "are_fast.kernels", "are_fast.csrc"],
     package_dir={"are_fast": "are_fast", "are_fast.kernels": "kernels", "are_fast.csrc": "csrc"},
     package_data={"are_fast.csrc": ["*.cpp", "*.cu", "*.h"]},
     install_requires=[

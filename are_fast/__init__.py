@@ -3,13 +3,13 @@
     import are_fast
     loss = are_fast.compression_loss(decoder_hidden, lm_head.weight, labels)
 
-See ``are_fast.functional`` for the ops, ``are_fast.backends`` for how an implementation is chosen.
+See ``are_fast.ops.functional`` for the ops, ``are_fast.ops.backends`` for how an implementation is chosen.
 """
-from .backends import BACKENDS
-from .checks import set_label_checks
-from .encoder import Encoder
-from .functional import alignment_loss, compression_loss, conditional_kl, sequence_logprobs, token_logprobs
-from .modules import AlignmentLoss, CompressionLoss, ConditionalKL, SequenceLogprobs
+from .ops.backends import BACKENDS
+from .ops.checks import set_label_checks
+from .encoding.encoder import Encoder
+from .ops.functional import alignment_loss, compression_loss, conditional_kl, sequence_logprobs, token_logprobs
+from .ops.modules import AlignmentLoss, CompressionLoss, ConditionalKL, SequenceLogprobs
 
 __version__ = "0.1.0"
 

@@ -23,7 +23,7 @@ def _add_demo(subparsers) -> None:
 
 def _add_encode(subparsers) -> None:
     enc = subparsers.add_parser(
-        "encode", help="embed every row of a file into resumable shards (see are_fast.encode_job)",
+        "encode", help="embed every row of a file into resumable shards (see are_fast.encoding.encode_job)",
         description="Embed each row of --input with the model into shards in --output, then write manifest.json. "
         "A rerun resumes (finished shards are kept); under torchrun each rank takes every WORLD_SIZE-th shard. "
         "Bad rows are skipped and reported; the exit code is 1 only when nothing can proceed.",
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         run_demo(args.hidden_size, args.vocab, args.batch, args.length, args.negatives, args.device, args.dtype,
                  args.repeats)
     if args.command == "encode":
-        from .encode_job import JobConfig, run_job
+        from .encoding.encode_job import JobConfig, run_job
 
         return run_job(JobConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
     return 0

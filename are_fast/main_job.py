@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from . import toy
-from . import functional as F
+from .ops import functional as F
 from .evaluation import triplet_accuracy
 from .model import Compressor
 from .model.layout import IGNORE_INDEX, pad_right

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 import are_fast
-from are_fast.backends import resolve_backend
+from are_fast.ops.backends import resolve_backend
 
 from .cases import IGNORE_INDEX, NEGATIVES, OPS
 

@@ -27,7 +27,7 @@ import tempfile
 import pytest
 import torch
 
-from are_fast.encoder import Encoder
+from are_fast.encoding.encoder import Encoder
 from are_fast.model import Compressor
 
 from .cases import bench_device, smoke_mode

@@ -4,7 +4,7 @@ One program per row pair (a = logits_p, b = logits_q). The first sweep keeps onl
 rows: max and sum of exp for a and for b, and cross = sum exp(a - max_a) (a - b), rescaled as the max moves;
 then KL = cross / sum_a - lse(a) + lse(b). The second sweep (only when a gradient is asked for) writes
 g * p * ((a - b) - KL_cross) over a and g * (q - p) over b. Same contract as
-``are_fast.torch_epilogues.kl_epilogue``.
+``are_fast.ops.torch_epilogues.kl_epilogue``.
 """
 import torch
 import triton

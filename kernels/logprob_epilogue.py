@@ -2,7 +2,7 @@
 
 One program per row streams the row's logits twice: once for the online max / sum of exponentials, once
 (only when a gradient is asked for) to write grad_scale * (onehot(target) - softmax) over the logits.
-Same contract as ``are_fast.torch_epilogues.logprob_epilogue``.
+Same contract as ``are_fast.ops.torch_epilogues.logprob_epilogue``.
 """
 import torch
 import triton

@@ -1,7 +1,7 @@
 """The frozen decoder: a copy of the base causal LM that scores target texts from compressed vectors.
 
 It returns final hidden states, never logits: every log-probability is computed by the fused ops of
-``are_fast.functional`` from those states and the LM-head weight (``FrozenDecoder.head``). Its parameters
+``are_fast.ops.functional`` from those states and the LM-head weight (``FrozenDecoder.head``). Its parameters
 have ``requires_grad=False``, so the fused ops skip all weight-gradient work, while gradients still flow
 to the compressed vectors it reads.
 """

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .. import functional as F
+from ..ops import functional as F
 from .compressor import Compressor, CompressorBatch
 from .decoder import FrozenDecoder
 from .layout import IGNORE_INDEX

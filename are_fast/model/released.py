@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from .. import reference
+from ..ops import reference
 from .compressor import Compressor
 from .decoder import FrozenDecoder
 from .layout import decoder_labels

@@ -29,7 +29,7 @@ class ModelOptions:
     lora_alpha: int | None = None
     lora_dropout: float = 0.1
     trust_remote_code: bool = False
-    backend: str | None = None  # loss-op backend (are_fast.backends)
+    backend: str | None = None  # loss-op backend (are_fast.ops.backends)
     seed: int = 0
 
 

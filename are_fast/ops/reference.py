@@ -2,7 +2,7 @@
 
 They materialize the full logits (N x V) and lean on PyTorch autograd. Arithmetic runs in float32, or in
 float64 when the inputs are float64 (the tests upcast inputs to float64 to get the oracle). Inputs are
-assumed valid: the public ops in ``are_fast.functional`` check them before dispatching here.
+assumed valid: the public ops in ``are_fast.ops.functional`` check them before dispatching here.
 """
 from __future__ import annotations
 

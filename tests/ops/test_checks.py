@@ -91,6 +91,6 @@ def test_backend_choice(monkeypatch):
         are_fast.compression_loss(a["hidden"], a["weight"], a["labels"])
     monkeypatch.delenv("ARE_FAST_BACKEND")
     monkeypatch.setenv("ARE_FAST_NATIVE", "0")  # an installed ahead-of-time native build would be the default
-    from are_fast.backends import resolve_backend
+    from are_fast.ops.backends import resolve_backend
 
     assert resolve_backend(None, torch.device("cpu")) == "chunked"

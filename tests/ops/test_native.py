@@ -1,4 +1,4 @@
-"""The native epilogues of csrc/ (are_fast.native): against the float64 PyTorch epilogues and the float64
+"""The native epilogues of csrc/ (are_fast.ops.native): against the float64 PyTorch epilogues and the float64
 reference ops, their input checks, the fallback when they cannot be built, the ahead-of-time build, and a
 compile-only check of the CUDA sources. The first test run builds the library (10-30 s) unless it is cached."""
 import logging
@@ -13,11 +13,11 @@ import torch
 
 import are_fast
 from _helpers import TOLERANCE, assert_rel_close, rel_error
-from are_fast import native, torch_epilogues
-from are_fast.backends import resolve_backend
+from are_fast.ops import native, torch_epilogues
+from are_fast.ops.backends import resolve_backend
 from test_functional import OPS, make_inputs, run_op
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 IGNORE = -100
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 VOCABS = [1, 7, 1000, 1024, 1025, 3001]  # one element, under a vector, around the 1024-element tile, ragged
@@ -192,7 +192,7 @@ def unbuildable(monkeypatch, tmp_path):
 
 
 def test_unbuildable_library_reports_why_and_logs_once(unbuildable, caplog):
-    with caplog.at_level(logging.WARNING, logger="are_fast.native"):
+    with caplog.at_level(logging.WARNING, logger="are_fast.ops.native"):
         assert not unbuildable.load(build=True)
         assert not unbuildable.load(build=True)
     assert "no C++ compiler" in unbuildable.reason and "no-such-compiler" in unbuildable.reason
@@ -260,15 +260,15 @@ def run_python(args, env_extra, cwd=REPO, timeout=300):
 
 
 def test_check_command(ops, tmp_path):
-    built = run_python(["-m", "are_fast.native", "--check"], {})
+    built = run_python(["-m", "are_fast.ops.native", "--check"], {})
     assert built.returncode == 0, built.stdout + built.stderr
     assert "available" in built.stdout and "are_fast::logprob_epilogue(Tensor(a!) logits" in built.stdout
     assert "are_fast::kl_epilogue(Tensor(a!) logits_p, Tensor(b!) logits_q" in built.stdout
     assert "RuntimeWarning" not in built.stderr
     broken = {"CXX": str(tmp_path / "no-such-compiler"), "ARE_FAST_NATIVE_DIR": str(tmp_path / "cache")}
-    missing = run_python(["-m", "are_fast.native", "--check"], broken)
+    missing = run_python(["-m", "are_fast.ops.native", "--check"], broken)
     assert missing.returncode == 1 and "NOT available: no C++ compiler" in missing.stdout, missing.stdout
-    imported = run_python(["-c", "import are_fast.native as n; print(n.library.path, n.library.reason)"], broken)
+    imported = run_python(["-c", "import are_fast.ops.native as n; print(n.library.path, n.library.reason)"], broken)
     assert imported.returncode == 0 and imported.stdout.split() == ["None", "None"], imported.stderr
 
 
@@ -291,7 +291,7 @@ def test_ahead_of_time_build_is_loaded_first(tmp_path):
     assert build.returncode == 0, build.stderr[-3000:]
     assert list((tmp_path / "are_fast").glob("_native*.so"))
     probe = (
-        "import torch, are_fast.native as n; from are_fast.backends import resolve_backend; "
+        "import torch, are_fast.ops.native as n; from are_fast.ops.backends import resolve_backend; "
         "print(resolve_backend(None, torch.device('cpu')), n.library.origin)"
     )
     env = {"PYTHONPATH": str(tmp_path), "CXX": str(tmp_path / "no-such-compiler")}

@@ -1,4 +1,4 @@
-"""nn.Module wrappers of the public ops: they only store options and call ``are_fast.functional``."""
+"""nn.Module wrappers of the public ops: they only store options and call ``are_fast.ops.functional``."""
 from __future__ import annotations
 
 import torch

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from are_fast import kernels, torch_epilogues
+from are_fast import kernels
+from are_fast.ops import torch_epilogues
 from _helpers import assert_rel_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

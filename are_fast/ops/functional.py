@@ -3,7 +3,7 @@
 Every op takes hidden states and the LM head (weight [V, H], optional bias [V]) instead of logits, so the
 fused backends never hold the N x V logits; results are float32 (float64 for float64 inputs). A frozen head
 (``weight.requires_grad`` False) costs no weight-gradient work at all. ``backend`` picks the implementation
-(see ``are_fast.backends``); ``chunk_rows`` overrides the rows per chunk of the fused backends.
+(see ``are_fast.ops.backends``); ``chunk_rows`` overrides the rows per chunk of the fused backends.
 
 Sequence ops follow the causal-LM convention: with hidden [B, T, H] and labels [B, T], position t predicts
 labels[:, t + 1] (DPO's get_batch_logps, transformers' loss). Labels equal to ``ignore_index`` are skipped.

@@ -13,9 +13,9 @@ import torch
 from _helpers import rel_error
 from test_encoder import INSTRUCTION, MAX_LENGTH, model_dir, naive_embeddings, random_texts  # noqa: F401
 
-from are_fast.encode_job import MANIFEST, JobConfig, read_embeddings, run_job
-from are_fast.encoder import Encoder
-from are_fast.readers import scan
+from are_fast.encoding.encode_job import MANIFEST, JobConfig, read_embeddings, run_job
+from are_fast.encoding.encoder import Encoder
+from are_fast.encoding.readers import scan
 
 BAD_LINES = [b"", b"   ", b"{not json", b"\xff\xfe broken", b'{"other": "x"}', b'{"text": 7}', b"[1, 2]", b'{"text": ""}']
 

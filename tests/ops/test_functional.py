@@ -205,7 +205,7 @@ def test_alignment_loss_matches_formula_transcription():
             ours_grads = [x.grad for x in leaves]
             leaves_ref = [x.clone().requires_grad_() for x in inputs]
             kwargs["distance"] = leaves_ref[5] if use_distance else None
-            ref = are_fast.reference.alignment_loss(*leaves_ref[:5], **kwargs)
+            ref = are_fast.ops.reference.alignment_loss(*leaves_ref[:5], **kwargs)
             ref.backward()
             assert_rel_close(ours, ref, torch.float64, "loss")
             for g, r in zip(ours_grads, (x.grad for x in leaves_ref)):

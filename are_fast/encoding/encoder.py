@@ -12,7 +12,7 @@ L2-normalized by default. Where the time goes and what this does about it:
 - work nobody needs: no LM head (the compressor keeps only the model body), ``torch.inference_mode``, bfloat16
   on GPU;
 - the CPU side: tokenization, sorting and collation of the next chunk run in a background thread while the
-  model computes the current one (``encode_chunks``), which also feeds the file job (``are_fast.encode_job``).
+  model computes the current one (``encode_chunks``), which also feeds the file job (``are_fast.encoding.encode_job``).
 Results come back in input order.
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from .model.compressor import Compressor, CompressorBatch
-from .model.layout import flash_attention_available
+from ..model.compressor import Compressor, CompressorBatch
+from ..model.layout import flash_attention_available
 
 DEFAULT_MAX_TOKENS = {"cuda": 32768, "cpu": 8192}  # padded tokens per batch (see the benchmark)
 CHUNK_TEXTS = 2048  # texts tokenized, sorted and collated together in the background thread

@@ -3,7 +3,7 @@
 An epilogue turns a chunk of logits [C, V] (float32 or float64) into per-row values [C] and, when
 ``grad_scale`` is given, overwrites the logits in place with the gradient of ``grad_scale * value`` with
 respect to them. The Triton kernels in ``are_fast.kernels`` implement the same two functions with the same
-signatures, so the chunk driver in ``are_fast.chunked`` serves every backend.
+signatures, so the chunk driver in ``are_fast.ops.chunked`` serves every backend.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
     are-fast encode --model out/stage2 --input texts.jsonl --field text --output emb/
     torchrun --nproc_per_node 8 -m are_fast encode ...          # each rank takes every 8th shard
 
-The input (``are_fast.readers``: .jsonl, .txt, .parquet) is cut into shards of ``shard_size`` consecutive rows.
+The input (``are_fast.encoding.readers``: .jsonl, .txt, .parquet) is cut into shards of ``shard_size`` consecutive rows.
 For shard i the output folder gets its embeddings and input row ids (``shard-0000i.safetensors`` with tensors
 "embeddings" [n, H] float32 and "row_ids" [n] int64, or ``shard-0000i.npy`` + ``shard-0000i.rows.npy``), then
 its record ``shard-0000i.json`` (rows, bad rows with reasons, truncated count, file sizes). Every file is

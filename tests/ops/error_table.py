@@ -1,6 +1,6 @@
 """Print the largest relative error of every op, dtype and backend against the float64 reference.
 
-Run: python tests/error_table.py [--trials 20]. Each trial draws fresh inputs (the shapes of
+Run: python tests/ops/error_table.py [--trials 20]. Each trial draws fresh inputs (the shapes of
 test_functional.py) and compares the value and every gradient, frozen and trainable head.
 """
 import argparse
@@ -11,7 +11,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, os.path.dirname(__file__))
+here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [here, os.path.dirname(here)]  # test_functional beside it, _helpers in tests/
 
 from _helpers import FUSED_BACKENDS, rel_error  # noqa: E402
 from test_functional import OPS, make_inputs, representable, run_op  # noqa: E402

@@ -5,11 +5,11 @@
 - ``triton``: the chunk driver with the Triton epilogue kernels of ``are_fast.kernels``; the default on CUDA.
   On CPU tensors it runs only under the Triton interpreter (TRITON_INTERPRET=1 set before the kernels are
   imported), which is how the tests exercise it without a GPU.
-- ``native``: the chunk driver with the C++ (CPU) / CUDA epilogues of ``csrc/``, loaded by ``are_fast.native``
+- ``native``: the chunk driver with the C++ (CPU) / CUDA epilogues of ``csrc/``, loaded by ``are_fast.ops.native``
   (built just in time on first use).
 
 Choice, first match wins: the op's ``backend=`` argument, the ``ARE_FAST_BACKEND`` environment variable,
-then the tensors' device: ``triton`` on CUDA, else ``native`` where ``are_fast.native.use_by_default`` says so
+then the tensors' device: ``triton`` on CUDA, else ``native`` where ``are_fast.ops.native.use_by_default`` says so
 (``ARE_FAST_NATIVE``: auto, the default, means an ahead-of-time build is installed), else ``chunked``.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     if name is None:
         if device.type == "cuda" and _triton_importable():
             return "triton"
-        from . import native  # imported on use: `python -m are_fast.native` must find it not yet imported
+        from . import native  # imported on use: `python -m are_fast.ops.native` must find it not yet imported
 
         return "native" if native.use_by_default(device) else "chunked"
     if name not in BACKENDS:
@@ -52,13 +52,13 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 
 
 def epilogues(name: str) -> SimpleNamespace:
-    """The row epilogues (``logprob``, ``kl``) of a fused backend; see are_fast.torch_epilogues."""
+    """The row epilogues (``logprob``, ``kl``) of a fused backend; see are_fast.ops.torch_epilogues."""
     if name == "chunked":
         from . import torch_epilogues as impl
 
         return SimpleNamespace(logprob=impl.logprob_epilogue, kl=impl.kl_epilogue)
     if name == "triton":
-        from . import kernels
+        from .. import kernels
 
         return SimpleNamespace(logprob=kernels.logprob_epilogue, kl=kernels.kl_epilogue)
     if name == "native":

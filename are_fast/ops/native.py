@@ -1,7 +1,7 @@
 """Loader of the native row epilogues in ``csrc/`` (C++ with OpenMP, plus CUDA when torch and nvcc have it).
 
 Once loaded, ``torch.ops.are_fast.logprob_epilogue`` and ``torch.ops.are_fast.kl_epilogue`` follow the
-contract of ``are_fast.torch_epilogues`` (logits [C, V] float32/float64, overwritten in place with their
+contract of ``are_fast.ops.torch_epilogues`` (logits [C, V] float32/float64, overwritten in place with their
 gradient when ``grad_scale`` is given). The library comes from, first match wins:
 
 1. an ahead-of-time build, ``are_fast/_native*.so``
@@ -15,14 +15,14 @@ Importing this module compiles nothing and never raises. Without a C++ compiler,
 the build fails, the library is unavailable: the reason is logged once (warning) and kept in
 ``library.reason``, and the PyTorch epilogues remain.
 
-Who uses it (see ``are_fast.backends``): ``backend="native"`` (or ``ARE_FAST_BACKEND=native``), building on
+Who uses it (see ``are_fast.ops.backends``): ``backend="native"`` (or ``ARE_FAST_BACKEND=native``), building on
 first use and raising ValueError with the reason when that fails. With no backend named, the environment
 variable ``ARE_FAST_NATIVE`` decides whether the chunk driver takes the native epilogues instead of the
 PyTorch ones: ``auto`` (default) when an ahead-of-time build loads, so an op call never stalls on a compiler
 unasked and the choice does not depend on what happens to sit in a cache; ``1`` always, building on the first
 op call (falling back to the PyTorch epilogues, with the logged reason, if that fails); ``0`` never.
 
-``python -m are_fast.native --check`` builds if needed and prints what was built, or why not.
+``python -m are_fast.ops.native --check`` builds if needed and prints what was built, or why not.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parents[1]  # the are_fast package (csrc/ and _native*.so live beside it)
 _CFLAGS = ["-O3", "-fopenmp"]  # also in setup.py (which cannot import this module); no -ffast-math: NaN must survive
 _LDFLAGS = ["-fopenmp"]
 _CUDA_CFLAGS = ["-O3"]
@@ -194,7 +194,7 @@ def use_by_default(device: torch.device) -> bool:
 
 
 def main(argv: list | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m are_fast.native", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m are_fast.ops.native", description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="build if needed; print what was built or why not")
     args = parser.parse_args(argv)
     if not args.check:
