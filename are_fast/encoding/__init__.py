@@ -1,1 +1,6 @@
-"""Encoding: the Encoder (texts -> embeddings), the streaming file readers and the resumable file-to-shards job."""
+"""Encoding: texts -> embeddings, one job per module.
+
+batching (length-sorted token-budget batches), pipeline (tokenize in a background thread, run the model),
+encoder (``Encoder``: the public API), mteb_adapter (MTEB's model interface), readers (streaming input files),
+encode_job (the resumable file-to-shards job).
+"""

@@ -9,7 +9,9 @@ import torch
 from _helpers import rel_error
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from are_fast.encoding.encoder import Encoder, MTEBModel, plan_batches
+from are_fast.encoding.batching import plan_batches
+from are_fast.encoding.encoder import Encoder
+from are_fast.encoding.mteb_adapter import MTEBModel
 from are_fast.model import Compressor
 from are_fast.toy import tiny_llama
 
