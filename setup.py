@@ -51,8 +51,11 @@ setup(
         "ninja",  # the just-in-time build of the optional native epilogues
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "pyarrow", "peft"],
+        # The test extra holds every optional integration, so CI tests them all (none is skipped).
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pyarrow", "peft", "sentence-transformers>=6,<7", "mteb>=2,<3"],
         "parquet": ["pyarrow"],
+        "st": ["sentence-transformers>=6,<7"],  # SentenceTransformer(path); 6.x passes the prompt to our module
+        "mteb": ["mteb>=2,<3"],  # mteb.evaluate(encoder.for_mteb(...), tasks)
         "lora": ["peft"],
         "bench": ["pytest-benchmark>=4", "liger-kernel", "cut-cross-entropy"],
         "flash": ["flash-attn"],

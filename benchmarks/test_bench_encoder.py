@@ -115,14 +115,15 @@ def test_encode_throughput(impl, setup, measure, benchmark):
     comp = encoder.compressor
     if impl == "encoder":
         def run():
-            return encoder.encode(texts, INSTRUCTION, convert_to="torch")
+            return encoder.encode(texts, prompt=INSTRUCTION, convert_to_tensor=True, normalize_embeddings=True)
     else:
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
         def run():
             return _naive(lm, comp, texts, device, head=impl == "naive")
     # Same numbers before timing: the rows do the same work.
-    expected = encoder.encode(texts[:NAIVE_BATCH], INSTRUCTION, convert_to="torch")
+    expected = encoder.encode(texts[:NAIVE_BATCH], prompt=INSTRUCTION, convert_to_tensor=True,
+                              normalize_embeddings=True)
     got = run()[:NAIVE_BATCH] if impl == "encoder" else _naive(lm, comp, texts[:NAIVE_BATCH], device, impl == "naive")
     tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
     assert float((got - expected).norm() / expected.norm()) <= tolerance

@@ -1,11 +1,13 @@
 """Text embeddings from an AutoRegEmbed model, fast: ``are_fast.Encoder``.
 
     from are_fast import Encoder
-    enc = Encoder.from_pretrained("out/stage2")          # CUDA + bfloat16 when present, else CPU + float32
-    emb = enc.encode(["a text", "another"], instruction="This sentence means in one word:")   # [2, H] float32
+    enc = Encoder.from_pretrained("out/stage2/model")    # CUDA + bfloat16 when present, else CPU + float32
+    emb = enc.encode(["a text", "another"], prompt="This sentence means in one word:")   # [2, H] float32
+    enc.similarity(emb, emb)                                                            # [2, 2] cosine
 
-An embedding is the mean of the k compressed vectors of ``are_fast.model.Compressor`` (the paper's pooling),
-L2-normalized by default. Where the time goes and what this does about it:
+``encode`` takes sentence-transformers' arguments (prompt, prompt_name, normalize_embeddings, ...); a prompt is
+the AutoRegEmbed instruction, placed after the text. An embedding is the mean of the k compressed vectors of
+``are_fast.model.Compressor`` (the paper's pooling). Where the time goes and what this does about it:
 - padding: texts are sorted by length and cut into batches under a token budget (``max_tokens`` padded tokens,
   or real tokens when packed), not a fixed count of texts in input order;
 - attention over padding: with flash-attn installed on CUDA the rows run packed (varlen), no padding at all;
@@ -14,22 +16,39 @@ L2-normalized by default. Where the time goes and what this does about it:
 - the CPU side: tokenization, sorting and collation of the next chunk run in a background thread while the
   model computes the current one (``encode_chunks``, built on ``are_fast.encoding.pipeline``), which also feeds
   the file job (``are_fast.encoding.encode_job``).
-Results come back in input order. Batch planning: ``batching``; MTEB's interface: ``mteb_adapter``.
+Results come back in input order. Batch planning: ``batching``; MTEB's interface: ``mteb_adapter``;
+sentence-transformers: ``st_module``.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..model.compressor import Compressor
+from ..model.st_files import read_sentence_transformers_files, write_sentence_transformers_files
 from ..model.layout import flash_attention_available
 from .batching import DEFAULT_MAX_TOKENS, check_positive
 from .mteb_adapter import MTEBModel
 from .pipeline import EncodedChunk, PreparedChunk, check_texts, pipelined, prepare_chunk, run_chunk
 
 CHUNK_TEXTS = 2048  # texts tokenized, sorted and collated together in the background thread
+DEFAULT_MAX_LENGTH = 512  # text tokens kept when neither the caller nor the folder says
+
+
+def _as_matrix(embeddings, name: str) -> torch.Tensor:
+    """[n, H] float32 from a numpy array or tensor [n, H] or [H] (a list of [H] tensors is stacked)."""
+    if isinstance(embeddings, (list, tuple)) and embeddings and isinstance(embeddings[0], torch.Tensor):
+        embeddings = torch.stack(embeddings)
+    out = torch.as_tensor(embeddings, dtype=torch.float32)
+    if out.dim() == 1:
+        out = out.unsqueeze(0)
+    if out.dim() != 2:
+        raise ValueError(f"{name}: expected embeddings [n, H] or [H], got shape {tuple(out.shape)}")
+    return out
 
 
 def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
@@ -50,14 +69,27 @@ class Encoder:
         device: where it runs (default: the compressor's device).
         max_tokens: default token budget per batch (default: 32768 on CUDA, 8192 on CPU).
         batch_size: default cap on texts per batch (default: none, the budget decides).
+        prompts: named instructions, as sentence-transformers' ``prompts`` ({"query": "...", ...}).
+        default_prompt_name: the prompt used when a call names none (None: no instruction).
+        path: the folder the model came from (``save_sentence_transformers`` writes there by default).
     """
 
     def __init__(self, compressor: Compressor, *, device=None, max_tokens: int | None = None,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, prompts: Mapping[str, str] | None = None,
+                 default_prompt_name: str | None = None, path: str | os.PathLike | None = None):
         if not isinstance(compressor, Compressor):
             raise TypeError(f"compressor: expected an are_fast.model.Compressor, got {type(compressor).__name__}")
         check_positive("max_tokens", max_tokens)
         check_positive("batch_size", batch_size)
+        self.prompts = dict(prompts or {})
+        for name, text in self.prompts.items():
+            if not isinstance(text, str):
+                raise TypeError(f"prompts: expected strings, {name!r} is {type(text).__name__}")
+        if default_prompt_name is not None and default_prompt_name not in self.prompts:
+            raise ValueError(f"default_prompt_name: {default_prompt_name!r} is not one of the prompts "
+                             f"{sorted(self.prompts)}")
+        self.default_prompt_name = default_prompt_name
+        self.path = None if path is None else os.fspath(path)
         self.compressor = compressor.eval()
         weight = compressor.backbone.get_input_embeddings().weight
         self.device = torch.device(device) if device is not None else weight.device
@@ -67,23 +99,37 @@ class Encoder:
         self.batch_size = batch_size
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None, *, max_length: int | None = 512,
-                        num_embed_tokens: int | None = None, max_tokens: int | None = None,
-                        batch_size: int | None = None, pack: bool | None = None,
-                        attn_implementation: str | None = None, trust_remote_code: bool = False) -> "Encoder":
+    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None, *,
+                        max_length: int | None | str = "auto", num_embed_tokens: int | None = None,
+                        max_tokens: int | None = None, batch_size: int | None = None, pack: bool | None = None,
+                        attn_implementation: str | None = None, trust_remote_code: bool = False,
+                        prompts: Mapping[str, str] | None = None,
+                        default_prompt_name: str | None = None) -> "Encoder":
         """Load a model directory written by our trainer (or a released AutoRegEmbed checkpoint).
 
         device: default CUDA when available, else CPU. dtype: default bfloat16 on CUDA, float32 elsewhere.
-        max_length: texts are cut to this many tokens (counted). num_embed_tokens: k, default read from the
-        tokenizer's <EMBED{i}> tokens. pack: run rows packed (varlen); default: on CUDA when flash-attn is
-        installed (then ``attn_implementation`` defaults to "flash_attention_2"). Raises ValueError naming the
-        path when it is not a loadable model directory.
+        max_length: texts are cut to this many tokens (counted); "auto": the folder's sentence-transformers
+        module config when it has one (the training ``--max-text-tokens``), else 512; None: no limit.
+        num_embed_tokens: k, default read from the tokenizer's <EMBED{i}> tokens. pack: run rows packed
+        (varlen); default: on CUDA when flash-attn is installed (then ``attn_implementation`` defaults to
+        "flash_attention_2"). prompts / default_prompt_name: default those of the folder's
+        ``config_sentence_transformers.json`` (the training instruction); given prompts are added to them.
+        Raises ValueError naming the path when it is not a loadable model directory.
         """
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise ValueError(f"model: {path!r} is not a directory (expected a saved model directory)")
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"model: {path!r} has no config.json (expected a saved model directory)")
+        saved = read_sentence_transformers_files(path)
+        if max_length == "auto":
+            max_length = saved.get("max_length", DEFAULT_MAX_LENGTH)
+        elif isinstance(max_length, str):
+            raise ValueError(f"max_length: expected a positive int, None or 'auto', got {max_length!r}")
+        check_positive("max_length", max_length)
+        prompts = {**saved.get("prompts", {}), **(prompts or {})}
+        if default_prompt_name is None:
+            default_prompt_name = saved.get("default_prompt_name")
         device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
         dtype = _resolve_dtype(dtype, device)
         if pack is None:
@@ -97,7 +143,15 @@ class Encoder:
                                               pack=pack)
         except (OSError, KeyError) as err:  # transformers' errors for unreadable or unknown checkpoints
             raise ValueError(f"model: could not load {path!r} as a transformers model: {err}") from err
-        return cls(comp, device=device, max_tokens=max_tokens, batch_size=batch_size)
+        return cls(comp, device=device, max_tokens=max_tokens, batch_size=batch_size, prompts=prompts,
+                   default_prompt_name=default_prompt_name, path=path)
+
+    def __repr__(self) -> str:
+        return (f"Encoder(path={self.path!r}, k={self.num_embed_tokens}, hidden_size={self.hidden_size}, "
+                f"max_length={self.max_length}, dtype={str(self.dtype).removeprefix('torch.')}, "
+                f"device={self.device}, packed={self.compressor.pack}, max_tokens={self.max_tokens}, "
+                f"batch_size={self.batch_size}, prompts={self.prompts!r}, "
+                f"default_prompt_name={self.default_prompt_name!r})")
 
     @property
     def hidden_size(self) -> int:
@@ -143,29 +197,47 @@ class Encoder:
 
         return pipelined(chunks, prepare, run)
 
-    def encode(self, texts: str | Sequence[str], instruction: str | None = None, batch_size: int | None = None,
-               max_tokens: int | None = None, normalize: bool = True, convert_to: str = "numpy",
-               show_progress_bar: bool = False):
-        """Embed texts; the call shape follows sentence-transformers' ``encode``.
+    def resolve_prompt(self, prompt_name: str | None = None, prompt: str | None = None) -> str | None:
+        """The instruction of a call: ``prompt``, else ``prompts[prompt_name]``, else the default prompt, else None."""
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt: expected a string or None, got {type(prompt).__name__}")
+            return prompt
+        if prompt_name is not None:
+            if prompt_name not in self.prompts:
+                raise ValueError(f"prompt_name: {prompt_name!r} is not one of the prompts {sorted(self.prompts)}")
+            return self.prompts[prompt_name]
+        return None if self.default_prompt_name is None else self.prompts[self.default_prompt_name]
+
+    def encode(self, sentences: str | Sequence[str], prompt_name: str | None = None, prompt: str | None = None,
+               batch_size: int | None = None, show_progress_bar: bool | None = None, convert_to_numpy: bool = True,
+               convert_to_tensor: bool = False, normalize_embeddings: bool = False, *,
+               max_tokens: int | None = None):
+        """Embed texts; the arguments and their defaults are those of sentence-transformers' ``encode``.
 
         Args:
-            texts: a list of n strings (or one string).
-            instruction: appended after each text, as in AutoRegEmbed ("This sentence means in one word:").
-            batch_size: cap on texts per batch (default: the encoder's, none: the token budget decides).
+            sentences: n strings (or one string).
+            prompt_name: a key of ``prompts``; its text is the instruction.
+            prompt: the instruction itself ("This sentence means in one word:"); it wins over ``prompt_name``.
+                With neither, the default prompt (``default_prompt_name``), if any. Unlike sentence-transformers,
+                which puts a prompt before the text, the instruction goes after it, where AutoRegEmbed was trained
+                with it: [bos] text\\n instruction\\n <EMBED0>..<EMBED{k-1}>.
+            batch_size: cap on texts per batch. Default None, not sentence-transformers' 32: the ``max_tokens``
+                budget sizes batches (many short texts or few long ones), which a fixed count cannot do.
+            show_progress_bar: a tqdm bar; None: shown when the "are_fast" logger is at INFO or DEBUG.
+            convert_to_numpy: return a numpy array [n, H]; ``convert_to_tensor``: a torch tensor [n, H] (wins);
+                neither: a list of n tensors [H]. Tensors are on the CPU, whatever the device.
+            normalize_embeddings: L2-normalize each embedding (cosine similarity = dot product).
             max_tokens: token budget per batch (default: the encoder's).
-            normalize: L2-normalize each embedding (cosine similarity = dot product).
-            convert_to: "numpy" (np.ndarray) or "torch" (a CPU tensor).
-            show_progress_bar: a tqdm bar with texts/s.
 
         Returns:
-            [n, H] float32 (or [H] for one string), row i the embedding of texts[i].
+            [n, H] float32 (or [H] for one string), row i the embedding of sentences[i].
         """
-        if convert_to not in ("numpy", "torch"):
-            raise ValueError(f"convert_to: expected 'numpy' or 'torch', got {convert_to!r}")
-        if instruction is not None and not isinstance(instruction, str):
-            raise TypeError(f"instruction: expected a string or None, got {type(instruction).__name__}")
-        single = isinstance(texts, str)
-        texts = [texts] if single else list(texts)
+        instruction = self.resolve_prompt(prompt_name, prompt)
+        if show_progress_bar is None:
+            show_progress_bar = logging.getLogger("are_fast").getEffectiveLevel() <= logging.INFO
+        single = isinstance(sentences, str)
+        texts = [sentences] if single else list(sentences)
         check_texts(texts)
         # Character length orders the chunks; each chunk is then sorted exactly by its token lengths.
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
@@ -175,12 +247,46 @@ class Encoder:
 
         with tqdm(total=len(texts), unit="text", disable=not show_progress_bar, desc="encode") as bar:
             for done in self.encode_chunks(chunks, lambda idx: [texts[i] for i in idx], instruction=instruction,
-                                           normalize=normalize, max_tokens=max_tokens, batch_size=batch_size,
-                                           on_batch=lambda n, _tokens: bar.update(n)):
+                                           normalize=normalize_embeddings, max_tokens=max_tokens,
+                                           batch_size=batch_size, on_batch=lambda n, _tokens: bar.update(n)):
                 out[torch.tensor(done.source, dtype=torch.int64)] = done.embeddings
         if single:
             out = out[0]
-        return out.numpy() if convert_to == "numpy" else out
+        if convert_to_tensor:
+            return out
+        if convert_to_numpy:
+            return out.numpy()
+        return out if single else list(out)
+
+    @staticmethod
+    def similarity(embeddings1, embeddings2) -> torch.Tensor:
+        """Cosine similarities [n, m] float32 of embeddings [n, H] (or [H]) and [m, H] (numpy or torch)."""
+        a, b = _as_matrix(embeddings1, "embeddings1"), _as_matrix(embeddings2, "embeddings2")
+        return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+
+    @staticmethod
+    def similarity_pairwise(embeddings1, embeddings2) -> torch.Tensor:
+        """Cosine similarity [n] float32 of row i of embeddings1 [n, H] with row i of embeddings2 [n, H]."""
+        a, b = _as_matrix(embeddings1, "embeddings1"), _as_matrix(embeddings2, "embeddings2")
+        if a.shape != b.shape:
+            raise ValueError(f"embeddings2: expected the shape of embeddings1 {tuple(a.shape)}, got {tuple(b.shape)}")
+        return F.cosine_similarity(a, b, dim=-1)
+
+    def save_sentence_transformers(self, path: str | os.PathLike | None = None) -> str:
+        """Make a folder load with ``SentenceTransformer(path, trust_remote_code=True)``; returns the folder.
+
+        path None (or the folder this encoder was loaded from): only the sentence-transformers files are
+        written there (``are_fast.model.st_files``), the weights are left as they are. Another path: the model
+        is saved there first (weights in this encoder's dtype). The prompts are this encoder's.
+        """
+        target = self.path if path is None else os.fspath(path)
+        if target is None:
+            raise ValueError("path: this encoder was not loaded from a folder; give the folder to write")
+        same = self.path is not None and os.path.isdir(target) and os.path.samefile(target, self.path)
+        if not same:
+            self.compressor.save_pretrained(target)
+        write_sentence_transformers_files(target, self.compressor, self.prompts, self.default_prompt_name)
+        return target
 
     def for_mteb(self, instructions: Mapping[str, str] | None = None, default_instruction: str | None = None,
                  **encode_kwargs) -> "MTEBModel":

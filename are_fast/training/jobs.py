@@ -11,6 +11,7 @@ import torch.distributed as dist
 from ..data import load_stage1, load_stage2, stage1_items, stage2_items
 from ..model import Compressor, FrozenDecoder, Stage1Model, Stage2Model
 from ..model.layout import flash_attention_available
+from ..model.st_files import instruction_prompts, write_sentence_transformers_files
 from .refscores import compute_reference_scores, load_reference_scores, save_reference_scores
 from .trainer import Trainer, TrainConfig, setup_distributed
 
@@ -54,9 +55,11 @@ def build_models(compressor_dir: str, decoder_dir: str, opts: ModelOptions, devi
     return compressor, decoder
 
 
-def _export(compressor: Compressor, path: str) -> None:
+def _export(compressor: Compressor, path: str, rows: list[dict]) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         compressor.save_pretrained(path)
+        # sentence-transformers files: the folder loads as SentenceTransformer(path), the instruction as its prompt
+        write_sentence_transformers_files(path, compressor, **instruction_prompts(r["instruction"] for r in rows))
     if dist.is_initialized():
         dist.barrier()
 
@@ -76,7 +79,7 @@ def run_stage1(data: str, base_model: str, train: TrainConfig, opts: ModelOption
     items = stage1_items(rows, compressor, decoder, report)
     _say(report.summary())
     records = Trainer(Stage1Model(compressor, decoder, opts.backend), items, train).train()
-    _export(compressor, os.path.join(train.output_dir, "model"))
+    _export(compressor, os.path.join(train.output_dir, "model"), rows)
     return records, report
 
 
@@ -122,5 +125,5 @@ def run_stage2(data: str, scores: str, model: str, base_model: str, train: Train
     objective = Stage2Model(compressor, decoder, beta=beta, tau=tau, ref_sign=ref_sign, distance=distance,
                             backend=opts.backend)
     records = Trainer(objective, items, train).train()
-    _export(compressor, os.path.join(train.output_dir, "model"))
+    _export(compressor, os.path.join(train.output_dir, "model"), rows)
     return records, report

@@ -1,7 +1,7 @@
-"""Encoder: embeddings equal a naive one-text-at-a-time float64 computation, in input order, whatever the batching."""
+"""Encoder: embeddings equal a naive one-text-at-a-time float64 computation, in input order, whatever the batching;
+its call shape is sentence-transformers' (prompts, output types, similarity)."""
 import random
 import threading
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,9 +9,7 @@ import torch
 from _helpers import rel_error
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from are_fast.encoding.batching import plan_batches
 from are_fast.encoding.encoder import Encoder
-from are_fast.encoding.mteb_adapter import MTEBModel
 from are_fast.model import Compressor
 from are_fast.toy import tiny_llama
 
@@ -66,7 +64,8 @@ def encoder(model_dir):
 @pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
 def test_encode_equals_naive(model_dir, encoder, max_tokens, batch_size, normalize):
     texts = random_texts(23, seed=max_tokens)
-    out = encoder.encode(texts, INSTRUCTION, batch_size=batch_size, max_tokens=max_tokens, normalize=normalize)
+    out = encoder.encode(texts, prompt=INSTRUCTION, batch_size=batch_size, max_tokens=max_tokens,
+                         normalize_embeddings=normalize)
     assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == (23, encoder.hidden_size)
     ref = naive_embeddings(model_dir, texts, INSTRUCTION, normalize=normalize)
     assert rel_error(torch.from_numpy(out), ref) <= 1e-5
@@ -78,7 +77,7 @@ def test_bf16_within_tolerance(model_dir):
     enc = Encoder.from_pretrained(model_dir, "cpu", "bfloat16", max_length=MAX_LENGTH)
     assert enc.dtype == torch.bfloat16
     texts = random_texts(9, seed=3)
-    out = enc.encode(texts, INSTRUCTION, convert_to="torch")
+    out = enc.encode(texts, prompt=INSTRUCTION, convert_to_tensor=True, normalize_embeddings=True)
     assert out.dtype == torch.float32
     assert rel_error(out, naive_embeddings(model_dir, texts, INSTRUCTION)) <= 2e-2
 
@@ -87,39 +86,25 @@ def test_packed_rows_equal_padded(model_dir):
     packed = Encoder.from_pretrained(model_dir, "cpu", torch.float32, max_length=MAX_LENGTH, pack=True)
     assert packed.compressor.pack
     texts = random_texts(11, seed=4)
-    out = packed.encode(texts, INSTRUCTION, max_tokens=150, convert_to="torch")
+    out = packed.encode(texts, prompt=INSTRUCTION, max_tokens=150, convert_to_tensor=True,
+                         normalize_embeddings=True)
     assert rel_error(out, naive_embeddings(model_dir, texts, INSTRUCTION)) <= 1e-5
 
 
 def test_edge_inputs(model_dir, encoder):
-    one = encoder.encode("a single text", convert_to="torch")
+    one = encoder.encode("a single text", convert_to_tensor=True)
     assert one.shape == (encoder.hidden_size,)
-    assert rel_error(one, naive_embeddings(model_dir, ["a single text"])[0]) <= 1e-5
+    assert rel_error(one, naive_embeddings(model_dir, ["a single text"], normalize=False)[0]) <= 1e-5
     assert encoder.encode([]).shape == (0, encoder.hidden_size)
-    empty = encoder.encode(["", "x"], convert_to="torch")  # an empty text still has its newline and k tokens
-    assert rel_error(empty, naive_embeddings(model_dir, ["", "x"])) <= 1e-5
+    empty = encoder.encode(["", "x"], convert_to_tensor=True)  # an empty text still has its newline and k tokens
+    assert rel_error(empty, naive_embeddings(model_dir, ["", "x"], normalize=False)) <= 1e-5
     assert encoder.num_embed_tokens == K and encoder.max_length == MAX_LENGTH
 
 
 def test_no_lm_head_and_no_autograd(encoder):
     assert not any("lm_head" in name for name, _ in encoder.compressor.named_modules())
-    out = encoder.encode(["abc"], convert_to="torch")
+    out = encoder.encode(["abc"], convert_to_tensor=True)
     assert not out.requires_grad and not out.is_inference()  # a plain tensor the caller may use anywhere
-
-
-def test_plan_batches_budget_order_and_coverage():
-    rng = random.Random(0)
-    lengths = [rng.randint(1, 60) for _ in range(200)] + [500]
-    for packed in (False, True):
-        batches = plan_batches(lengths, 256, batch_size=16, packed=packed)
-        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # each row exactly once
-        firsts = [lengths[b[0]] for b in batches]
-        assert firsts == sorted(firsts, reverse=True)  # longest first
-        for b in batches:
-            cost = sum(lengths[i] for i in b) if packed else len(b) * max(lengths[i] for i in b)
-            assert len(b) <= 16 and (cost <= 256 or len(b) == 1)
-        assert [200] in batches  # the row over the budget runs alone
-    assert plan_batches([], 10) == []
 
 
 def test_tokenization_runs_in_a_background_thread(encoder):
@@ -134,16 +119,16 @@ def test_tokenization_runs_in_a_background_thread(encoder):
     assert [d.source for d in done] == chunks  # in order
     assert all(t is not threading.main_thread() for t in threads) and len(threads) == 3
     for d in done:
-        assert rel_error(d.embeddings, encoder.encode(d.source, convert_to="torch")) <= 1e-6
+        assert rel_error(d.embeddings, encoder.encode(d.source, convert_to_tensor=True, normalize_embeddings=True)) <= 1e-6
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
-    (dict(texts=["ok", 3]), TypeError, "item 1 is int"),
-    (dict(texts=["ok"], convert_to="list"), ValueError, "convert_to"),
-    (dict(texts=["ok"], batch_size=0), ValueError, "batch_size"),
-    (dict(texts=["ok"], max_tokens=-5), ValueError, "max_tokens"),
-    (dict(texts=["ok"], instruction=["a"]), TypeError, "instruction"),
-], ids=["non-string", "convert_to", "batch_size", "max_tokens", "instruction"])
+    (dict(sentences=["ok", 3]), TypeError, "item 1 is int"),
+    (dict(sentences=["ok"], prompt_name="missing"), ValueError, "prompt_name: 'missing' is not one of"),
+    (dict(sentences=["ok"], batch_size=0), ValueError, "batch_size"),
+    (dict(sentences=["ok"], max_tokens=-5), ValueError, "max_tokens"),
+    (dict(sentences=["ok"], prompt=["a"]), TypeError, "prompt"),
+], ids=["non-string", "prompt_name", "batch_size", "max_tokens", "prompt"])
 def test_bad_arguments(encoder, kwargs, error, match):
     with pytest.raises(error, match=match):
         encoder.encode(**kwargs)
@@ -160,21 +145,56 @@ def test_bad_model_directories(tmp_path):
         Encoder.from_pretrained(plain)
     with pytest.raises(ValueError, match="dtype"):
         Encoder.from_pretrained(plain, dtype="int8", num_embed_tokens=2)
+    with pytest.raises(ValueError, match="max_length"):
+        Encoder.from_pretrained(plain, num_embed_tokens=2, max_length="long")
 
 
-def test_mteb_adapter_both_call_shapes(encoder):
-    model = encoder.for_mteb({"query": "Q:", "Sick-document": "D:"}, default_instruction="X:")
-    assert isinstance(model, MTEBModel)
-    texts = random_texts(7, seed=5)
-    # MTEB 1.x: sentences and a task name.
-    v1 = model.encode(texts, task_name="Sick", prompt_type=SimpleNamespace(value="query"), batch_size=32)
-    np.testing.assert_allclose(v1, encoder.encode(texts, "Q:"), rtol=0, atol=1e-6)
-    # MTEB 2.x: a DataLoader of {"text": [...]} batches, the task in task_metadata.
-    loader = torch.utils.data.DataLoader([{"text": t} for t in texts], batch_size=3)
-    v2 = model.encode(loader, task_metadata=SimpleNamespace(name="Sick"), hf_split="test", hf_subset="default",
-                      prompt_type="document")
-    np.testing.assert_allclose(v2, encoder.encode(texts, "D:"), rtol=0, atol=1e-6)
-    assert model.instruction_for("Other", None) == "X:"
-    sims = model.similarity(v1, v2)
-    assert sims.shape == (7, 7)
-    torch.testing.assert_close(torch.diagonal(sims), model.similarity_pairwise(v1, v2))
+def test_output_types_follow_sentence_transformers(encoder):
+    texts = random_texts(5, seed=6)
+    array = encoder.encode(texts)  # defaults: numpy, not normalized (sentence-transformers' defaults)
+    assert isinstance(array, np.ndarray) and array.shape == (5, encoder.hidden_size)
+    assert not np.allclose(np.linalg.norm(array, axis=1), 1.0)
+    tensor = encoder.encode(texts, convert_to_tensor=True, convert_to_numpy=True)  # convert_to_tensor wins
+    assert isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu"
+    rows = encoder.encode(texts, convert_to_numpy=False)
+    assert isinstance(rows, list) and len(rows) == 5 and all(r.shape == (encoder.hidden_size,) for r in rows)
+    torch.testing.assert_close(torch.stack(rows), torch.from_numpy(array), rtol=0, atol=0)
+    unit = encoder.encode(texts, normalize_embeddings=True)
+    np.testing.assert_allclose(unit, array / np.linalg.norm(array, axis=1, keepdims=True), rtol=0, atol=1e-6)
+    assert isinstance(encoder.encode("one", convert_to_numpy=False), torch.Tensor)
+
+
+def test_prompts_are_the_instruction(model_dir):
+    enc = Encoder.from_pretrained(model_dir, "cpu", torch.float32, max_length=MAX_LENGTH,
+                                  prompts={"query": INSTRUCTION, "other": "Else:"}, default_prompt_name="query")
+    texts = random_texts(6, seed=9)
+    ref = naive_embeddings(model_dir, texts, INSTRUCTION, normalize=False)
+    for out in (enc.encode(texts, convert_to_tensor=True),  # the default prompt
+                enc.encode(texts, prompt_name="query", convert_to_tensor=True),
+                enc.encode(texts, prompt_name="other", prompt=INSTRUCTION, convert_to_tensor=True)):  # prompt wins
+        assert rel_error(out, ref) <= 1e-5
+    other = enc.encode(texts, prompt_name="other", convert_to_tensor=True)
+    assert rel_error(other, naive_embeddings(model_dir, texts, "Else:", normalize=False)) <= 1e-5
+    bare = enc.encode(texts, prompt="", convert_to_tensor=True)  # an explicit empty prompt: no instruction
+    assert rel_error(bare, naive_embeddings(model_dir, texts, None, normalize=False)) <= 1e-5
+    with pytest.raises(ValueError, match="default_prompt_name"):
+        Encoder(enc.compressor, prompts={"a": "x"}, default_prompt_name="b")
+
+
+def test_similarity_is_cosine(encoder):
+    a, b = encoder.encode(random_texts(4, seed=1)), encoder.encode(random_texts(3, seed=2))
+    sims = encoder.similarity(a, b)
+    expected = torch.tensor([[float(np.dot(x, y) / np.linalg.norm(x) / np.linalg.norm(y)) for y in b] for x in a])
+    assert sims.shape == (4, 3) and sims.dtype == torch.float32
+    torch.testing.assert_close(sims, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(encoder.similarity_pairwise(a[:3], b), torch.diagonal(expected[:3]), rtol=0, atol=1e-6)
+    assert encoder.similarity(a[0], b).shape == (1, 3)  # one vector counts as one row
+    with pytest.raises(ValueError, match="embeddings2"):
+        encoder.similarity_pairwise(a, b)
+
+
+def test_repr_says_what_runs(encoder, model_dir):
+    text = repr(encoder)
+    for part in (f"path={model_dir!r}", "k=3", "hidden_size=32", f"max_length={MAX_LENGTH}", "dtype=float32",
+                 "device=cpu", "max_tokens=8192"):
+        assert part in text, part

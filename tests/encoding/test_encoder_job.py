@@ -66,7 +66,7 @@ def test_job_equals_encode_equals_naive(model_dir, tmp_path, shard_format):
     assert ids.tolist() == good  # every good row once, in input order
     assert emb.dtype == np.float32 and emb.shape == (len(texts), 32)
     enc = Encoder.from_pretrained(model_dir, "cpu", torch.float32, max_length=MAX_LENGTH)
-    direct = enc.encode(texts, INSTRUCTION, convert_to="torch")
+    direct = enc.encode(texts, prompt=INSTRUCTION, convert_to_tensor=True, normalize_embeddings=True)
     assert rel_error(torch.from_numpy(emb), direct) <= 1e-5
     assert rel_error(torch.from_numpy(emb), naive_embeddings(model_dir, texts, INSTRUCTION)) <= 1e-5
 
