@@ -1,9 +1,15 @@
 """The ops demo: each fused op on random data, time and peak extra memory against the reference backend.
 
-Shapes default to a small LM head that runs in seconds on 2 CPU cores. Forward+backward, frozen head.
+Shapes default to a small LM head that runs in seconds on 2 CPU cores. Forward+backward, frozen head. It prints
+one table (a line per op) under a legend of its columns, and nothing else.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import sys
+import tempfile
 import time
 
 import torch
@@ -42,6 +48,55 @@ def _cases(hidden_size: int, vocab: int, batch: int, length: int, negatives: int
     ], streams
 
 
+# What PyTorch's CPU profiler (used to measure memory) writes straight to file descriptor 2 on every
+# measurement: kineto's start/stop lines and c10's note on memory allocated before profiling. No setting turns
+# them off (TORCH_CPP_LOG_LEVEL and KINETO_LOG_LEVEL leave them), so they are filtered out.
+_PROFILER_CHATTER = re.compile(r"SyncActivityProfilerHandler|allocated before the profiling started")
+
+
+@contextlib.contextmanager
+def profiler_chatter_filtered():
+    """Send file descriptor 2 to a temporary file meanwhile, then pass on every line that is not profiler chatter."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not _PROFILER_CHATTER.search(line):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+OP_WIDTH, NUMBER_WIDTH = 18, 9  # fixed, so each op's line prints as soon as it is measured
+
+
+def table_header(fused: str) -> list[str]:
+    """The table's two header lines: each backend centred over its two columns, then the column names."""
+    span = 2 * NUMBER_WIDTH + 1
+    top = " ".join(["".ljust(OP_WIDTH), f" {'reference'} ".center(span, "-"), f" {fused} ".center(span, "-")])
+    return [top, _line(["op", "ms", "MiB", "ms", "MiB", "speed-up", "memory"])]
+
+
+def table_row(row: dict) -> str:
+    """One op's line from its measurements (run_demo's row dict)."""
+    return _line([row["op"], f"{row['reference_s'] * 1e3:.1f}", f"{row['reference_bytes'] / 2**20:.1f}",
+                  f"{row['fused_s'] * 1e3:.1f}", f"{row['fused_bytes'] / 2**20:.1f}",
+                  f"{row['reference_s'] / row['fused_s']:.2f}x",
+                  f"{row['fused_bytes'] / max(row['reference_bytes'], 1):.1%}"])
+
+
+def _line(cells: list[str]) -> str:
+    first, *rest = cells
+    return " ".join([first.ljust(OP_WIDTH)] + [c.rjust(NUMBER_WIDTH) for c in rest]).rstrip()
+
+
 def run_demo(
     hidden_size=512, vocab=32000, batch=4, length=256, negatives=2, device=None, dtype="float32", repeats=2
 ) -> list[dict]:
@@ -50,9 +105,12 @@ def run_demo(
     dtype = getattr(torch, dtype)
     fused = resolve_backend(None, device)
     cases, streams = _cases(hidden_size, vocab, batch, length, negatives, device, dtype)
-    print(f"are_fast demo: H={hidden_size} V={vocab} tokens/stream={batch * length} {dtype} on {device}; "
-          f"forward+backward, frozen head; fused backend = {fused}")
-    print(f"{'op':<18} {'reference':>22} {fused:>22} {'speed-up':>9} {'memory':>8}")
+    print(f"are_fast demo: H={hidden_size} V={vocab}, {batch * length} tokens per stream, "
+          f"{str(dtype).removeprefix('torch.')} on {device}; forward+backward, frozen head")
+    print(f"columns: ms = best of {repeats} runs, MiB = peak extra memory of one run, for the reference (plain "
+          f"formulas, full N x V logits) and {fused} (the fused backend here); speed-up = reference ms / {fused} ms; "
+          f"memory = {fused} MiB / reference MiB")
+    print("\n".join(table_header(fused)), flush=True)
     rows = []
     for name, loss_fn in cases:
         stats = {}
@@ -68,10 +126,10 @@ def run_demo(
                 start = time.perf_counter()
                 step()
                 times.append(time.perf_counter() - start)
-            _, peak = peak_extra_memory(step, device)
+            with profiler_chatter_filtered():
+                _, peak = peak_extra_memory(step, device)
             stats[backend] = (min(times), peak)
         (t_ref, m_ref), (t_fused, m_fused) = stats["reference"], stats[fused]
         rows.append(dict(op=name, reference_s=t_ref, fused_s=t_fused, reference_bytes=m_ref, fused_bytes=m_fused))
-        print(f"{name:<18} {t_ref * 1e3:>9.1f} ms {m_ref / 2**20:>7.1f} MiB {t_fused * 1e3:>9.1f} ms "
-              f"{m_fused / 2**20:>7.1f} MiB {t_ref / t_fused:>8.2f}x {m_fused / max(m_ref, 1):>7.1%}")
+        print(table_row(rows[-1]), flush=True)
     return rows
