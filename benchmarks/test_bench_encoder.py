@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from are_fast.encoding.encoder import Encoder
+from are_fast.encoding.pipeline import prepare_chunk
 from are_fast.model import Compressor
 
 from .cases import bench_device, smoke_mode
@@ -129,7 +130,8 @@ def test_encode_throughput(impl, setup, measure, benchmark):
     assert float((got - expected).norm() / expected.norm()) <= tolerance
     lengths = [len(ids) + K for ids in comp.tokenize(texts, INSTRUCTION).ids]
     if impl == "encoder":  # tokens the model runs over, padding included (one chunk when len(texts) <= 2048)
-        computed = sum(b.input_ids.numel() for _, b in encoder.prepare(texts, INSTRUCTION).batches)
+        plan = prepare_chunk(encoder.compressor, texts, INSTRUCTION, encoder.max_tokens)
+        computed = sum(b.input_ids.numel() for _, b in plan.batches)
     else:
         computed = sum(len(chunk) * max(chunk) for chunk in
                        (lengths[i: i + NAIVE_BATCH] for i in range(0, len(lengths), NAIVE_BATCH)))
