@@ -174,13 +174,14 @@ class Encoder:
         return self.compressor.backbone.get_input_embeddings().weight.dtype
 
     def encode_chunks(self, chunks: Iterable, read: Callable[[Any], Sequence[str]] | None = None, *,
-                      instruction: str | None = None, normalize: bool = True, max_tokens: int | None = None,
+                      instruction: str | None = None, normalize: bool = False, max_tokens: int | None = None,
                       batch_size: int | None = None,
                       on_batch: Callable[[int, int], None] | None = None) -> Iterator[EncodedChunk]:
         """Encode a stream of chunks; the next chunk is read and prepared in a background thread meanwhile.
 
         ``read(chunk)`` returns the chunk's texts (default: the chunk is a sequence of texts); it runs in the
-        background thread, so parsing input overlaps compute too. Yields one ``EncodedChunk`` per chunk, in order.
+        background thread, so parsing input overlaps compute too. ``normalize``: L2-normalize each embedding.
+        Yields one ``EncodedChunk`` per chunk, in order.
         """
         check_positive("max_tokens", max_tokens)
         check_positive("batch_size", batch_size)
