@@ -2,20 +2,19 @@
 an independent computation from ``Encoder.encode`` says; both of MTEB's call shapes route the instructions."""
 from types import SimpleNamespace
 
+import mteb  # the test extra installs it (and the mteb extra), so this test never skips
 import numpy as np
 import pytest
 import torch
+from datasets import Dataset, DatasetDict  # mteb's own dependency
+from mteb.abstasks.retrieval import AbsTaskRetrieval
+from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
+from mteb.abstasks.sts import AbsTaskSTS
+from mteb.abstasks.task_metadata import TaskMetadata
 from scipy.stats import spearmanr
 from test_encoder import encoder, model_dir, random_texts  # noqa: F401
 
 from are_fast.encoding.mteb_adapter import MTEBModel
-
-mteb = pytest.importorskip("mteb", reason="the mteb extra (pip install -e '.[mteb]'); CI installs it")
-from datasets import Dataset, DatasetDict  # noqa: E402  (mteb depends on datasets)
-from mteb.abstasks.retrieval import AbsTaskRetrieval  # noqa: E402
-from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData  # noqa: E402
-from mteb.abstasks.sts import AbsTaskSTS  # noqa: E402
-from mteb.abstasks.task_metadata import TaskMetadata  # noqa: E402
 
 INSTRUCTIONS = {"query": "Find:", "document": "Passage:", "LocalSTS": "Same meaning?"}
 DOCS = [text.strip() or "x" for text in random_texts(16, seed=21)]  # MTEB strips corpus texts

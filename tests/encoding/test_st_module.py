@@ -7,9 +7,11 @@ import shutil
 import pytest
 import torch
 from _helpers import rel_error
+from sentence_transformers import SentenceTransformer  # the test extra installs it, so this test never skips
 from test_encoder import INSTRUCTION, MAX_LENGTH, model_dir, naive_embeddings, random_texts  # noqa: F401
 
 from are_fast.encoding.encoder import Encoder
+from are_fast.encoding.st_module import AutoRegEmbedModule, load_sentence_transformer
 from are_fast.model.st_files import (
     MODULE_CONFIG_FILE,
     ST_CONFIG_FILE,
@@ -17,11 +19,6 @@ from are_fast.model.st_files import (
     instruction_prompts,
     write_sentence_transformers_files,
 )
-
-pytest.importorskip("sentence_transformers", reason="the st extra (pip install -e '.[st]'); CI installs it")
-from sentence_transformers import SentenceTransformer  # noqa: E402
-
-from are_fast.encoding.st_module import AutoRegEmbedModule, load_sentence_transformer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = {"query": INSTRUCTION, "document": INSTRUCTION}
