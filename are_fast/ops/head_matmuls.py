@@ -101,6 +101,32 @@ def fp32_out_support(device: torch.device, dtype: torch.dtype) -> dict:
     return _support_cache[key]
 
 
+def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b with low-precision operands, float32 accumulation and output (into ``out`` when given)."""
+    if out is None:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a, b, out_dtype=torch.float32, out=out)
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (float32) += a @ b with low-precision operands, in place."""
+    torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+
+
+def _emulated_mm_fp32_out(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``_mm_fp32_out`` on a device without it: the upcasts are exact, so float32 matmuls give the same
+    products up to summation order."""
+    return torch.mm(a.to(torch.float32), b.to(torch.float32), out=out)
+
+
+def _emulated_addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    acc.addmm_(a.to(torch.float32), b.to(torch.float32))
+
+
+# What the emulation claims to support; tests switch entries off to run the fallbacks on CPU.
+EMULATED_SUPPORT = dict(mm=True, mm_out=True, addmm_inplace=True)
+
+
 class HeadMatmuls:
     """The three products with the LM head, in the precision the driver needs.
 
@@ -124,7 +150,9 @@ class HeadMatmuls:
             support = fp32_out_support(weight.device, operand)
             self.mode = _requested_mode() or ("fp32_out" if support["mm"] else "upcast")
             self.emulated = self.mode == "fp32_out" and not support["mm"]
-            self._support = support
+            self._support = dict(EMULATED_SUPPORT) if self.emulated else support
+            self._mm = _emulated_mm_fp32_out if self.emulated else _mm_fp32_out
+            self._addmm_ = _emulated_addmm_fp32_ if self.emulated else _addmm_fp32_
         self.grad_dtype = operand if self.mode == "fp32_out" else self.compute_dtype
         self.weight = weight.to(operand)  # rounded to the operand dtype first, as autocast would
         if self.mode == "upcast":
@@ -134,20 +162,16 @@ class HeadMatmuls:
         if made is not None:
             made.append(self)
 
-    def _mm_fp32_out(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out = a @ b with low-precision operands and float32 accumulation, written into ``out`` (float32)
-        where PyTorch can; returns the product (``out``, or a fresh tensor where out= is not supported)."""
-        if self.emulated:  # the upcasts are exact, so float32 matmuls give the same products
-            return torch.mm(a.to(torch.float32), b.to(torch.float32), out=out)
-        if self._support["mm_out"]:
-            return torch.mm(a, b, out_dtype=torch.float32, out=out)
-        return torch.mm(a, b, out_dtype=torch.float32)
+    def _product(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """a @ b (fp32_out) written into ``out`` (float32) where PyTorch can; returns the product (``out``,
+        or a fresh tensor where its float32-output matmul takes no out=)."""
+        return self._mm(a, b, out) if self._support["mm_out"] else self._mm(a, b)
 
     def logits(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """hidden [C, H] -> logits [C, V] in the compute dtype, written into ``out`` [C, V] when possible."""
         hidden = hidden.to(self.operand_dtype)
         if self.mode == "fp32_out":
-            result = self._mm_fp32_out(hidden, self.weight.T, out)
+            result = self._product(hidden, self.weight.T, out)
             return result if self.bias is None else result.add_(self.bias)
         hidden = hidden.to(self.compute_dtype)
         if self.bias is None:
@@ -166,7 +190,7 @@ class HeadMatmuls:
     def hidden_grad(self, grad_logits: torch.Tensor, out: torch.Tensor) -> None:
         """out [C, H] (the hidden dtype) = grad_logits [C, V] (``grad_dtype``) @ weight."""
         if self.mode == "fp32_out" and out.dtype != self.operand_dtype:  # autocast: a float32 hidden
-            result = self._mm_fp32_out(grad_logits, self.weight, out)
+            result = self._product(grad_logits, self.weight, out)
             if result is not out:
                 out.copy_(result)
         elif out.dtype == grad_logits.dtype:  # same, or low-precision operands with a low-precision output
@@ -180,12 +204,9 @@ class HeadMatmuls:
         hidden = hidden.to(self.operand_dtype)
         if self.mode != "fp32_out":
             acc.addmm_(grad_logits.T, hidden.to(self.compute_dtype))
-            return
-        if self.emulated:
-            acc.addmm_(grad_logits.T.to(torch.float32), hidden.to(torch.float32))
         elif self._support["addmm_inplace"]:
-            torch.addmm(acc, grad_logits.T, hidden, out_dtype=torch.float32, out=acc)
+            self._addmm_(acc, grad_logits.T, hidden)
         else:  # one float32 scratch per pass, reused by every chunk
             if self._scratch is None:
                 self._scratch = torch.empty_like(acc)
-            acc.add_(self._mm_fp32_out(grad_logits.T, hidden, self._scratch))
+            acc.add_(self._product(grad_logits.T, hidden, self._scratch))
