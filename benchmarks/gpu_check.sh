@@ -19,7 +19,7 @@ PY="${PYTHON:-python3}"
 OUT_DIR="${OUT:-$(mktemp -d)}"
 WHEELS="${ARE_FAST_WHEELS:-.whl}"
 DEVICE=cuda
-TARGET_FILTER="llama3-8b-N16384"
+TARGET_FILTER="llama3-8b-N16384-bf16-frozen"
 TESTS="tests/ops benchmarks/test_impls.py"
 TEST_SELECT=()
 if [[ "${ARE_FAST_GPU_DRY_RUN:-0}" == 1 ]]; then
