@@ -7,9 +7,10 @@ dtype, or under autocast (``autocast_operand_dtype``) the autocast dtype. Three 
 - ``fp32_out``: bfloat16/float16 operands, float32 accumulation and output (``torch.mm(..., out_dtype=
   torch.float32, out=buffer)``): the logits land in the chunk buffer, the epilogue writes the gradient in the
   operand dtype (``gradient_out``), the hidden gradient is one low-precision matmul, and the weight gradient is
-  accumulated in place in float32 (``addmm`` with ``out_dtype`` into the accumulator where PyTorch takes an
+  accumulated in place in float32 (``addmm`` with ``out_dtype`` into the accumulator where PyTorch takes a
   float32 ``self``, else one float32 scratch [V, H] per pass and an add). Chosen where a probe of the device
-  finds the float32-output matmul (CUDA with PyTorch >= 2.8; for bfloat16 a GPU with native bfloat16).
+  finds the float32-output matmul (CUDA with a PyTorch that has ``out_dtype``; for bfloat16 a GPU with native
+  bfloat16).
   Forced on a device without it (CPU), it runs a faithful emulation: the same code, with the float32-output
   products computed as float32 matmuls of the low-precision operands (exact upcasts), so tests on CPU run
   every branch the GPU runs.
@@ -27,7 +28,6 @@ import os
 
 import torch
 
-MODES = ("same", "fp32_out", "upcast")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _forced: contextvars.ContextVar = contextvars.ContextVar("are_fast_head_matmuls_mode", default=None)
 _recorder: contextvars.ContextVar = contextvars.ContextVar("are_fast_head_matmuls_made", default=None)
