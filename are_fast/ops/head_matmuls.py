@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import os
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _forced: contextvars.ContextVar = contextvars.ContextVar("are_fast_head_matmuls_mode", default=None)
@@ -97,6 +100,12 @@ def fp32_out_support(device: torch.device, dtype: torch.dtype) -> dict:
                     pass
             found["mm_out"] &= found["mm"]
             found["addmm_inplace"] &= found["mm"]
+        if device.type == "cuda" and not found["mm"]:
+            logger.warning(
+                "are_fast: no %s matmul with float32 output on %s with torch %s: low-precision LM heads run "
+                "float32 matmuls on an upcast copy of the head (correct, several times slower)",
+                dtype, torch.cuda.get_device_name(device), torch.__version__,
+            )
         _support_cache[key] = found
     return _support_cache[key]
 
