@@ -222,3 +222,17 @@ def test_autocast_runs_the_head_in_its_dtype(op, head, forced, no_out, device, m
         out32, _, _ = _run(op, masters, torch.float32, device, trainable, None, upstream, chunk_rows=4)
     assert [m.mode for m in made] == ["same"] * len(made)
     assert_rel_close(out32.cpu(), ref, torch.float32, "value without autocast")
+
+
+def test_triton_launchers_reject_gradient_outputs_they_cannot_write():
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("the Triton kernels run on CUDA or under TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    logits, targets = torch.randn(4, 10, device=device), torch.zeros(4, dtype=torch.long, device=device)
+    scale, valid = torch.ones(4, device=device), torch.ones(4, dtype=torch.bool, device=device)
+    with pytest.raises(TypeError, match="grad_out: expected a float gradient output, got torch.int32"):
+        kernels.logprob_epilogue(logits, targets, IGNORE, scale, torch.zeros(4, 10, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match=r"grad_out: expected shape \(4, 10\) with contiguous rows"):
+        kernels.logprob_epilogue(logits, targets, IGNORE, scale, torch.zeros(10, 4, device=device).T)
+    with pytest.raises(ValueError, match=r"grad_out_q: expected shape \(4, 10\)"):
+        kernels.kl_epilogue(logits, logits.clone(), valid, scale, None, torch.zeros(4, 9, device=device))
