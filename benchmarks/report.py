@@ -5,7 +5,9 @@
 
 Times are the median of the timed rounds. For each op case: its time against the reference backend, each
 peer and the bare-matmul floor of the same shape (lower is better for the row: 0.50 means twice as fast),
-and its peak extra memory against the reference's. Results of other suites are listed with time and memory.
+and its peak extra memory against the reference's. On a GPU run of bf16 heads, the fused backends and the
+floor also get the time ``benchmarks.gpu_model`` predicts for an H200 and the measured / predicted ratio.
+Results of other suites are listed with time and memory.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
+
+from . import gpu_model
 
 FUSED_GPU_BACKENDS = ("triton", "native")  # what the GPU target is about
 CPU_TARGET = {"head": "cpu-target", "tokens": 4096, "dtype": "float32", "mode": "frozen"}
@@ -68,6 +72,19 @@ def _ratio(a, b) -> str:
     return "" if a is None or not b else f"{a / b:.2f}"
 
 
+def predicted_seconds(row: dict) -> float | None:
+    """The H200 model's time for a CUDA bf16 row of a fused backend (its own path) or of the floor."""
+    if not str(row.get("device", "")).startswith("cuda") or row.get("dtype") != "bfloat16":
+        return None
+    impl = "floor" if row.get("kind") == "floor" else row.get("impl")
+    if impl not in ("floor", *FUSED_GPU_BACKENDS) or not all(row.get(k) for k in ("tokens", "hidden", "vocab")):
+        return None
+    prediction = gpu_model.predict(
+        row["tokens"], row["hidden"], row["vocab"], row.get("mode") == "trainable", path=impl if impl != "floor" else "triton"
+    )
+    return prediction.floor_seconds if impl == "floor" else prediction.seconds
+
+
 def _header(machine: dict, commit: dict, when: str | None) -> list[str]:
     env = machine.get("are_fast", {})
     hardware = env.get("gpu") or f"{env.get('cpu_model', '?')}, {env.get('cpu_cores', '?')} cores"
@@ -86,6 +103,10 @@ def ops_table(groups: dict, floors: dict) -> list[str]:
     peers = sorted({i for g in groups.values() for i, r in g.items() if r.get("kind") == "peer"}, key=_impl_key)
     head = ["op", "shape", "impl", "median ms", "x ref"] + [f"x {p}" for p in peers]
     head += ["x floor", "peak extra MiB", "mem x ref", "note"]
+    rows = [r for g in groups.values() for r in g.values()] + list(floors.values())
+    modelled = any(predicted_seconds(r) for r in rows)
+    if modelled:
+        head += ["H200 model ms", "x model"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (op, shape), impls in groups.items():
         reference = impls.get("reference")
@@ -96,12 +117,20 @@ def ops_table(groups: dict, floors: dict) -> list[str]:
             cells += [_ratio(row["seconds"], impls[p]["seconds"] if p in impls else None) for p in peers]
             cells += [_ratio(row["seconds"], floor and floor["seconds"]), _mib(row["peak"])]
             cells += [_ratio(row["peak"], reference and reference["peak"]), row.get("note") or ""]
+            if modelled:
+                cells += _model_cells(row)
             lines.append("| " + " | ".join(cells) + " |")
     if floors:
         lines += ["", "Floor (bare matmuls: h @ W.T, G @ W, and G.T @ h for a trainable head):", ""]
-        lines += ["| shape | median ms |", "|---|---|"]
-        lines += [f"| {shape} | {_ms(row['seconds'])} |" for shape, row in floors.items()]
+        lines += ["| shape | median ms |" + " H200 model ms | x model |" * modelled, "|---|---|" + "---|---|" * modelled]
+        for shape, row in floors.items():
+            lines.append(f"| {shape} | {_ms(row['seconds'])} |" + (" " + " | ".join(_model_cells(row)) + " |") * modelled)
     return lines
+
+
+def _model_cells(row: dict) -> list[str]:
+    predicted = predicted_seconds(row)
+    return ["", ""] if predicted is None else [_ms(predicted), _ratio(row["seconds"], predicted)]
 
 
 def _matches(row: dict, spec: dict) -> bool:

@@ -3,14 +3,15 @@
 One program per row pair (a = logits_p, b = logits_q). The first sweep keeps online statistics of both
 rows: max and sum of exp for a and for b, and cross = sum exp(a - max_a) (a - b), rescaled as the max moves;
 then KL = cross / sum_a - lse(a) + lse(b). The second sweep (only when a gradient is asked for) writes
-g * p * ((a - b) - KL_cross) over a and g * (q - p) over b. Same contract as
+g * p * ((a - b) - KL_cross) over a and g * (q - p) over b, or into gradient outputs (which may be
+low-precision views of the logits rows, as in logprob_epilogue). Same contract as
 ``are_fast.ops.torch_epilogues.kl_epilogue``.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .logprob_epilogue import block_size
+from .logprob_epilogue import block_size, check_grad_out, shares_memory
 
 
 @triton.jit
@@ -19,16 +20,23 @@ def _kl_epilogue_kernel(
     q_ptr,
     stride_p,
     stride_q,
+    grad_p_ptr,
+    grad_q_ptr,
+    stride_grad_p,
+    stride_grad_q,
     valid_ptr,
     scale_ptr,
     out_ptr,
     vocab,
     BLOCK_V: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    SYNC_TILES: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     p_row = p_ptr + row * stride_p
     q_row = q_ptr + row * stride_q
+    grad_p_row = grad_p_ptr + row * stride_grad_p
+    grad_q_row = grad_q_ptr + row * stride_grad_q
     offsets = tl.arange(0, BLOCK_V)
 
     max_p = float("-inf")
@@ -65,16 +73,25 @@ def _kl_epilogue_kernel(
             mask = cols < vocab
             a = tl.load(p_row + cols, mask=mask, other=0.0).to(tl.float32)
             b = tl.load(q_row + cols, mask=mask, other=0.0).to(tl.float32)
+            if SYNC_TILES:
+                tl.debug_barrier()
             prob_p = tl.exp(a - lse_p)
             prob_q = tl.exp(b - lse_q)
-            tl.store(p_row + cols, (scale * prob_p * ((a - b) - mean_diff)).to(p_ptr.dtype.element_ty), mask=mask)
-            tl.store(q_row + cols, (scale * (prob_q - prob_p)).to(q_ptr.dtype.element_ty), mask=mask)
+            grad_p = scale * prob_p * ((a - b) - mean_diff)
+            tl.store(grad_p_row + cols, grad_p.to(grad_p_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_q_row + cols, (scale * (prob_q - prob_p)).to(grad_q_ptr.dtype.element_ty), mask=mask)
 
 
 def kl_epilogue(
-    logits_p: torch.Tensor, logits_q: torch.Tensor, valid: torch.Tensor, grad_scale: torch.Tensor | None
+    logits_p: torch.Tensor,
+    logits_q: torch.Tensor,
+    valid: torch.Tensor,
+    grad_scale: torch.Tensor | None,
+    grad_out_p: torch.Tensor | None = None,
+    grad_out_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """logits_p, logits_q [C, V] float32; valid [C] bool; grad_scale [C] or None -> KL [C] float32."""
+    """logits_p, logits_q [C, V] float32; valid [C] bool; grad_scale [C] or None; grad_out_p, grad_out_q
+    [C, V] or None (see logprob_epilogue) -> KL [C] float32."""
     for name, logits in (("logits_p", logits_p), ("logits_q", logits_q)):
         if logits.dtype != torch.float32:
             raise TypeError(f"{name}: the Triton epilogue takes float32 logits, got {logits.dtype}")
@@ -82,6 +99,8 @@ def kl_epilogue(
             raise ValueError(f"{name}: rows must be contiguous")
     if logits_p.shape != logits_q.shape:
         raise ValueError(f"logits_q: expected shape {tuple(logits_p.shape)}, got {tuple(logits_q.shape)}")
+    grad_p = check_grad_out("grad_out_p", grad_out_p, logits_p)
+    grad_q = check_grad_out("grad_out_q", grad_out_q, logits_q)
     rows, vocab = logits_p.shape
     out = torch.empty(rows, dtype=torch.float32, device=logits_p.device)
     if rows == 0:
@@ -92,12 +111,17 @@ def kl_epilogue(
         logits_q,
         logits_p.stride(0),
         logits_q.stride(0),
+        grad_p,
+        grad_q,
+        grad_p.stride(0),
+        grad_q.stride(0),
         valid.to(torch.uint8).contiguous(),
         grad_scale.contiguous() if write_grad else out,
         out,
         vocab,
         BLOCK_V=block_size(vocab),
         WRITE_GRAD=write_grad,
+        SYNC_TILES=write_grad and (shares_memory(grad_p, logits_p) or shares_memory(grad_q, logits_q)),
         num_warps=8,
     )
     return out

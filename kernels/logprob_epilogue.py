@@ -1,8 +1,13 @@
 """Triton row epilogue for target log-probabilities: log-sum-exp, target logit and, in place, the gradient.
 
 One program per row streams the row's logits twice: once for the online max / sum of exponentials, once
-(only when a gradient is asked for) to write grad_scale * (onehot(target) - softmax) over the logits.
-Same contract as ``are_fast.ops.torch_epilogues.logprob_epilogue``.
+(only when a gradient is asked for) to write grad_scale * (onehot(target) - softmax) over the logits, or into
+a gradient output of any float dtype. Same contract as ``are_fast.ops.torch_epilogues.logprob_epilogue``.
+
+A low-precision gradient output may be the view of the first half of each float32 logits row's bytes
+(``HeadMatmuls.gradient_out``): the row is written tile by tile in order, and a tile's 2-byte stores land
+at most on float32 elements of that tile or earlier ones, all read before; one barrier per tile
+(SYNC_TILES) keeps a warp from storing before the other warps of its program have loaded the tile.
 """
 import torch
 import triton
@@ -13,6 +18,8 @@ import triton.language as tl
 def _logprob_epilogue_kernel(
     logits_ptr,
     stride_row,
+    grad_ptr,
+    stride_grad,
     targets_ptr,
     scale_ptr,
     out_ptr,
@@ -20,9 +27,11 @@ def _logprob_epilogue_kernel(
     ignore_index,
     BLOCK_V: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    SYNC_TILES: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
+    grad_row = grad_ptr + row * stride_grad
     target = tl.load(targets_ptr + row)
     valid = target != ignore_index
     in_range = (target >= 0) & (target < vocab)
@@ -49,9 +58,11 @@ def _logprob_epilogue_kernel(
             cols = start + offsets
             mask = cols < vocab
             x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            if SYNC_TILES:
+                tl.debug_barrier()
             onehot = tl.where(cols == safe_target, 1.0, 0.0)
             grad = scale * (onehot - tl.exp(x - lse))
-            tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 def block_size(vocab: int) -> int:
@@ -59,14 +70,40 @@ def block_size(vocab: int) -> int:
     return min(4096, triton.next_power_of_2(vocab))
 
 
+def check_grad_out(name: str, grad_out: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+    """The tensor the kernel writes the gradient into (``logits`` itself when ``grad_out`` is None)."""
+    if grad_out is None:
+        return logits
+    if not grad_out.dtype.is_floating_point:
+        raise TypeError(f"{name}: expected a float gradient output, got {grad_out.dtype}")
+    if grad_out.shape != logits.shape or grad_out.stride(1) != 1 or grad_out.device != logits.device:
+        raise ValueError(
+            f"{name}: expected shape {tuple(logits.shape)} with contiguous rows on {logits.device}, got "
+            f"{tuple(grad_out.shape)} with strides {grad_out.stride()} on {grad_out.device}"
+        )
+    return grad_out
+
+
+def shares_memory(grad: torch.Tensor, logits: torch.Tensor) -> bool:
+    """Whether the kernel writes a different-dtype view of the logits' bytes (then it syncs each tile)."""
+    return grad is not logits and grad.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
+
+
 def logprob_epilogue(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, grad_scale: torch.Tensor | None
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    grad_scale: torch.Tensor | None,
+    grad_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """logits [C, V] float32 (row-contiguous), targets [C] int64, grad_scale [C] or None -> log-probs [C] float32."""
+    """logits [C, V] float32 (row-contiguous), targets [C] int64, grad_scale [C] or None, grad_out [C, V]
+    (any float dtype, contiguous rows; may be HeadMatmuls.gradient_out's view of the logits) or None
+    -> log-probs [C] float32."""
     if logits.dtype != torch.float32:
         raise TypeError(f"logits: the Triton epilogue takes float32 logits, got {logits.dtype}")
     if logits.stride(1) != 1:
         raise ValueError("logits: rows must be contiguous")
+    grad = check_grad_out("grad_out", grad_out, logits)
     rows, vocab = logits.shape
     out = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows == 0:
@@ -77,6 +114,8 @@ def logprob_epilogue(
     _logprob_epilogue_kernel[(rows,)](
         logits,
         logits.stride(0),
+        grad,
+        grad.stride(0),
         targets,
         scale,
         out,
@@ -84,6 +123,7 @@ def logprob_epilogue(
         ignore_index,
         BLOCK_V=block_size(vocab),
         WRITE_GRAD=write_grad,
+        SYNC_TILES=write_grad and shares_memory(grad, logits),
         num_warps=8,
     )
     return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .chunked import Epilogue, fused_linear_pass
+from .head_matmuls import autocast_operand_dtype
 
 
 class LinearStreamsFunction(torch.autograd.Function):
@@ -21,21 +22,24 @@ class LinearStreamsFunction(torch.autograd.Function):
         need_weight, need_bias = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         need_hidden = tuple(ctx.needs_input_grad[4:])
         ctx.epilogue, ctx.chunk_rows = epilogue, chunk_rows
+        # Under autocast the head's matmuls run in its dtype, in the backward too (which runs outside it).
+        ctx.operand_dtype = operand = autocast_operand_dtype(weight.device) if weight.dtype == torch.float32 else None
         if need_weight or need_bias:
             ctx.mode = "recompute"
             ctx.save_for_backward(weight, bias, *hiddens)
-            return fused_linear_pass(hiddens, weight, bias, epilogue, chunk_rows=chunk_rows).values
+            return fused_linear_pass(hiddens, weight, bias, epilogue, chunk_rows=chunk_rows, operand_dtype=operand).values
         if any(need_hidden):
             ctx.mode = "rescale"
             unit = torch.ones(hiddens[0].shape[0], dtype=torch.float32, device=weight.device)
             result = fused_linear_pass(
-                hiddens, weight, bias, epilogue, grad_scale=unit, hidden_grads=need_hidden, chunk_rows=chunk_rows
+                hiddens, weight, bias, epilogue, grad_scale=unit, hidden_grads=need_hidden, chunk_rows=chunk_rows,
+                operand_dtype=operand,
             )
             ctx.save_for_backward(*[g for g in result.hidden_grads if g is not None])
             ctx.need_hidden = need_hidden
             return result.values
         ctx.mode = "none"
-        return fused_linear_pass(hiddens, weight, bias, epilogue, chunk_rows=chunk_rows).values
+        return fused_linear_pass(hiddens, weight, bias, epilogue, chunk_rows=chunk_rows, operand_dtype=operand).values
 
     @staticmethod
     def backward(ctx, grad_values):
@@ -58,5 +62,6 @@ class LinearStreamsFunction(torch.autograd.Function):
             weight_grad=ctx.needs_input_grad[2],
             bias_grad=ctx.needs_input_grad[3],
             chunk_rows=ctx.chunk_rows,
+            operand_dtype=ctx.operand_dtype,
         )
         return (None, None, result.weight_grad, result.bias_grad, *result.hidden_grads)

@@ -2,8 +2,9 @@
 
 For each chunk of C rows it computes the logits [C, V] of every stream (one stream for log-probabilities,
 two for the KL), hands them to an epilogue (PyTorch, Triton or native: they share one signature, see
-``are_fast.ops.torch_epilogues``) that returns per-row values and, when asked, overwrites the logits with their
-gradient, then multiplies that gradient back through the head. Peak extra memory is O(C x V), never N x V.
+``are_fast.ops.torch_epilogues``) that returns per-row values and, when asked, writes their gradient
+(over the logits, or for a low-precision head into ``HeadMatmuls.gradient_out``'s view in the operand dtype),
+then multiplies that gradient back through the head. Peak extra memory is O(C x V), never N x V.
 
 Precision: logits and softmax statistics are float32 (float64 for float64 inputs); how the products with a
 low-precision head get float32 results is ``are_fast.ops.head_matmuls``.
@@ -16,10 +17,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from .head_matmuls import HeadMatmuls
+from .head_matmuls import HeadMatmuls, autocast_off
 
-# Epilogue(logits per stream [C, V], rows of this chunk, grad scale [C] or None) -> values [C].
-Epilogue = Callable[[list, slice, "torch.Tensor | None"], torch.Tensor]
+# Epilogue(logits per stream [C, V], rows of this chunk, grad scale [C] or None, gradient outputs per stream
+# (None: over the logits)) -> values [C].
+Epilogue = Callable[[list, slice, "torch.Tensor | None", list], torch.Tensor]
 
 _CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 32 << 20}
 
@@ -55,16 +57,18 @@ def fused_linear_pass(
     weight_grad: bool = False,
     bias_grad: bool = False,
     chunk_rows: int | None = None,
+    operand_dtype: torch.dtype | None = None,
 ) -> PassResult:
     """One pass over all rows: values, and the gradients of sum(grad_scale * values) that were asked for.
 
     hiddens: one contiguous [N, H] tensor per stream (same N); grad_scale [N] or None (values only).
     hidden_grads: which streams need a hidden gradient (only read when grad_scale is given).
+    operand_dtype: the matmuls' operand dtype (autocast's, captured by the caller), default the head's.
     """
     n_rows, hidden_size = hiddens[0].shape
     vocab = weight.shape[0]
     streams = len(hiddens)
-    matmuls = HeadMatmuls(weight, bias)
+    matmuls = HeadMatmuls(weight, bias, operand_dtype)
     device = weight.device
     values = torch.empty(n_rows, dtype=matmuls.compute_dtype, device=device)
     want_grad = grad_scale is not None
@@ -74,20 +78,23 @@ def fused_linear_pass(
 
     rows = chunk_rows or chunk_rows_for(n_rows, vocab, streams, device)
     buffers = [torch.empty(min(rows, n_rows), vocab, dtype=matmuls.compute_dtype, device=device) for _ in hiddens]
-    for start in range(0, n_rows, rows):
-        sl = slice(start, min(start + rows, n_rows))
-        size = sl.stop - sl.start
-        logits = [matmuls.logits(h[sl], buf[:size]) for h, buf in zip(hiddens, buffers)]
-        values[sl] = epilogue(logits, sl, None if grad_scale is None else grad_scale[sl])
-        if not want_grad:
-            continue
-        for stream, grad_logits in enumerate(logits):  # the epilogue left gradients in place of the logits
-            if dh[stream] is not None:
-                matmuls.hidden_grad(grad_logits, dh[stream][sl])
-            if dw is not None:
-                matmuls.add_weight_grad(dw, grad_logits, hiddens[stream][sl])
-            if db is not None:
-                db.add_(grad_logits.sum(0))
+    with autocast_off(device):  # the precision is HeadMatmuls' choice, not autocast's
+        for start in range(0, n_rows, rows):
+            sl = slice(start, min(start + rows, n_rows))
+            size = sl.stop - sl.start
+            logits = [matmuls.logits(h[sl], buf[:size]) for h, buf in zip(hiddens, buffers)]
+            grad_outs = [matmuls.gradient_out(chunk) if want_grad else None for chunk in logits]
+            values[sl] = epilogue(logits, sl, None if grad_scale is None else grad_scale[sl], grad_outs)
+            if not want_grad:
+                continue
+            for stream, (chunk, grad_out) in enumerate(zip(logits, grad_outs)):
+                grad_logits = chunk if grad_out is None else grad_out
+                if dh[stream] is not None:
+                    matmuls.hidden_grad(grad_logits, dh[stream][sl])
+                if dw is not None:
+                    matmuls.add_weight_grad(dw, grad_logits, hiddens[stream][sl])
+                if db is not None:
+                    db.add_(grad_logits.sum(0, dtype=db.dtype))
     return PassResult(
         values=values,
         hidden_grads=dh,

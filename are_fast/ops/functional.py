@@ -32,8 +32,8 @@ def _token_logprobs_flat(hidden2d, weight, targets1d, bias, ignore_index, backen
     logprob = epilogues(backend).logprob
     targets1d = targets1d.to(torch.int64)
 
-    def epilogue(logits, rows, grad_scale):
-        return logprob(logits[0], targets1d[rows], ignore_index, grad_scale)
+    def epilogue(logits, rows, grad_scale, grad_outs):
+        return logprob(logits[0], targets1d[rows], ignore_index, grad_scale, grad_outs[0])
 
     return LinearStreamsFunction.apply(epilogue, chunk_rows, weight, bias, hidden2d)
 
@@ -151,8 +151,8 @@ def conditional_kl(
     valid = (_shifted_targets(labels, ignore_index) != ignore_index).reshape(-1)
     kl_epilogue = epilogues(name).kl
 
-    def epilogue(logits, rows, grad_scale):
-        return kl_epilogue(logits[0], logits[1], valid[rows], grad_scale)
+    def epilogue(logits, rows, grad_scale, grad_outs):
+        return kl_epilogue(logits[0], logits[1], valid[rows], grad_scale, *grad_outs)
 
     size = hidden_p.shape[-1]
     per_position = LinearStreamsFunction.apply(

@@ -171,8 +171,25 @@ library = NativeLibrary()
 
 
 def epilogues() -> SimpleNamespace:
-    """The native row epilogues (``logprob``, ``kl``); the library must be loaded."""
-    return SimpleNamespace(logprob=torch.ops.are_fast.logprob_epilogue, kl=torch.ops.are_fast.kl_epilogue)
+    """The native row epilogues (``logprob``, ``kl``) with the gradient-output arguments of the PyTorch ones;
+    the library must be loaded. The C++/CUDA ops write the gradient over the float32 logits; a requested
+    gradient output (a low-precision head's) is then filled by one cast pass (``store_gradient``)."""
+    from .torch_epilogues import store_gradient
+
+    def logprob(logits, targets, ignore_index, grad_scale, grad_out=None):
+        values = torch.ops.are_fast.logprob_epilogue(logits, targets, ignore_index, grad_scale)
+        if grad_scale is not None:
+            store_gradient(logits, grad_out)
+        return values
+
+    def kl(logits_p, logits_q, valid, grad_scale, grad_out_p=None, grad_out_q=None):
+        values = torch.ops.are_fast.kl_epilogue(logits_p, logits_q, valid, grad_scale)
+        if grad_scale is not None:
+            store_gradient(logits_p, grad_out_p)
+            store_gradient(logits_q, grad_out_q)
+        return values
+
+    return SimpleNamespace(logprob=logprob, kl=kl)
 
 
 def supports(device: torch.device) -> bool:

@@ -1,8 +1,13 @@
 """Row epilogues in plain PyTorch: the math the ``chunked`` backend applies to each logits chunk.
 
 An epilogue turns a chunk of logits [C, V] (float32 or float64) into per-row values [C] and, when
-``grad_scale`` is given, overwrites the logits in place with the gradient of ``grad_scale * value`` with
-respect to them. The Triton kernels in ``are_fast.kernels`` implement the same two functions with the same
+``grad_scale`` is given, writes the gradient of ``grad_scale * value`` with respect to them: over the logits
+in place, or, when a gradient output is given, into it (any float dtype, [C, V] with contiguous rows; it may
+be the low-precision view of the first half of each logits row's bytes that
+``are_fast.ops.head_matmuls.HeadMatmuls.gradient_out`` makes, and the logits are then left undefined). The
+gradient output is how a low-precision head gets its gradient in the dtype of the next matmul without a
+separate cast pass. These PyTorch epilogues cannot write such an overlapping view row by row, so they
+compute the gradient in place and stage it through one temporary (``store_gradient``). The Triton kernels in ``are_fast.kernels`` implement the same two functions with the same
 signatures, so the chunk driver in ``are_fast.ops.chunked`` serves every backend.
 """
 from __future__ import annotations
@@ -10,8 +15,22 @@ from __future__ import annotations
 import torch
 
 
+def store_gradient(gradient: torch.Tensor, grad_out: torch.Tensor | None) -> None:
+    """Copy a gradient computed in place over the logits into ``grad_out`` (None: nothing to do). When
+    ``grad_out`` shares the logits' memory the copy goes through a temporary: an elementwise copy between
+    overlapping tensors of different dtypes reads bytes it has already overwritten."""
+    if grad_out is None:
+        return
+    shares = grad_out.untyped_storage().data_ptr() == gradient.untyped_storage().data_ptr()
+    grad_out.copy_(gradient.to(grad_out.dtype, copy=True) if shares else gradient)
+
+
 def logprob_epilogue(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, grad_scale: torch.Tensor | None
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    grad_scale: torch.Tensor | None,
+    grad_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """log softmax(logits)[target] per row.
 
@@ -30,16 +49,23 @@ def logprob_epilogue(
         scale = torch.where(valid & in_range, grad_scale.to(logits.dtype), 0.0).unsqueeze(1)
         logits.sub_(lse.unsqueeze(1)).exp_().mul_(-scale)  # -scale * softmax, in place
         logits.scatter_add_(1, safe, scale)
+        store_gradient(logits, grad_out)
     return logp
 
 
 def kl_epilogue(
-    logits_p: torch.Tensor, logits_q: torch.Tensor, valid: torch.Tensor, grad_scale: torch.Tensor | None
+    logits_p: torch.Tensor,
+    logits_q: torch.Tensor,
+    valid: torch.Tensor,
+    grad_scale: torch.Tensor | None,
+    grad_out_p: torch.Tensor | None = None,
+    grad_out_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KL(softmax(a) || softmax(b)) per row, with a = logits_p, b = logits_q.
 
     logits_p, logits_q [C, V] float; valid [C] bool (False rows give 0 and zero gradients); grad_scale [C] or
-    None. Returns [C]. With grad_scale g: logits_p becomes g * p * ((a - b) - sum_v p_v (a_v - b_v)), which
+    None; grad_out_p, grad_out_q [C, V] or None (where the gradients go instead of over the logits). Returns
+    [C]. With grad_scale g: logits_p becomes g * p * ((a - b) - sum_v p_v (a_v - b_v)), which
     equals g * p * (log p - log q - KL), and logits_q becomes g * (q - p).
     """
     # ATen's fused log_softmax, and KL as sum p (log p - log q): no cancellation between two log-sum-exps.
@@ -53,4 +79,6 @@ def kl_epilogue(
         scale = torch.where(valid, grad_scale.to(logits_p.dtype), 0.0).unsqueeze(1)
         torch.exp(log_q, out=logits_q).sub_(logits_p).mul_(scale)  # g * (q - p)
         logits_p.mul_(log_ratio.sub_(per_row.unsqueeze(1))).mul_(scale)  # g * p * (log p/q - KL)
+        store_gradient(logits_p, grad_out_p)
+        store_gradient(logits_q, grad_out_q)
     return kl
