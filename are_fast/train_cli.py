@@ -53,7 +53,7 @@ def _train_options(p) -> None:
     g.add_argument("--bf16", dest="bf16", action="store_true", default=None, help="bf16 autocast (default: on CUDA only)")
     g.add_argument("--no-bf16", dest="bf16", action="store_false", help="no bf16 autocast")
     g.add_argument("--bucket-window", type=int, default=32, help="batches per length-sorted window (default 32)")
-    g.add_argument("--fsdp", action="store_true", help="shard the models with FSDP2 (CUDA + NCCL, under torchrun)")
+    g.add_argument("--fsdp", action="store_true", help="shard the models with FSDP2 under torchrun (NCCL on GPU, gloo on CPU)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
