@@ -8,7 +8,8 @@ An embedding is the mean of the k compressed vectors of ``are_fast.model.Compres
 L2-normalized by default. Where the time goes and what this does about it:
 - padding: texts are sorted by length and cut into batches under a token budget (``max_tokens`` padded tokens,
   or real tokens when packed), not a fixed count of texts in input order;
-- attention over padding: with flash-attn installed on CUDA the rows run packed (varlen), no padding at all;
+- padding in the model: rows run by the device's fastest route (``are_fast.model.layout``): on CPU "varlen",
+  no padding outside attention; with flash-attn installed on CUDA, varlen with no padding at all;
 - work nobody needs: no LM head (the compressor keeps only the model body), ``torch.inference_mode``, bfloat16
   on GPU;
 - the CPU side: tokenization, sorting and collation of the next chunk run in a background thread while the
@@ -134,9 +135,10 @@ class Encoder:
 
         device: default CUDA when available, else CPU. dtype: default bfloat16 on CUDA, float32 elsewhere.
         max_length: texts are cut to this many tokens (counted). num_embed_tokens: k, default read from the
-        tokenizer's <EMBED{i}> tokens. pack: run rows packed (varlen); default: on CUDA when flash-attn is
-        installed (then ``attn_implementation`` defaults to "flash_attention_2"). Raises ValueError naming the
-        path when it is not a loadable model directory.
+        tokenizer's <EMBED{i}> tokens. pack: True runs rows without padding (the "varlen" route of
+        ``are_fast.model.layout``), False padded; default: the device's fastest route (``default_route``), and on
+        CUDA with flash-attn installed "varlen" (then ``attn_implementation`` defaults to "flash_attention_2").
+        Raises ValueError naming the path when it is not a loadable model directory.
         """
         path = os.fspath(path)
         if not os.path.isdir(path):
@@ -145,15 +147,16 @@ class Encoder:
             raise ValueError(f"model: {path!r} has no config.json (expected a saved model directory)")
         device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
         dtype = _resolve_dtype(dtype, device)
-        if pack is None:
-            pack = device.type == "cuda" and flash_attention_available()
+        if pack is None and device.type == "cuda" and flash_attention_available():
+            pack = True
         if pack and attn_implementation is None and flash_attention_available():
             attn_implementation = "flash_attention_2"
+        route = None if pack is None else "varlen" if pack else "padded"
         try:
             comp = Compressor.from_pretrained(path, num_embed_tokens, dtype=dtype, device=device,
                                               attn_implementation=attn_implementation,
                                               trust_remote_code=trust_remote_code, max_text_tokens=max_length,
-                                              pack=pack)
+                                              route=route)
         except (OSError, KeyError) as err:  # transformers' errors for unreadable or unknown checkpoints
             raise ValueError(f"model: could not load {path!r} as a transformers model: {err}") from err
         return cls(comp, device=device, max_tokens=max_tokens, batch_size=batch_size)

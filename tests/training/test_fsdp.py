@@ -12,7 +12,8 @@ from _helpers import rel_error
 from are_fast.data import stage2_items
 from are_fast.model import Stage2Model
 from are_fast.toy import triplet_rows
-from are_fast.training.jobs import ModelOptions, build_models
+from are_fast.model import load_compressor
+from are_fast.training.jobs import ModelOptions, _export, build_models
 from are_fast.training.trainer import Trainer, TrainConfig
 
 ROWS, NEGATIVES = 6, 2
@@ -52,6 +53,7 @@ def _fsdp_worker(rank, port, base, out, result):
     assert trainable and all(isinstance(p, DTensor) and p.placements == (Shard(0),) for p in trainable)
     record = trainer.train()[0]
     weights = _trained_weights(trainer)  # a collective: every rank takes part
+    _export(trainer.core.compressor, os.path.join(out, "model"))  # the jobs' export gathers the shards too
     if rank == 0:
         save_file(weights, result)
         with open(result + ".json", "w") as f:
@@ -85,6 +87,8 @@ def test_fsdp_step_equals_single_process_accumulation(tiny_dir, tmp_path):
     assert moved == len(expected)  # the step changed every trainable weight, so the comparison means something
     assert abs(fsdp_record["loss"] - record["loss"]) <= 1e-5 * abs(record["loss"])
     assert abs(fsdp_record["grad_norm"] - record["grad_norm"]) <= 1e-5 * record["grad_norm"]
-    # The checkpoint holds full tensors under the plain names, whatever the wrapping.
+    # The checkpoint holds full tensors under the plain names, whatever the wrapping, and so does the model export.
     saved = load_file(str(tmp_path / "fsdp" / "step-00000001" / "model.safetensors"))
     assert saved.keys() == got.keys() and all(torch.equal(saved[n], got[n]) for n in got)
+    exported = load_compressor(str(tmp_path / "fsdp" / "model")).state_dict()
+    assert all(torch.equal(exported[n.removeprefix("compressor.")], got[n]) for n in got)
