@@ -131,6 +131,9 @@ def test_encode_throughput(impl, setup, measure, benchmark):
     from transformers import AutoModelForCausalLM
 
     device, path, texts, source, dtype, name = setup
+    if impl == "encoder-flex" and device.type == "cpu" and os.environ.get("ARE_FAST_BENCH_FLEX_CPU") != "1":
+        pytest.skip("FlexAttention on CPU: torch 2.13 has no CPU backward and its compiled CPU forward failed to "
+                    "build on the development machine (inductor CppCompileError); ARE_FAST_BENCH_FLEX_CPU=1 tries it")
     route, attention = ENCODER_ROUTES.get(impl, ("padded", None))
     reference = Encoder.from_pretrained(path, device, dtype, max_length=512, pack=False)
     encoder = Encoder.from_pretrained(path, device, dtype, max_length=512, attn_implementation=attention)

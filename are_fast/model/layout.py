@@ -15,8 +15,9 @@ returns padded hidden states, so the loss code sees one layout:
   varlen kernel (flash_attention_2). The linear layers see (almost) no padding; attention runs per packed row;
 - "varlen": all real tokens in one row and attention per sequence from cumulative lengths, by our attention
   function ``varlen_attention``: torch's ``torch.nn.attention.varlen.varlen_attn`` (flash) on CUDA in
-  bf16/fp16; elsewhere each sequence's q, k, v are scattered into a zero-padded [S, heads, L, d] block for one
-  causal sdpa call and gathered back. The linear layers, the norms and the embeddings see no padding at all.
+  bf16/fp16; elsewhere sequences of similar length (``attention_groups``: at most 2% padding) are scattered
+  into a zero-padded [G, heads, L, d] block for one causal sdpa call per group and gathered back. The linear
+  layers, the norms and the embeddings see no padding at all.
 With flash_attention_2 loaded, "packed" and "varlen" both run one row through flash-attn's varlen kernel.
 ``default_route(device)`` is the measured winner per device (benchmarks/RESULTS.md).
 """
@@ -92,6 +93,7 @@ def decoder_labels(target: torch.Tensor, lengths: torch.Tensor, num_compressed: 
 
 ROUTES = ("padded", "packed", "varlen")
 VARLEN_ATTENTION = "are_fast_varlen"  # ``varlen_attention`` is registered in transformers as "are_fast_varlen:<kernel>"
+ATTENTION_PADDING = 0.02  # varlen's CPU path: padding per attention call, at most this fraction of its real tokens
 _IN_VARLEN_CALL = contextvars.ContextVar("are_fast_in_varlen_call", default=False)
 
 
@@ -250,18 +252,42 @@ def varlen_attention(module, query, key, value, attention_mask=None, scaling=Non
         out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling,
                           window_size=(-1, 0), enable_gqa=k.shape[1] != q.shape[1])
         return out.unsqueeze(0), None
-    cu = cu_seq_lens_q.long()
-    sizes = cu.diff()
-    sequence = torch.repeat_interleave(torch.arange(len(sizes), device=q.device), sizes)
-    offset = torch.arange(q.shape[0], device=q.device) - cu[sequence]
+    # Elsewhere: sequences of similar length share one causal sdpa call over a zero-padded block.
+    starts, sizes = cu_seq_lens_q[:-1].tolist(), cu_seq_lens_q.diff().tolist()
+    gqa = k.shape[1] != q.shape[1]
+    order, parts = [], []
+    for group in attention_groups(sizes):
+        width = sizes[group[0]]
+        sequence = torch.repeat_interleave(torch.arange(len(group)), torch.tensor([sizes[i] for i in group]))
+        offset = torch.cat([torch.arange(sizes[i]) for i in group])
+        tokens = torch.tensor([starts[i] for i in group])[sequence] + offset
+        sequence, offset, tokens = (t.to(q.device) for t in (sequence, offset, tokens))
 
-    def padded(t):  # [N, h, d] -> [S, h, max_length, d], zeros past each sequence's end
-        block = t.new_zeros(len(sizes), max_length_q, *t.shape[1:])
-        return block.index_put((sequence, offset), t).transpose(1, 2)
+        def padded(t):  # [N, h, d] -> [G, h, width, d], zeros past each sequence's end
+            block = t.new_zeros(len(group), width, *t.shape[1:])
+            return block.index_put((sequence, offset), t[tokens]).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), dropout_p=dropout, is_causal=True,
-                                         scale=scaling, enable_gqa=k.shape[1] != q.shape[1])
-    return out.transpose(1, 2)[sequence, offset].unsqueeze(0), None
+        out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), dropout_p=dropout, is_causal=True,
+                                             scale=scaling, enable_gqa=gqa)
+        order.append(tokens)
+        parts.append(out.transpose(1, 2)[sequence, offset])
+    out = q.new_zeros(q.shape).index_copy(0, torch.cat(order), torch.cat(parts))
+    return out.unsqueeze(0), None
+
+
+def attention_groups(sizes: Sequence[int], slack: float = ATTENTION_PADDING) -> list[list[int]]:
+    """Sequences (indices, longest first) grouped so that padding each group to its longest sequence adds at most
+    ``slack`` of the group's real tokens: the groups of the CPU path of ``varlen_attention``."""
+    groups: list[list[int]] = []
+    total = 0
+    for i in sorted(range(len(sizes)), key=lambda j: -sizes[j]):
+        if groups and (len(groups[-1]) + 1) * sizes[groups[-1][0]] <= (1 + slack) * (total + sizes[i]):
+            groups[-1].append(i)
+            total += sizes[i]
+        else:
+            groups.append([i])
+            total = sizes[i]
+    return groups
 
 
 def enable_checkpointing(model) -> None:

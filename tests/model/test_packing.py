@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from _helpers import rel_error
 
 from are_fast.model import Compressor, FrozenDecoder
-from are_fast.model.layout import (ROUTES, check_route, computed_tokens, default_route, pack_rows, run_varlen,
+from are_fast.model.layout import (ROUTES, attention_groups, check_route, computed_tokens, default_route, pack_rows, run_varlen,
                                    varlen_attention)
 
 LENGTHS = [9, 3, 14, 1, 7, 14, 5]  # ties, a length-1 row, rows that pair up and rows that do not
@@ -60,11 +60,13 @@ def test_compressor_and_decoder_routes_equal_padded(tiny_dir, route):
 
 
 def test_varlen_attention_equals_per_sequence_attention():
-    """The CPU path of the varlen attention function: each sequence attends causally to itself only (GQA)."""
-    sizes = [4, 1, 6]
+    """The CPU path of the varlen attention function: each sequence attends causally to itself only (GQA), also
+    when sequences of one length share an attention call."""
+    sizes = [6, 4, 6, 1, 6]
+    assert attention_groups(sizes) == [[0, 2, 4], [1], [3]]
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, heads, sum(sizes), 8, generator=gen) for heads in (4, 2, 2))
-    cu = torch.tensor([0, 4, 5, 11], dtype=torch.int32)
+    cu = torch.tensor([0, *sizes], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     module = torch.nn.Module().eval()
     out, weights = varlen_attention(module, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu, max_length_q=6)
     assert out.shape == (1, sum(sizes), 4, 8) and weights is None
@@ -74,6 +76,16 @@ def test_varlen_attention_equals_per_sequence_attention():
         assert rel_error(out[0, start:end], expected[0].transpose(0, 1)) <= 1e-6
     with pytest.raises(ValueError, match="cu_seq_lens_q"):
         varlen_attention(module, q, k, v, None)
+
+
+def test_attention_groups_pad_little():
+    sizes = [50, 49, 50, 10, 3, 3, 2, 10]
+    groups = attention_groups(sizes)
+    assert sorted(i for g in groups for i in g) == list(range(len(sizes)))
+    for group in groups:
+        real = sum(sizes[i] for i in group)
+        assert len(group) * max(sizes[i] for i in group) <= 1.02 * real
+    assert len(groups) == 4  # [50, 50, 49], [10, 10], [3, 3], [2]
 
 
 def test_pack_rows_first_fit_decreasing():
