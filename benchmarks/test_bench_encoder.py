@@ -17,8 +17,8 @@ Rows of one group, side by side:
   attention per sequence), "flex" (packed rows under attn_implementation="flex_attention", a document
   BlockMask; skipped where torch cannot run FlexAttention, e.g. when its CPU kernel fails to compile).
 ``extra_info`` holds texts, real tokens, computed tokens (tokens the linear layers run, padding included),
-padding_fraction (computed - real) / computed, attention_tokens (sequences x longest sequence per attention
-call: padding inside attention, which the varlen route's CPU path still computes), texts_per_s, and for the
+padding_fraction (computed - real) / computed, attention_tokens (query rows attention computes, padding
+included: the varlen route's CPU path pads each group of similar-length sequences), texts_per_s, and for the
 encoder rows speedup_vs_naive (mean time of the naive row / the encoder's, same session).
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 
 from are_fast.encoding.encoder import Encoder
 from are_fast.model import Compressor
-from are_fast.model.layout import computed_tokens, pack_rows
+from are_fast.model.layout import attention_groups, computed_tokens, pack_rows
 
 from .cases import bench_device, smoke_mode
 
@@ -117,12 +117,15 @@ ENCODER_ROUTES = {"encoder-padded": ("padded", None), "encoder-packed": ("packed
 
 
 def _attention_tokens(lengths: list, route: str, device: torch.device) -> int:
-    """Query rows one attention call computes for a batch: sequences x the longest (padded; varlen's CPU path),
-    packed rows x their width (packed), the real tokens (varlen on CUDA: torch's varlen kernel)."""
+    """Query rows the attention of a batch computes, padding included: sequences x the longest (padded), packed
+    rows x their width (packed), the groups' sequences x their longest (varlen's CPU path), the real tokens
+    (varlen on CUDA: torch's varlen kernel)."""
     if route == "packed":
         return len(pack_rows(lengths, max(lengths))) * max(lengths)
-    if route == "varlen" and device.type == "cuda":
-        return sum(lengths)
+    if route == "varlen":
+        if device.type == "cuda":
+            return sum(lengths)
+        return sum(len(group) * lengths[group[0]] for group in attention_groups(lengths))
     return len(lengths) * max(lengths)
 
 
