@@ -105,3 +105,11 @@ def test_computed_tokens_and_route_checks():
     assert check_route(None) is None
     with pytest.raises(ValueError, match="route: expected one of padded, packed, varlen"):
         check_route("flex")
+
+
+def test_varlen_needs_a_registered_attention_kernel(tiny_dir):
+    comp = Compressor.from_pretrained(tiny_dir, 3, attn_implementation="eager", route="varlen")
+    with pytest.raises(ValueError, match="route: 'varlen'.*'eager'"):
+        comp.compress(["a text"], "i")
+    comp.route = "packed"  # the other routes run eager attention as loaded
+    assert torch.isfinite(comp.compress(["a text", "another one"], "i")).all()
