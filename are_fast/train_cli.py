@@ -25,7 +25,10 @@ def _model_options(p) -> None:
     g.add_argument("--max-text-tokens", type=int, default=512, help="compressor texts are cut to this many tokens (default 512)")
     g.add_argument("--max-target-tokens", type=int, default=512, help="decoder targets are cut to this many tokens (default 512)")
     g.add_argument("--attn-implementation", default=None, choices=["eager", "sdpa", "flash_attention_2"],
-                   help="attention kernel (default: transformers' choice); flash_attention_2 packs rows (needs flash-attn)")
+                   help="attention kernel (default: transformers' choice); flash_attention_2 needs flash-attn")
+    g.add_argument("--route", default=None, choices=["padded", "packed", "varlen"],
+                   help="how rows of different lengths run: padded, packed (several per row) or varlen (attention per "
+                        "sequence); default: the fastest measured on the device (varlen on CPU, padded on CUDA)")
     g.add_argument("--checkpointing", action="store_true", help="per-layer activation checkpointing (compressor and decoder)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights' dtype (default: as saved)")
     g.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the compressor via peft; 0: full fine-tuning (default)")
@@ -53,7 +56,7 @@ def _train_options(p) -> None:
     g.add_argument("--bf16", dest="bf16", action="store_true", default=None, help="bf16 autocast (default: on CUDA only)")
     g.add_argument("--no-bf16", dest="bf16", action="store_false", help="no bf16 autocast")
     g.add_argument("--bucket-window", type=int, default=32, help="batches per length-sorted window (default 32)")
-    g.add_argument("--fsdp", action="store_true", help="shard the models with FSDP2 (CUDA + NCCL, under torchrun)")
+    g.add_argument("--fsdp", action="store_true", help="shard the models with FSDP2 under torchrun (NCCL on GPU, gloo on CPU)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 

@@ -11,10 +11,15 @@ Rows of one group, side by side:
 - naive: batches of 64 texts in input order, padded to the longest, the full causal-LM forward (LM head and
   logits included) under no_grad, the k hidden states read from ``output_hidden_states``;
 - naive-no-head: the same batches through the model body only (what dropping the head alone buys);
-- encoder: ``Encoder.encode`` (length-sorted token-budget batches, background tokenization, no head,
-  inference mode).
-``extra_info`` holds texts, real tokens, computed tokens (padding included), texts_per_s, and for the encoder
-speedup_vs_naive (mean time of the naive row / the encoder's, same session).
+- encoder-<route>: ``Encoder.encode`` (length-sorted token-budget batches, background tokenization, no head,
+  inference mode) with the rows run by one route of ``are_fast.model.layout``: "padded" (attention mask),
+  "packed" (several sequences per row, transformers' packed-sequence mask under sdpa), "varlen" (one row,
+  attention per sequence), "flex" (packed rows under attn_implementation="flex_attention", a document
+  BlockMask; skipped where torch cannot run FlexAttention, e.g. when its CPU kernel fails to compile).
+``extra_info`` holds texts, real tokens, computed tokens (tokens the linear layers run, padding included),
+padding_fraction (computed - real) / computed, attention_tokens (query rows attention computes, padding
+included: the varlen route's CPU path pads each group of similar-length sequences), texts_per_s, and for the
+encoder rows speedup_vs_naive (mean time of the naive row / the encoder's, same session).
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import torch
 from are_fast.encoding.encoder import Encoder
 from are_fast.encoding.pipeline import prepare_chunk
 from are_fast.model import Compressor
+from are_fast.model.layout import attention_groups, computed_tokens, pack_rows
 
 from .cases import bench_device, smoke_mode
 
@@ -107,14 +113,37 @@ def _naive(lm, comp: Compressor, texts, device, head: bool):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("impl", ["naive", "naive-no-head", "encoder"])
+ENCODER_ROUTES = {"encoder-padded": ("padded", None), "encoder-packed": ("packed", None),
+                  "encoder-varlen": ("varlen", None), "encoder-flex": ("packed", "flex_attention")}
+
+
+def _attention_tokens(lengths: list, route: str, device: torch.device) -> int:
+    """Query rows the attention of a batch computes, padding included: sequences x the longest (padded), packed
+    rows x their width (packed), the groups' sequences x their longest (varlen's CPU path), the real tokens
+    (varlen on CUDA: torch's varlen kernel)."""
+    if route == "packed":
+        return len(pack_rows(lengths, max(lengths))) * max(lengths)
+    if route == "varlen":
+        if device.type == "cuda":
+            return sum(lengths)
+        return sum(len(group) * lengths[group[0]] for group in attention_groups(lengths))
+    return len(lengths) * max(lengths)
+
+
+@pytest.mark.parametrize("impl", ["naive", "naive-no-head", *ENCODER_ROUTES])
 def test_encode_throughput(impl, setup, measure, benchmark):
     from transformers import AutoModelForCausalLM
 
     device, path, texts, source, dtype, name = setup
-    encoder = Encoder.from_pretrained(path, device, dtype, max_length=512)
+    if impl == "encoder-flex" and device.type == "cpu" and os.environ.get("ARE_FAST_BENCH_FLEX_CPU") != "1":
+        pytest.skip("FlexAttention on CPU: torch 2.13 has no CPU backward and its compiled CPU forward failed to "
+                    "build on the development machine (inductor CppCompileError); ARE_FAST_BENCH_FLEX_CPU=1 tries it")
+    route, attention = ENCODER_ROUTES.get(impl, ("padded", None))
+    reference = Encoder.from_pretrained(path, device, dtype, max_length=512, pack=False)
+    encoder = Encoder.from_pretrained(path, device, dtype, max_length=512, attn_implementation=attention)
+    encoder.compressor.route = route
     comp = encoder.compressor
-    if impl == "encoder":
+    if impl.startswith("encoder"):
         def run():
             return encoder.encode(texts, prompt=INSTRUCTION, convert_to_tensor=True, normalize_embeddings=True)
     else:
@@ -122,24 +151,33 @@ def test_encode_throughput(impl, setup, measure, benchmark):
 
         def run():
             return _naive(lm, comp, texts, device, head=impl == "naive")
-    # Same numbers before timing: the rows do the same work.
-    expected = encoder.encode(texts[:NAIVE_BATCH], prompt=INSTRUCTION, convert_to_tensor=True,
-                              normalize_embeddings=True)
-    got = run()[:NAIVE_BATCH] if impl == "encoder" else _naive(lm, comp, texts[:NAIVE_BATCH], device, impl == "naive")
+    # Same numbers before timing: the rows do the same work (the reference: padded rows, the model's own sdpa).
+    expected = reference.encode(texts[:NAIVE_BATCH], prompt=INSTRUCTION, convert_to_tensor=True,
+                                normalize_embeddings=True)
+    try:
+        got = (run()[:NAIVE_BATCH] if impl.startswith("encoder") else
+               _naive(lm, comp, texts[:NAIVE_BATCH], device, impl == "naive"))
+    except Exception as err:  # noqa: BLE001 - only FlexAttention's compile or device support may fail here
+        if impl != "encoder-flex":
+            raise
+        pytest.skip(f"FlexAttention does not run here: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
     tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
     assert float((got - expected).norm() / expected.norm()) <= tolerance
     lengths = [len(ids) + K for ids in comp.tokenize(texts, INSTRUCTION).ids]
-    if impl == "encoder":  # tokens the model runs over, padding included (one chunk when len(texts) <= 2048)
-        plan = prepare_chunk(encoder.compressor, texts, INSTRUCTION, encoder.max_tokens)
-        computed = sum(b.input_ids.numel() for _, b in plan.batches)
+    if impl.startswith("encoder"):  # the batches as planned (one chunk when len(texts) <= 2048)
+        planned = [b.lengths.tolist() for _, b in prepare_chunk(encoder.compressor, texts, INSTRUCTION,
+                                                                   encoder.max_tokens).batches]
     else:
-        computed = sum(len(chunk) * max(chunk) for chunk in
-                       (lengths[i: i + NAIVE_BATCH] for i in range(0, len(lengths), NAIVE_BATCH)))
+        planned = [lengths[i: i + NAIVE_BATCH] for i in range(0, len(lengths), NAIVE_BATCH)]
+    computed = sum(computed_tokens(batch, route) for batch in planned)
+    attention_tokens = sum(_attention_tokens(batch, route, device) for batch in planned)
     measure(run, group=f"encode-{name}", suite="encoder", impl=impl, texts=len(texts),
             source=source, config=name, dtype=str(dtype).removeprefix("torch."), real_tokens=sum(lengths),
-            computed_tokens=computed, max_tokens=encoder.max_tokens)
+            computed_tokens=computed, padding_fraction=(computed - sum(lengths)) / computed,
+            attention_tokens=attention_tokens, route=route, attention=attention or "sdpa",
+            max_tokens=encoder.max_tokens)
     mean = benchmark.stats.stats.mean
     _means[impl] = mean
     benchmark.extra_info["texts_per_s"] = len(texts) / mean
-    if impl == "encoder" and "naive" in _means:
+    if impl.startswith("encoder") and "naive" in _means:
         benchmark.extra_info["speedup_vs_naive"] = _means["naive"] / mean

@@ -6,15 +6,20 @@ Same model, same batch, same loss (checked before timing), with 1 and 4 negative
   (``are_fast.model.released``);
 - ours-logits: ``Stage2Model`` with the reference backend: our batching (queries and positives compressed
   once in one call, every decoder stream in one call) but the logits materialized, to separate the gains;
-- ours: ``Stage2Model``: the batching above and every log-prob in one fused ``sequence_logprobs`` call on the
-  stacked hidden states, no N x V logits;
-- ours-checkpointing: ours with per-layer activation checkpointing in the compressor and the decoder.
+- ours-<route>: ``Stage2Model``: the batching above and every log-prob in one fused ``token_logprobs`` call on
+  the stacked hidden states, no N x V logits, the rows run by one route of ``are_fast.model.layout``
+  ("padded": attention mask; "packed": several sequences per row, transformers' packed-sequence mask;
+  "varlen": one row, attention per sequence) in the compressor and the decoder;
+- ours-checkpointing: ours on the device's default route with per-layer activation checkpointing.
+``ours-logits`` and ``ours-checkpointing`` run the device's default route (``layout.default_route``).
 The model is a random-init Llama read by a byte-level tokenizer: on CPU H=256, 4 layers and the Llama-2
 vocabulary size (32000); on CUDA a ~1B Llama (Llama-3.2-1B's shape, vocabulary 128256) in bfloat16.
 The rows are ../shared/data/medi_nli_sample.jsonl's when present (extra negatives taken from the next rows),
 else (and in smoke mode) the generated triplets of ``are_fast.toy``. Timings on a shared CPU are steadier
 with ``OMP_NUM_THREADS=1 pytest benchmarks/test_bench_stage2.py --benchmark-timer=time.process_time``. ``extra_info`` holds tokens (all the batch's texts),
-tokens_per_s, the loss, and for our rows speedup_vs_released and memory_vs_released, read side by side.
+tokens_per_s, the loss, the route, computed_tokens (tokens the bodies' linear layers run, padding included)
+and for our rows speedup_vs_released and memory_vs_released, read side by side. ``-k`` selects rows, e.g.
+``-k "released or varlen"``.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import torch
 
 from are_fast.data import stage2_items
 from are_fast.model import Compressor, FrozenDecoder, Stage2Model
+from are_fast.model.layout import ROUTES, computed_tokens, default_route
 from are_fast.model.released import released_stage2_loss
 from are_fast.toy import triplet_rows
 
@@ -43,7 +49,9 @@ CONFIGS = {  # LlamaConfig fields and rows per batch, per device; smoke mode shr
     "smoke": (dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=512), 2),
 }
+IMPLS = ["released", "ours-logits", *(f"ours-{route}" for route in ROUTES), "ours-checkpointing"]
 _results: dict = {}  # (negatives, impl) -> (mean seconds, peak bytes) of this session
+_released_loss: dict = {}  # negatives -> the released pattern's loss on this session's batch
 
 
 def bench_rows(count: int, negatives: int, smoke: bool = False) -> tuple[list[dict], str]:
@@ -86,11 +94,13 @@ def models():
     yield device, name, pairs, rows
 
 
-@pytest.mark.parametrize("impl", ["released", "ours-logits", "ours", "ours-checkpointing"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("negatives", [1, 4], ids=["neg1", "neg4"])
 def test_stage2_step(negatives, impl, models, measure, benchmark):
     device, name, pairs, count = models
     comp, dec = pairs[impl == "ours-checkpointing"]
+    route = impl.removeprefix("ours-") if impl.removeprefix("ours-") in ROUTES else default_route(device)
+    comp.route = dec.route = route
     rows, source = bench_rows(count, negatives, smoke=name == "smoke")
     gen = torch.Generator().manual_seed(0)
     scores = {r["id"]: (float(torch.randn(1, generator=gen)), torch.randn(negatives, generator=gen).tolist())
@@ -112,14 +122,23 @@ def test_stage2_step(negatives, impl, models, measure, benchmark):
     step = released if impl == "released" else ours
     loss = float(step())
     comp.zero_grad(set_to_none=True)
-    other = float((ours if impl == "released" else released)())  # the same loss, or the comparison is void
-    comp.zero_grad(set_to_none=True)
+    if impl == "released":
+        _released_loss[negatives] = loss
+    elif negatives not in _released_loss:
+        _released_loss[negatives] = float(released())
+        comp.zero_grad(set_to_none=True)
+    other = _released_loss[negatives]  # the same loss, or the comparison is void
     assert abs(loss - other) <= (2e-2 if device.type == "cuda" else 1e-5) * max(abs(other), 1e-6)
 
     tokens = sum(len(i.query) + len(i.pos_prefix) + len(i.pos_target) + sum(map(len, i.neg_targets)) for i in items)
+    computed = None
+    if impl != "released":  # compressor rows (queries, positives) and decoder streams (k vectors + target)
+        streams = [batch.queries.lengths.tolist(), batch.positives.lengths.tolist(),
+                   (batch.targets.lengths + K).tolist()]
+        computed = sum(computed_tokens(lengths, route) for lengths in streams)
     peak = measure(step, lambda: comp.zero_grad(set_to_none=True), group=f"stage2-step-neg{negatives}",
                    suite="stage2", impl=impl, negatives=negatives, config=name, rows=count, tokens=tokens,
-                   source=source, loss=loss)
+                   source=source, loss=loss, route=None if impl == "released" else route, computed_tokens=computed)
     mean = benchmark.stats.stats.mean
     _results[(negatives, impl)] = (mean, peak)
     benchmark.extra_info["tokens_per_s"] = tokens / mean

@@ -10,7 +10,8 @@ the AutoRegEmbed instruction, placed after the text. An embedding is the mean of
 ``are_fast.model.Compressor`` (the paper's pooling). Where the time goes and what this does about it:
 - padding: texts are sorted by length and cut into batches under a token budget (``max_tokens`` padded tokens,
   or real tokens when packed), not a fixed count of texts in input order;
-- attention over padding: with flash-attn installed on CUDA the rows run packed (varlen), no padding at all;
+- padding in the model: rows run by the device's fastest route (``are_fast.model.layout``): on CPU "varlen",
+  no padding outside attention; with flash-attn installed on CUDA, varlen with no padding at all;
 - work nobody needs: no LM head (the compressor keeps only the model body), ``torch.inference_mode``, bfloat16
   on GPU;
 - the CPU side: tokenization, sorting and collation of the next chunk run in a background thread while the
@@ -110,9 +111,10 @@ class Encoder:
         device: default CUDA when available, else CPU. dtype: default bfloat16 on CUDA, float32 elsewhere.
         max_length: texts are cut to this many tokens (counted); "auto": the folder's sentence-transformers
         module config when it has one (the training ``--max-text-tokens``), else 512; None: no limit.
-        num_embed_tokens: k, default read from the tokenizer's <EMBED{i}> tokens. pack: run rows packed
-        (varlen); default: on CUDA when flash-attn is installed (then ``attn_implementation`` defaults to
-        "flash_attention_2"). prompts / default_prompt_name: default those of the folder's
+        num_embed_tokens: k, default read from the tokenizer's <EMBED{i}> tokens. pack: True runs rows
+        without padding (the "varlen" route of ``are_fast.model.layout``), False padded; default: the device's
+        fastest route (``default_route``), and on CUDA with flash-attn installed "varlen" (then
+        ``attn_implementation`` defaults to "flash_attention_2"). prompts / default_prompt_name: default those of the folder's
         ``config_sentence_transformers.json`` (the training instruction); given prompts are added to them.
         Raises ValueError naming the path when it is not a loadable model directory.
         """
@@ -132,15 +134,16 @@ class Encoder:
             default_prompt_name = saved.get("default_prompt_name")
         device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
         dtype = _resolve_dtype(dtype, device)
-        if pack is None:
-            pack = device.type == "cuda" and flash_attention_available()
+        if pack is None and device.type == "cuda" and flash_attention_available():
+            pack = True
         if pack and attn_implementation is None and flash_attention_available():
             attn_implementation = "flash_attention_2"
+        route = None if pack is None else "varlen" if pack else "padded"
         try:
             comp = Compressor.from_pretrained(path, num_embed_tokens, dtype=dtype, device=device,
                                               attn_implementation=attn_implementation,
                                               trust_remote_code=trust_remote_code, max_text_tokens=max_length,
-                                              pack=pack)
+                                              route=route)
         except (OSError, KeyError) as err:  # transformers' errors for unreadable or unknown checkpoints
             raise ValueError(f"model: could not load {path!r} as a transformers model: {err}") from err
         return cls(comp, device=device, max_tokens=max_tokens, batch_size=batch_size, prompts=prompts,
@@ -149,7 +152,7 @@ class Encoder:
     def __repr__(self) -> str:
         return (f"Encoder(path={self.path!r}, k={self.num_embed_tokens}, hidden_size={self.hidden_size}, "
                 f"max_length={self.max_length}, dtype={str(self.dtype).removeprefix('torch.')}, "
-                f"device={self.device}, packed={self.compressor.pack}, max_tokens={self.max_tokens}, "
+                f"device={self.device}, route={self.compressor.resolved_route}, max_tokens={self.max_tokens}, "
                 f"batch_size={self.batch_size}, prompts={self.prompts!r}, "
                 f"default_prompt_name={self.default_prompt_name!r})")
 

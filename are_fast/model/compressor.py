@@ -18,7 +18,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .layout import Tokenized, compressor_prefix_ids, enable_checkpointing, pad_right, run_varlen
+from .layout import (Tokenized, check_route, compressor_prefix_ids, default_route, enable_checkpointing, pad_right,
+                     run_varlen)
 
 
 def embed_token_names(num_embed_tokens: int) -> list[str]:
@@ -62,11 +63,12 @@ class Compressor(nn.Module):
             match (new rows start at the mean of the old ones).
         num_embed_tokens: k (5 in the paper).
         max_text_tokens: texts are cut to this many tokens (counted in ``Tokenized.truncated``); None: no limit.
-        pack: run rows packed with restarting positions (worth it with flash-attention 2) instead of padded.
+        route: how rows of different lengths run through the body: "padded", "packed" or "varlen" (see
+            ``are_fast.model.layout``); None: the fastest measured on the body's device (``default_route``).
     """
 
     def __init__(self, model, tokenizer, num_embed_tokens: int = 5, *, max_text_tokens: int | None = 512,
-                 pack: bool = False):
+                 route: str | None = None):
         super().__init__()
         if num_embed_tokens < 1:
             raise ValueError(f"num_embed_tokens: expected at least 1, got {num_embed_tokens}")
@@ -74,7 +76,7 @@ class Compressor(nn.Module):
         self.tokenizer = tokenizer
         self.num_embed_tokens = num_embed_tokens
         self.max_text_tokens = max_text_tokens
-        self.pack = pack
+        self.route = check_route(route)
         names = embed_token_names(num_embed_tokens)
         missing = [n for n in names if n not in tokenizer.get_vocab()]
         if missing:
@@ -88,6 +90,20 @@ class Compressor(nn.Module):
                 weight = self.backbone.get_input_embeddings().weight
                 weight[old_rows:] = weight[:old_rows].mean(0)
         self.pad_token_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.get_input_embeddings().weight.device
+
+    @property
+    def resolved_route(self) -> str:
+        """The route rows run by: ``route``, else the default of the body's device."""
+        return self.route or default_route(self.device)
+
+    @property
+    def pack(self) -> bool:
+        """True when rows run without padding in the linear layers (a batch then costs its real tokens)."""
+        return self.resolved_route != "padded"
 
     @property
     def hidden_size(self) -> int:
@@ -113,23 +129,23 @@ class Compressor(nn.Module):
 
     def forward(self, batch: CompressorBatch) -> torch.Tensor:
         """The final hidden states at the k special positions: [B, k, H] in the body's (or autocast) dtype."""
-        hidden = run_varlen(self.backbone, batch.lengths, self.pack, input_ids=batch.input_ids)
+        hidden = run_varlen(self.backbone, batch.lengths, self.resolved_route, input_ids=batch.input_ids)
         index = batch.embed_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         return hidden.gather(1, index)
 
     def compress(self, texts: Sequence[str], instructions: str | Sequence[str] | None = None) -> torch.Tensor:
         """Texts (and one instruction or one per text) -> [B, k, H] on the body's device."""
-        device = self.backbone.get_input_embeddings().weight.device
-        return self(self.collate(self.tokenize(texts, instructions).ids).to(device))
+        return self(self.collate(self.tokenize(texts, instructions).ids).to(self.device))
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
+    def save_pretrained(self, path: str | os.PathLike, state_dict: dict | None = None) -> None:
         """Write a Hugging Face model directory (body weights as safetensors, config, tokenizer with the
-        <EMBED{i}> tokens), the layout of released AutoRegEmbed checkpoints. A peft LoRA body is merged first."""
+        <EMBED{i}> tokens), the layout of released AutoRegEmbed checkpoints. A peft LoRA body is merged first.
+        ``state_dict``: the body's weights to write instead of its own (the full tensors gathered from FSDP shards)."""
         body = self.backbone
         if hasattr(body, "merge_and_unload"):  # peft: export plain weights that any loader reads
             body = body.merge_and_unload()
             self.backbone = body
-        body.save_pretrained(path)
+        body.save_pretrained(path, state_dict=state_dict)
         self.tokenizer.save_pretrained(path)
 
     @classmethod
@@ -139,7 +155,7 @@ class Compressor(nn.Module):
         """Load a model directory (a base LM, our checkpoint or a released AutoRegEmbed one) as a compressor.
 
         num_embed_tokens: k; None reads it from the tokenizer's <EMBED{i}> tokens (an error when it has none).
-        Other keyword arguments go to ``Compressor`` (max_text_tokens, pack).
+        Other keyword arguments go to ``Compressor`` (max_text_tokens, route).
         """
         from transformers import AutoModel, AutoTokenizer
 

@@ -13,7 +13,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .layout import Tokenized, decoder_labels, enable_checkpointing, pad_right, run_varlen, target_ids
+from .layout import (Tokenized, check_route, decoder_labels, default_route, enable_checkpointing, pad_right,
+                     run_varlen, target_ids)
 
 
 class FrozenDecoder(nn.Module):
@@ -23,11 +24,12 @@ class FrozenDecoder(nn.Module):
         lm: an ``AutoModelForCausalLM`` (its body and its LM head are used).
         tokenizer: the base tokenizer (targets are tokenized with it and end with its eos token).
         max_target_tokens: targets are cut to this many tokens before the eos (counted); None: no limit.
-        pack: run the streams packed with restarting positions (worth it with flash-attention 2).
+        route: how streams of different lengths run through the body: "padded", "packed" or "varlen" (see
+            ``are_fast.model.layout``); None: the fastest measured on the model's device (``default_route``).
         checkpointing: per-layer activation checkpointing while gradients flow through it.
     """
 
-    def __init__(self, lm, tokenizer, *, max_target_tokens: int | None = 512, pack: bool = False,
+    def __init__(self, lm, tokenizer, *, max_target_tokens: int | None = 512, route: str | None = None,
                  checkpointing: bool = False):
         super().__init__()
         config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
@@ -40,7 +42,7 @@ class FrozenDecoder(nn.Module):
         self.lm = lm.requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_target_tokens = max_target_tokens
-        self.pack = pack
+        self.route = check_route(route)
         self.checkpointing = checkpointing
         if checkpointing:
             enable_checkpointing(lm)
@@ -83,7 +85,8 @@ class FrozenDecoder(nn.Module):
         k = compressed.shape[1]
         embeds = self.lm.get_input_embeddings()(target)
         inputs = torch.cat([compressed.to(embeds.dtype), embeds], dim=1)
-        hidden = run_varlen(self.lm.base_model, lengths + k, self.pack, inputs_embeds=inputs)[:, k - 1:]
+        route = self.route or default_route(inputs.device)
+        hidden = run_varlen(self.lm.base_model, lengths + k, route, inputs_embeds=inputs)[:, k - 1:]
         # Under autocast the states come out in bf16 while the head may be fp32: the fused ops want one dtype.
         return hidden.to(self.head[0].dtype), decoder_labels(target, lengths, 1)
 

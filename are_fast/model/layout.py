@@ -1,21 +1,35 @@
-"""Batch layout shared by the compressor and the decoder: tokenization, right padding, variable-length runs.
+"""Batch layout shared by the compressor and the decoder: tokenization, right padding, and the routes that run
+variable-length rows through a transformers body.
 
 The released AutoRegEmbed layout, which this module reproduces:
 - compressor row: [bos, if the tokenizer has one] + tokens(text + "\\n") + tokens(instruction + "\\n"), then the k
   special tokens <EMBED0>..<EMBED{k-1}> right after the last real token (right padding);
 - decoder row: [k compressed vectors ; embeddings of tokens(target) + eos], labels [-100] * k + target + [eos].
 
-``run_varlen`` runs a backbone over right-padded rows either padded (attention mask) or packed into one row
-with restarting position ids (transformers then keeps the sequences apart; with flash-attention 2 this is the
-varlen kernel, so no compute goes to padding). Either way it returns padded hidden states, so the loss code
-sees one layout.
+The rows are collated right-padded; ``run_varlen`` runs them by one of three routes (``ROUTES``) and always
+returns padded hidden states, so the loss code sees one layout:
+- "padded": the rows as they are, with an attention mask: every layer computes the padding too;
+- "packed": the sequences packed first-fit into as few rows as possible, each no wider than the longest
+  sequence, position ids restarting per sequence and no attention mask; transformers turns the position ids
+  into a block-diagonal causal mask (sdpa, eager), a document BlockMask (flex_attention) or, in one row, the
+  varlen kernel (flash_attention_2). The linear layers see (almost) no padding; attention runs per packed row;
+- "varlen": all real tokens in one row and attention per sequence from cumulative lengths, by our attention
+  function ``varlen_attention``: torch's ``torch.nn.attention.varlen.varlen_attn`` (flash) on CUDA in
+  bf16/fp16; elsewhere sequences of similar length (``attention_groups``: at most 2% padding) are scattered
+  into a zero-padded [G, heads, L, d] block for one causal sdpa call per group and gathered back. The linear
+  layers, the norms and the embeddings see no padding at all.
+With flash_attention_2 loaded, "packed" and "varlen" both run one row through flash-attn's varlen kernel.
+``default_route(device)`` is the measured winner per device (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
+import contextvars
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
@@ -77,25 +91,203 @@ def decoder_labels(target: torch.Tensor, lengths: torch.Tensor, num_compressed: 
     return torch.cat([labels.new_full((target.shape[0], num_compressed), IGNORE_INDEX), labels], dim=1)
 
 
-def run_varlen(backbone, lengths: torch.Tensor, pack: bool, input_ids=None, inputs_embeds=None) -> torch.Tensor:
-    """Final hidden states [R, L, H] of right-padded rows (ids [R, L] or embeddings [R, L, H]).
+ROUTES = ("padded", "packed", "varlen")
+VARLEN_ATTENTION = "are_fast_varlen"  # ``varlen_attention`` is registered in transformers as "are_fast_varlen:<kernel>"
+ATTENTION_PADDING = 0.02  # varlen's CPU path: padding per attention call, at most this fraction of its real tokens
+_IN_VARLEN_CALL = contextvars.ContextVar("are_fast_in_varlen_call", default=False)
+
+
+def default_route(device: torch.device | str) -> str:
+    """The fastest route measured on this kind of device (benchmarks/test_bench_stage2.py, test_bench_encoder.py):
+    "varlen" on CPU; "padded" on CUDA until the GPU benchmark has measured the others there."""
+    return "varlen" if torch.device(device).type == "cpu" else "padded"
+
+
+def check_route(route: str | None) -> str | None:
+    """``route`` itself when it is None (the device's default) or one of ``ROUTES``; else a ValueError."""
+    if route is not None and route not in ROUTES:
+        raise ValueError(f"route: expected one of {', '.join(ROUTES)} or None (the device's default), got {route!r}")
+    return route
+
+
+def pack_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """First-fit decreasing: sequence indices per packed row, longest first, each row's total at most ``width``
+    (a sequence longer than ``width`` gets a row of its own)."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        slot = next((r for r, room in enumerate(free) if room >= lengths[i]), None)
+        if slot is None:
+            rows.append([i])
+            free.append(width - lengths[i])
+        else:
+            rows[slot].append(i)
+            free[slot] -= lengths[i]
+    return rows
+
+
+def computed_tokens(lengths: Sequence[int], route: str, one_row: bool = False) -> int:
+    """Tokens the linear layers of a body compute for sequences of ``lengths`` on ``route``, padding included
+    (``one_row``: "packed" packs everything into one row, as it does under flash_attention_2)."""
+    if not lengths:
+        return 0
+    if route == "padded":
+        return len(lengths) * max(lengths)
+    if route == "packed" and not one_row:
+        return len(pack_rows(lengths, max(lengths))) * max(lengths)
+    return sum(lengths)
+
+
+def _flash(backbone) -> bool:
+    return "flash" in str(backbone.config._attn_implementation)
+
+
+def _use_varlen_attention(backbone) -> None:
+    """Switch the body's attention to ``varlen_attention`` for good (idempotent). Calls without cumulative lengths
+    (the other routes) still run the body's own kernel, and activation checkpointing, which recomputes a layer
+    during the backward, finds the same function the forward ran."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    config = backbone.config
+    inner = config._attn_implementation
+    if inner.startswith(VARLEN_ATTENTION):
+        return
+    if inner not in ALL_ATTENTION_FUNCTIONS:
+        raise ValueError(f"route: 'varlen' keeps the body's attention kernel for other calls, and {inner!r} is "
+                         "not a registered one; load the model with attn_implementation='sdpa' or use another route")
+    name = f"{VARLEN_ATTENTION}:{inner}"
+    AttentionInterface.register(name, functools.partial(varlen_attention, inner=inner))
+    AttentionMaskInterface.register(name, functools.partial(_varlen_mask, inner=inner))
+    config._attn_implementation = name
+
+
+def _varlen_mask(*args, inner: str, **kwargs):
+    """Mask function under ``varlen_attention``: none in a varlen call, else the body's own kernel's mask."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    return None if _IN_VARLEN_CALL.get() else ALL_MASK_ATTENTION_FUNCTIONS[inner](*args, **kwargs)
+
+
+def _packing_index(packed: list[list[int]], sizes: list[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index [P, W], position ids [P, W]) of packed rows: the flat index (row * width + position) each slot
+    reads, -1 for padding, and each token's position within its sequence (a padding run restarts at 0, so it
+    is a sequence of its own). P rows of W = the fullest row's tokens."""
+    order = torch.tensor([i for members in packed for i in members], dtype=torch.int64)  # [S] sequences, in slots
+    bins = torch.tensor([p for p, members in enumerate(packed) for _ in members], dtype=torch.int64)  # [S]
+    lens = torch.tensor(sizes, dtype=torch.int64)[order]
+    fill = torch.zeros(len(packed), dtype=torch.int64).index_add(0, bins, lens)  # [P] tokens per packed row
+    pack_width = int(fill.max())
+    start = lens.cumsum(0) - lens  # [S] where each sequence starts, counting over all slots
+    start_in_row = start - (fill.cumsum(0) - fill)[bins]
+    token_sequence = torch.repeat_interleave(torch.arange(len(order)), lens)  # [T]
+    offset = torch.arange(len(token_sequence)) - start[token_sequence]
+    slot = bins[token_sequence] * pack_width + start_in_row[token_sequence] + offset
+    index = torch.full((len(packed) * pack_width,), -1, dtype=torch.int64)
+    index[slot] = order[token_sequence] * width + offset
+    positions = (torch.arange(pack_width) - fill.unsqueeze(1)).flatten()  # the padding's, from each row's fill
+    positions[slot] = offset
+    return index.view(len(packed), pack_width), positions.view(len(packed), pack_width)
+
+
+def run_varlen(backbone, lengths: torch.Tensor, route: str, input_ids=None, inputs_embeds=None) -> torch.Tensor:
+    """Final hidden states [R, L, H] of right-padded rows (ids [R, L] or embeddings [R, L, H]) run by ``route``.
 
     ``backbone`` is a transformers base model (LlamaModel, ...) returning ``last_hidden_state`` (after the final
-    norm). Positions at or past a row's length hold unspecified values. ``pack=True`` concatenates the real tokens
-    of all rows into one row with position ids restarting per sequence and no attention mask.
+    norm); lengths [R] int64 are the rows' real lengths. Positions at or past a row's length hold unspecified
+    values (zeros off the padded route). Gradients flow to ``inputs_embeds`` and the body on every route.
     """
     source = input_ids if input_ids is not None else inputs_embeds
+    key = "input_ids" if input_ids is not None else "inputs_embeds"
     rows, width = source.shape[:2]
-    valid = torch.arange(width, device=source.device) < lengths.to(source.device).unsqueeze(1)  # [R, L]
-    if not pack:
-        kwargs = {"input_ids": input_ids} if input_ids is not None else {"inputs_embeds": inputs_embeds}
-        return backbone(**kwargs, attention_mask=valid.long(), use_cache=False).last_hidden_state
-    positions = torch.arange(width, device=source.device).expand(rows, width)[valid].unsqueeze(0)
-    flat = source[valid].unsqueeze(0)
-    kwargs = {"input_ids": flat} if input_ids is not None else {"inputs_embeds": flat}
-    hidden = backbone(**kwargs, position_ids=positions, use_cache=False).last_hidden_state[0]
-    out = hidden.new_zeros(rows, width, hidden.shape[-1])
-    return out.masked_scatter(valid.unsqueeze(-1), hidden)
+    if route == "padded":
+        valid = torch.arange(width, device=source.device) < lengths.to(source.device).unsqueeze(1)
+        return backbone(**{key: source}, attention_mask=valid.long(), use_cache=False).last_hidden_state
+    check_route(route)
+    sizes = lengths.tolist()
+    if route == "packed" and not _flash(backbone):
+        packed = pack_rows(sizes, max(sizes))
+    else:
+        packed = [list(range(rows))]
+    index, positions = _packing_index(packed, sizes, width)
+    index, positions = index.to(source.device), positions.to(source.device)
+    real = index >= 0
+    flat = source.reshape(rows * width, *source.shape[2:])[index.clamp(min=0)]
+    kwargs = {key: flat, "position_ids": positions, "use_cache": False}
+    if route == "varlen" and not _flash(backbone):
+        cu = torch.tensor([0] + sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(source.device)
+        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(sizes), max_length_k=max(sizes))
+        _use_varlen_attention(backbone)
+        token = _IN_VARLEN_CALL.set(True)
+        try:
+            hidden = backbone(**kwargs).last_hidden_state
+        finally:
+            _IN_VARLEN_CALL.reset(token)
+    else:
+        hidden = backbone(**kwargs).last_hidden_state
+    out = hidden.new_zeros(rows * width, hidden.shape[-1])
+    return out.index_copy(0, index[real], hidden[real]).view(rows, width, -1)
+
+
+def varlen_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, *,
+                     cu_seq_lens_q=None, max_length_q=None, inner: str | None = None, **kwargs):
+    """transformers attention function of the "varlen" route: causal attention within each packed sequence.
+
+    query [1, heads, N, d], key and value [1, kv_heads, N, d] (all sequences in one row); cu_seq_lens_q [S + 1]
+    int32 cumulative lengths; max_length_q the longest. Returns ([1, N, heads, d], None). Without
+    cu_seq_lens_q the call goes to the attention function registered as ``inner`` (the body's own kernel).
+    """
+    if cu_seq_lens_q is None:
+        if inner is None:
+            raise ValueError("varlen attention: expected cu_seq_lens_q (run the body through layout.run_varlen)")
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        return ALL_ATTENTION_FUNCTIONS[inner](module, query, key, value, attention_mask, scaling=scaling,
+                                              dropout=dropout, **kwargs)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [N, heads, d]
+    dropout = dropout if module.training else 0.0
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not dropout:
+        from torch.nn.attention.varlen import varlen_attn
+
+        out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling,
+                          window_size=(-1, 0), enable_gqa=k.shape[1] != q.shape[1])
+        return out.unsqueeze(0), None
+    # Elsewhere: sequences of similar length share one causal sdpa call over a zero-padded block.
+    starts, sizes = cu_seq_lens_q[:-1].tolist(), cu_seq_lens_q.diff().tolist()
+    gqa = k.shape[1] != q.shape[1]
+    order, parts = [], []
+    for group in attention_groups(sizes):
+        width = sizes[group[0]]
+        sequence = torch.repeat_interleave(torch.arange(len(group)), torch.tensor([sizes[i] for i in group]))
+        offset = torch.cat([torch.arange(sizes[i]) for i in group])
+        tokens = torch.tensor([starts[i] for i in group])[sequence] + offset
+        sequence, offset, tokens = (t.to(q.device) for t in (sequence, offset, tokens))
+
+        def padded(t):  # [N, h, d] -> [G, h, width, d], zeros past each sequence's end
+            block = t.new_zeros(len(group), width, *t.shape[1:])
+            return block.index_put((sequence, offset), t[tokens]).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), dropout_p=dropout, is_causal=True,
+                                             scale=scaling, enable_gqa=gqa)
+        order.append(tokens)
+        parts.append(out.transpose(1, 2)[sequence, offset])
+    out = q.new_zeros(q.shape).index_copy(0, torch.cat(order), torch.cat(parts))
+    return out.unsqueeze(0), None
+
+
+def attention_groups(sizes: Sequence[int], slack: float = ATTENTION_PADDING) -> list[list[int]]:
+    """Sequences (indices, longest first) grouped so that padding each group to its longest sequence adds at most
+    ``slack`` of the group's real tokens: the groups of the CPU path of ``varlen_attention``."""
+    groups: list[list[int]] = []
+    total = 0
+    for i in sorted(range(len(sizes)), key=lambda j: -sizes[j]):
+        if groups and (len(groups[-1]) + 1) * sizes[groups[-1][0]] <= (1 + slack) * (total + sizes[i]):
+            groups[-1].append(i)
+            total += sizes[i]
+        else:
+            groups.append([i])
+            total = sizes[i]
+    return groups
 
 
 def enable_checkpointing(model) -> None:

@@ -23,7 +23,8 @@ class ModelOptions:
     num_embed_tokens: int = 5
     max_text_tokens: int = 512
     max_target_tokens: int = 512
-    attn_implementation: str | None = None  # None: transformers' default (sdpa); "flash_attention_2" packs rows
+    attn_implementation: str | None = None  # None: transformers' default (sdpa)
+    route: str | None = None  # "padded", "packed", "varlen" (are_fast.model.layout); None: the device's default
     checkpointing: bool = False
     dtype: str | None = None  # weights' dtype ("bfloat16", ...); None: as saved
     lora_rank: int = 0  # 0: full fine-tuning of the compressor
@@ -35,16 +36,15 @@ class ModelOptions:
 
 
 def build_models(compressor_dir: str, decoder_dir: str, opts: ModelOptions, device=None):
-    """(Compressor from ``compressor_dir``, FrozenDecoder from ``decoder_dir``), packed when flash-attn 2 runs."""
+    """(Compressor from ``compressor_dir``, FrozenDecoder from ``decoder_dir``), both run by ``opts.route``."""
     if opts.attn_implementation == "flash_attention_2" and not flash_attention_available():
         raise ValueError("attn_implementation: flash_attention_2 needs the flash-attn package (pip install flash-attn)")
-    pack = opts.attn_implementation == "flash_attention_2"
     common = dict(dtype=getattr(torch, opts.dtype) if opts.dtype else None, attn_implementation=opts.attn_implementation,
                   trust_remote_code=opts.trust_remote_code, device=device)
     torch.manual_seed(opts.seed)  # the new <EMBED{i}> rows are drawn at random
     compressor = Compressor.from_pretrained(compressor_dir, opts.num_embed_tokens, max_text_tokens=opts.max_text_tokens,
-                                            pack=pack, **common)
-    decoder = FrozenDecoder.from_pretrained(decoder_dir, max_target_tokens=opts.max_target_tokens, pack=pack,
+                                            route=opts.route, **common)
+    decoder = FrozenDecoder.from_pretrained(decoder_dir, max_target_tokens=opts.max_target_tokens, route=opts.route,
                                             checkpointing=opts.checkpointing, **common)
     if opts.checkpointing:
         compressor.enable_checkpointing()
@@ -56,8 +56,14 @@ def build_models(compressor_dir: str, decoder_dir: str, opts: ModelOptions, devi
 
 
 def _export(compressor: Compressor, path: str, rows: list[dict]) -> None:
+    from torch.distributed.tensor import DTensor
+
+    # Under --fsdp the body's weights are shards: every process takes part in gathering them, rank 0 writes.
+    state = compressor.backbone.state_dict()
+    full = ({name: t.full_tensor() if isinstance(t, DTensor) else t for name, t in state.items()}
+            if any(isinstance(t, DTensor) for t in state.values()) else None)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        compressor.save_pretrained(path)
+        compressor.save_pretrained(path, state_dict=full)
         # sentence-transformers files: the folder loads as SentenceTransformer(path), the instruction as its prompt
         write_sentence_transformers_files(path, compressor, **instruction_prompts(r["instruction"] for r in rows))
     if dist.is_initialized():

@@ -9,7 +9,8 @@ dicts, safetensors, tqdm, peft (in the jobs).
 
 Features: gradient accumulation, clipping, bf16 autocast on CUDA, JSON-lines loss log (``loss.jsonl``),
 progress bar, checkpoints with exact resume (``checkpoint.py``), DDP under torchrun (gloo on CPU, NCCL on GPU)
-and FSDP2 sharding as an option (CUDA only: gloo has no reduce-scatter).
+and FSDP2 sharding as an option (``fsdp``: each transformer layer and the rest of the model sharded over the
+processes; NCCL on GPU, gloo on CPU).
 """
 from __future__ import annotations
 
@@ -126,8 +127,9 @@ class Trainer:
 
     def _wrap(self, model):
         if self.config.fsdp:
-            if self.device.type != "cuda":
-                raise ValueError("fsdp: FSDP shards over NCCL on CUDA; on CPU use plain DDP (torchrun without --fsdp)")
+            if not dist.is_initialized():
+                raise ValueError("fsdp: FSDP2 shards the model over the processes of a torchrun launch; "
+                                 "run under torchrun (--nproc-per-node N) or leave --fsdp out")
             from torch.distributed.fsdp import fully_shard
             from transformers.modeling_layers import GradientCheckpointingLayer
 

@@ -52,10 +52,10 @@ def test_bos_is_prepended_when_the_tokenizer_has_one(tiny_dir):
     assert comp.tokenize(["x"], "y").ids[0][0] == bos
 
 
-@pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
-def test_stage1_loss_equals_transformers_logits_loss(tiny_dir, pack):
+@pytest.mark.parametrize("route", ["padded", "packed", "varlen"])
+def test_stage1_loss_equals_transformers_logits_loss(tiny_dir, route):
     """(a) the fused stage-1 loss equals the causal LM's own logits-based loss on the same batch."""
-    comp, dec = _pair(tiny_dir, pack=pack)
+    comp, dec = _pair(tiny_dir, route=route)
     model = Stage1Model(comp, dec)
     texts = ["short", "a somewhat longer context", "mid size"]
     items = [Stage1Item(p, t) for p, t in zip(comp.tokenize(texts, "restate:").ids,
