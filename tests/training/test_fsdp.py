@@ -53,7 +53,7 @@ def _fsdp_worker(rank, port, base, out, result):
     assert trainable and all(isinstance(p, DTensor) and p.placements == (Shard(0),) for p in trainable)
     record = trainer.train()[0]
     weights = _trained_weights(trainer)  # a collective: every rank takes part
-    _export(trainer.core.compressor, os.path.join(out, "model"))  # the jobs' export gathers the shards too
+    _export(trainer.core.compressor, os.path.join(out, "model"), triplet_rows(ROWS, NEGATIVES))  # gathers the shards too
     if rank == 0:
         save_file(weights, result)
         with open(result + ".json", "w") as f:
