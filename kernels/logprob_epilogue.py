@@ -37,9 +37,10 @@ def _logprob_epilogue_kernel(
         new_max = tl.maximum(running_max, tl.max(x, axis=0))
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
         running_max = new_max
-    lse = running_max + tl.log(running_sum)
+    # x - lse is formed as (x - max) - log_sum: rounding lse itself to float32 would cost ulp(max) (1e-3 at 1e4).
+    log_sum = tl.log(running_sum)
 
-    picked = tl.load(row_ptr + safe_target).to(tl.float32) - lse
+    picked = (tl.load(row_ptr + safe_target).to(tl.float32) - running_max) - log_sum
     logp = tl.where(in_range, picked, float("nan"))
     tl.store(out_ptr + row, tl.where(valid, logp, 0.0))
 
@@ -50,7 +51,7 @@ def _logprob_epilogue_kernel(
             mask = cols < vocab
             x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
             onehot = tl.where(cols == safe_target, 1.0, 0.0)
-            grad = scale * (onehot - tl.exp(x - lse))
+            grad = scale * (onehot - tl.exp((x - running_max) - log_sum))
             tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
@@ -59,10 +60,27 @@ def block_size(vocab: int) -> int:
     return min(4096, triton.next_power_of_2(vocab))
 
 
+def check_block(block_v: int | None, vocab: int) -> int:
+    """The tile a launcher uses: ``block_v`` (a power of two) when given, else ``block_size(vocab)``."""
+    if block_v is None:
+        return block_size(vocab)
+    if not isinstance(block_v, int) or block_v < 1 or block_v & (block_v - 1):
+        raise ValueError(f"block_v: expected a power of two, got {block_v!r}")
+    return block_v
+
+
 def logprob_epilogue(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, grad_scale: torch.Tensor | None
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    grad_scale: torch.Tensor | None,
+    *,
+    block_v: int | None = None,
 ) -> torch.Tensor:
-    """logits [C, V] float32 (row-contiguous), targets [C] int64, grad_scale [C] or None -> log-probs [C] float32."""
+    """logits [C, V] float32 (row-contiguous), targets [C] int64, grad_scale [C] or None -> log-probs [C] float32.
+
+    block_v: the vocabulary tile (a power of two; default ``block_size(V)``), smaller in tests to get many tiles.
+    """
     if logits.dtype != torch.float32:
         raise TypeError(f"logits: the Triton epilogue takes float32 logits, got {logits.dtype}")
     if logits.stride(1) != 1:
@@ -82,7 +100,7 @@ def logprob_epilogue(
         out,
         vocab,
         ignore_index,
-        BLOCK_V=block_size(vocab),
+        BLOCK_V=check_block(block_v, vocab),
         WRITE_GRAD=write_grad,
         num_warps=8,
     )
