@@ -200,6 +200,12 @@ def test_chunked_gradcheck_float64(device):
     assert torch.autograd.gradcheck(lambda h, q: all_ops(h, q, masters["weight"], masters["bias"]), frozen)
 
 
+def test_allocations_are_poisoned_on_the_device(device):
+    """The conftest's NaN poisoning reaches the device under test: an output element an op forgets fails."""
+    assert torch.isnan(torch.empty(3, device=device)).all()
+    assert torch.isnan(torch.empty_like(torch.zeros(2, 2, device=device))).all()
+
+
 def test_alignment_loss_matches_formula_transcription(device):
     b, n = 4, 3
     inputs = [torch.randn(b, dtype=torch.float64) * 20, torch.randn(b, dtype=torch.float64) * 20,

@@ -6,8 +6,12 @@ each row's maximum in the first, a middle, the last full and the ragged tail til
 every tile, with and without a common offset of 1e4: an online log-sum-exp that forgets a rescale, or a tail
 mask that lets padding in, fails them.
 """
+import importlib
+import os
+
 import pytest
 import torch
+from triton.runtime.interpreter import InterpretedFunction
 
 from are_fast import kernels
 from are_fast.ops import torch_epilogues
@@ -135,6 +139,14 @@ def test_kl_epilogue_error_tracks_the_chunked_backend(scale, device):
     ours = kernels.kl_epilogue(a.to(device, torch.float32), b.to(device, torch.float32), valid.to(device), None)
     chunked_error, error = rel_error(chunked, ref), rel_error(ours, ref)
     assert error <= 1e-5 and error <= 4 * chunked_error + 1e-7, f"Triton {error:.1e}, chunked {chunked_error:.1e}"
+
+
+def test_kernels_are_compiled_on_cuda_and_interpreted_on_cpu(device):
+    """The conftest sets TRITON_INTERPRET for a CPU run only, so a CUDA run tests the compiled kernels."""
+    assert (os.environ.get("TRITON_INTERPRET") == "1") == (device.type == "cpu")
+    for module, kernel in (("logprob_epilogue", "_logprob_epilogue_kernel"), ("kl_epilogue", "_kl_epilogue_kernel")):
+        jitted = getattr(importlib.import_module(f"are_fast.kernels.{module}"), kernel)
+        assert isinstance(jitted, InterpretedFunction) == (device.type == "cpu"), kernel
 
 
 def test_launchers_reject_what_the_kernels_cannot_read():
