@@ -42,8 +42,8 @@ def _kl_epilogue_kernel(
         mask = start + offsets < vocab
         a = tl.load(p_row + start + offsets, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(q_row + start + offsets, mask=mask, other=0.0).to(tl.float32)
-        # Padding lanes are -inf for the maxes and the exponentials, 0 in the log-ratio (no -inf - -inf).
-        # Each tile holds at least one real logit, so the new maxes are finite.
+        # Padding lanes are -inf for the maxes and the exponentials (so exp_a = 0 there) but 0 in the log-ratio,
+        # which stays finite (no -inf - -inf). Each tile holds at least one real logit: the new maxes are finite.
         a_padded = tl.where(mask, a, float("-inf"))
         b_padded = tl.where(mask, b, float("-inf"))
         new_max_p = tl.maximum(max_p, tl.max(a_padded, axis=0))
@@ -54,7 +54,7 @@ def _kl_epilogue_kernel(
         started = sum_p > 0
         moved = tl.where(started, new_max_p - max_p, 0.0) - tl.where(started, new_max_q - max_q, 0.0)
         exp_a = tl.exp(a_padded - new_max_p)
-        log_ratio = tl.where(mask, (a - new_max_p) - (b - new_max_q), 0.0)
+        log_ratio = (a - new_max_p) - (b - new_max_q)
         shifted = (shifted - moved * sum_p) * rescale_p + tl.sum(exp_a * log_ratio, axis=0)
         sum_p = sum_p * rescale_p + tl.sum(exp_a, axis=0)
         sum_q = sum_q * tl.exp(max_q - new_max_q) + tl.sum(tl.exp(b_padded - new_max_q), axis=0)

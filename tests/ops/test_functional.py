@@ -149,8 +149,8 @@ def test_single_row_and_empty_batch(backend, device):
     hidden = masters["hidden"][0, :1].float()  # N = 1
     target = masters["labels"][0, -1:].clamp(min=0)
     ref = are_fast.token_logprobs(hidden.double(), masters["weight"], target, backend="reference")
-    out = are_fast.token_logprobs(leaf(hidden, torch.float32, True, device), masters["weight"].to(device, torch.float32),
-                                  target.to(device), backend=backend)
+    out = are_fast.token_logprobs(leaf(hidden, torch.float32, True, device),
+                                  masters["weight"].to(device, torch.float32), target.to(device), backend=backend)
     assert_rel_close(out, ref, torch.float32, "N=1")
     empty = make_inputs(batch=0)
     for op in OPS:
