@@ -49,8 +49,8 @@ def _kl_epilogue_kernel(
         new_max_p = tl.maximum(max_p, tl.max(a_padded, axis=0))
         new_max_q = tl.maximum(max_q, tl.max(b_padded, axis=0))
         rescale_p = tl.exp(max_p - new_max_p)  # 0 on the first tile, where the sums are still 0
-        # The old terms' (a - max_p) - (b - max_q) all move by the same amount when the maxes rise.
-        # (0 on the first tile: the -inf starting maxes carry no terms)
+        # When the maxes rise, every old term's (a - max_p) - (b - max_q) moves by the same amount (nothing to move
+        # on the first tile: the -inf starting maxes carry no terms).
         started = sum_p > 0
         moved = tl.where(started, new_max_p - max_p, 0.0) - tl.where(started, new_max_q - max_q, 0.0)
         exp_a = tl.exp(a_padded - new_max_p)
