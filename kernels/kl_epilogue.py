@@ -1,17 +1,19 @@
 """Triton row epilogue for the KL between two streams' softmax distributions, with both gradients in place.
 
-One program per row pair (a = logits_p, b = logits_q). The first sweep keeps online statistics of both
-rows: max and sum of exp for a and for b, and cross = sum exp(a - max_a) (a - b), rescaled as the max moves;
-then KL = cross / sum_a - lse(a) + lse(b). The second sweep (only when a gradient is asked for) writes
-g * p * ((a - b) - KL_cross) over a and g * (q - p) over b, or into gradient outputs (which may be
-low-precision views of the logits rows, as in logprob_epilogue). Same contract as
-``are_fast.ops.torch_epilogues.kl_epilogue``.
+One program per row pair (a = logits_p, b = logits_q, log p = (a - max_a) - log_sum_a, likewise log q). The
+first sweep keeps online statistics of both rows: max and sum of exp(x - max) for a and for b, and
+t = sum exp(a - max_a) ((a - max_a) - (b - max_b)), rescaled and shifted as the maxes move. Then
+KL = sum p (log p - log q) = t / sum_a - log_sum_a + log_sum_b: every term is relative to its row's max, so a
+large common offset of the logits cancels exactly instead of through the difference of two large
+log-sum-exps. The second sweep (only when a gradient is asked for) writes g * p * (log p - log q - KL) over a
+and g * (q - p) over b, or into gradient outputs (which may be low-precision views of the logits rows, as in
+logprob_epilogue). Same contract as ``are_fast.ops.torch_epilogues.kl_epilogue``.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .logprob_epilogue import block_size, check_grad_out, shares_memory
+from .logprob_epilogue import check_block, check_grad_out, shares_memory
 
 
 @triton.jit
@@ -41,30 +43,36 @@ def _kl_epilogue_kernel(
 
     max_p = float("-inf")
     sum_p = 0.0
-    cross = 0.0
+    shifted = 0.0  # sum exp(a - max_p) ((a - max_p) - (b - max_q)) over the tiles so far
     max_q = float("-inf")
     sum_q = 0.0
     for start in range(0, vocab, BLOCK_V):
         mask = start + offsets < vocab
         a = tl.load(p_row + start + offsets, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(q_row + start + offsets, mask=mask, other=0.0).to(tl.float32)
-        # Padding lanes are -inf for the max and the exponentials, 0 for the difference (no -inf - -inf).
+        # Padding lanes are -inf for the maxes and the exponentials (so exp_a = 0 there) but 0 in the log-ratio,
+        # which stays finite (no -inf - -inf). Each tile holds at least one real logit: the new maxes are finite.
         a_padded = tl.where(mask, a, float("-inf"))
         b_padded = tl.where(mask, b, float("-inf"))
         new_max_p = tl.maximum(max_p, tl.max(a_padded, axis=0))
-        rescale = tl.exp(max_p - new_max_p)
-        exp_a = tl.exp(a_padded - new_max_p)
-        sum_p = sum_p * rescale + tl.sum(exp_a, axis=0)
-        cross = cross * rescale + tl.sum(exp_a * (a - b), axis=0)
-        max_p = new_max_p
         new_max_q = tl.maximum(max_q, tl.max(b_padded, axis=0))
+        rescale_p = tl.exp(max_p - new_max_p)  # 0 on the first tile, where the sums are still 0
+        # When the maxes rise, every old term's (a - max_p) - (b - max_q) moves by the same amount (nothing to move
+        # on the first tile: the -inf starting maxes carry no terms).
+        started = sum_p > 0
+        moved = tl.where(started, new_max_p - max_p, 0.0) - tl.where(started, new_max_q - max_q, 0.0)
+        exp_a = tl.exp(a_padded - new_max_p)
+        log_ratio = (a - new_max_p) - (b - new_max_q)
+        shifted = (shifted - moved * sum_p) * rescale_p + tl.sum(exp_a * log_ratio, axis=0)
+        sum_p = sum_p * rescale_p + tl.sum(exp_a, axis=0)
         sum_q = sum_q * tl.exp(max_q - new_max_q) + tl.sum(tl.exp(b_padded - new_max_q), axis=0)
+        max_p = new_max_p
         max_q = new_max_q
-    lse_p = max_p + tl.log(sum_p)
-    lse_q = max_q + tl.log(sum_q)
-    mean_diff = cross / sum_p
+    log_sum_p = tl.log(sum_p)
+    log_sum_q = tl.log(sum_q)
+    kl = shifted / sum_p - log_sum_p + log_sum_q
     valid = tl.load(valid_ptr + row) != 0
-    tl.store(out_ptr + row, tl.where(valid, mean_diff - lse_p + lse_q, 0.0))
+    tl.store(out_ptr + row, tl.where(valid, kl, 0.0))
 
     if WRITE_GRAD:
         scale = tl.where(valid, tl.load(scale_ptr + row).to(tl.float32), 0.0)
@@ -75,11 +83,12 @@ def _kl_epilogue_kernel(
             b = tl.load(q_row + cols, mask=mask, other=0.0).to(tl.float32)
             if SYNC_TILES:
                 tl.debug_barrier()
-            prob_p = tl.exp(a - lse_p)
-            prob_q = tl.exp(b - lse_q)
-            grad_p = scale * prob_p * ((a - b) - mean_diff)
+            log_p = (a - max_p) - log_sum_p
+            log_q = (b - max_q) - log_sum_q
+            prob_p = tl.exp(log_p)
+            grad_p = scale * prob_p * ((log_p - log_q) - kl)
             tl.store(grad_p_row + cols, grad_p.to(grad_p_ptr.dtype.element_ty), mask=mask)
-            tl.store(grad_q_row + cols, (scale * (prob_q - prob_p)).to(grad_q_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_q_row + cols, (scale * (tl.exp(log_q) - prob_p)).to(grad_q_ptr.dtype.element_ty), mask=mask)
 
 
 def kl_epilogue(
@@ -89,9 +98,14 @@ def kl_epilogue(
     grad_scale: torch.Tensor | None,
     grad_out_p: torch.Tensor | None = None,
     grad_out_q: torch.Tensor | None = None,
+    *,
+    block_v: int | None = None,
 ) -> torch.Tensor:
     """logits_p, logits_q [C, V] float32; valid [C] bool; grad_scale [C] or None; grad_out_p, grad_out_q
-    [C, V] or None (see logprob_epilogue) -> KL [C] float32."""
+    [C, V] or None (see logprob_epilogue) -> KL [C] float32.
+
+    block_v: the vocabulary tile (a power of two; default ``block_size(V)``), smaller in tests to get many tiles.
+    """
     for name, logits in (("logits_p", logits_p), ("logits_q", logits_q)):
         if logits.dtype != torch.float32:
             raise TypeError(f"{name}: the Triton epilogue takes float32 logits, got {logits.dtype}")
@@ -119,7 +133,7 @@ def kl_epilogue(
         grad_scale.contiguous() if write_grad else out,
         out,
         vocab,
-        BLOCK_V=block_size(vocab),
+        BLOCK_V=check_block(block_v, vocab),
         WRITE_GRAD=write_grad,
         SYNC_TILES=write_grad and (shares_memory(grad_p, logits_p) or shares_memory(grad_q, logits_q)),
         num_warps=8,

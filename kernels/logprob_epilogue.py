@@ -46,9 +46,10 @@ def _logprob_epilogue_kernel(
         new_max = tl.maximum(running_max, tl.max(x, axis=0))
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
         running_max = new_max
-    lse = running_max + tl.log(running_sum)
+    # x - lse is formed as (x - max) - log_sum: rounding lse itself to float32 would cost ulp(max) (1e-3 at 1e4).
+    log_sum = tl.log(running_sum)
 
-    picked = tl.load(row_ptr + safe_target).to(tl.float32) - lse
+    picked = (tl.load(row_ptr + safe_target).to(tl.float32) - running_max) - log_sum
     logp = tl.where(in_range, picked, float("nan"))
     tl.store(out_ptr + row, tl.where(valid, logp, 0.0))
 
@@ -61,7 +62,7 @@ def _logprob_epilogue_kernel(
             if SYNC_TILES:
                 tl.debug_barrier()
             onehot = tl.where(cols == safe_target, 1.0, 0.0)
-            grad = scale * (onehot - tl.exp(x - lse))
+            grad = scale * (onehot - tl.exp((x - running_max) - log_sum))
             tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -89,16 +90,30 @@ def shares_memory(grad: torch.Tensor, logits: torch.Tensor) -> bool:
     return grad is not logits and grad.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
 
 
+def check_block(block_v: int | None, vocab: int) -> int:
+    """The tile a launcher uses: ``block_v`` (a power of two) when given, else ``block_size(vocab)``."""
+    if block_v is None:
+        return block_size(vocab)
+    if not isinstance(block_v, int) or block_v < 1 or block_v & (block_v - 1):
+        raise ValueError(f"block_v: expected a power of two, got {block_v!r}")
+    return block_v
+
+
 def logprob_epilogue(
     logits: torch.Tensor,
     targets: torch.Tensor,
     ignore_index: int,
     grad_scale: torch.Tensor | None,
     grad_out: torch.Tensor | None = None,
+    *,
+    block_v: int | None = None,
 ) -> torch.Tensor:
     """logits [C, V] float32 (row-contiguous), targets [C] int64, grad_scale [C] or None, grad_out [C, V]
     (any float dtype, contiguous rows; may be HeadMatmuls.gradient_out's view of the logits) or None
-    -> log-probs [C] float32."""
+    -> log-probs [C] float32.
+
+    block_v: the vocabulary tile (a power of two; default ``block_size(V)``), smaller in tests to get many tiles.
+    """
     if logits.dtype != torch.float32:
         raise TypeError(f"logits: the Triton epilogue takes float32 logits, got {logits.dtype}")
     if logits.stride(1) != 1:
@@ -121,7 +136,7 @@ def logprob_epilogue(
         out,
         vocab,
         ignore_index,
-        BLOCK_V=block_size(vocab),
+        BLOCK_V=check_block(block_v, vocab),
         WRITE_GRAD=write_grad,
         SYNC_TILES=write_grad and shares_memory(grad, logits),
         num_warps=8,

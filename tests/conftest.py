@@ -1,15 +1,41 @@
-"""Test setup: Triton's interpreter when there is no GPU, fixed seeds, NaN-poisoned allocations.
+"""Test setup: the device under test, Triton's interpreter for CPU runs, fixed seeds, NaN-poisoned allocations.
 
-TRITON_INTERPRET must be set before any Triton kernel is defined, so this runs before are_fast.kernels is
-imported. Poisoning torch.empty / empty_like with NaN makes any element an op forgets to write fail.
+``--device cpu|cuda`` (default: cuda when available, else cpu) picks where the op, kernel and native tests run
+their ops; the ``device`` fixture hands it to them. Their float64 oracle always runs on CPU. For a CPU run
+TRITON_INTERPRET=1 is set here, before any test module (and so any Triton kernel) is imported; for a CUDA run
+it is removed, so the triton backend runs the compiled kernels. Poisoning torch.empty / empty_like with NaN
+(on every device) makes any element an op forgets to write fail.
 """
 import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the op, kernel and native tests run the ops (default: cuda when available, else cpu)",
+    )
+
+
+def pytest_configure(config):
+    device = config.getoption("--device")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda: torch sees no CUDA device")
+    if device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # read when a kernel is defined, i.e. on import of are_fast.kernels
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig) -> torch.device:
+    """The device the ops under test run on (``--device``)."""
+    return torch.device(pytestconfig.getoption("--device"))
+
 
 _empty, _empty_like = torch.empty, torch.empty_like
 

@@ -1,7 +1,8 @@
 """Print the largest relative error of every op, dtype and backend against the float64 reference.
 
-Run: python tests/ops/error_table.py [--trials 20]. Each trial draws fresh inputs (the shapes of
-test_functional.py) and compares the value and every gradient, frozen and trainable head.
+Run: python tests/ops/error_table.py [--trials 20] [--device cpu|cuda]. Each trial draws fresh inputs (the
+shapes of test_functional.py), runs the ops on the device (default: cuda when available; the Triton interpreter
+on cpu) and compares the value and every gradient with the float64 reference on CPU, frozen and trainable head.
 """
 import argparse
 import os
@@ -9,19 +10,23 @@ import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [here, os.path.dirname(here)]  # test_functional beside it, _helpers in tests/
 
-from _helpers import FUSED_BACKENDS, rel_error  # noqa: E402
-from test_functional import OPS, make_inputs, representable, run_op  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--trials", type=int, default=20, help="fresh random inputs per cell (default 20)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    if args.device == "cpu":  # the Triton interpreter, set before test_functional imports the kernels
+        os.environ["TRITON_INTERPRET"] = "1"
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
+    from _helpers import FUSED_BACKENDS, rel_error
+    from test_functional import OPS, make_inputs, representable, run_op
+
     torch.manual_seed(1234)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     print(f"| op | backend | {' | '.join(dtypes)} |\n|---|---|{'---|' * len(dtypes)}")
@@ -34,7 +39,8 @@ def main():
                     trainable = trial % 2 == 1
                     masters = representable(make_inputs(), dtype)
                     ref, upstream, ref_grads = run_op(op, masters, torch.float64, "reference", trainable)
-                    out, _, grads = run_op(op, masters, dtype, backend, trainable, upstream=upstream, chunk_rows=4)
+                    out, _, grads = run_op(op, masters, dtype, backend, trainable, upstream=upstream,
+                                           device=args.device, chunk_rows=4)
                     worst = max([worst, rel_error(out, ref)] + [rel_error(grads[n], g) for n, g in ref_grads.items() if g is not None])
                 cells.append(f"{worst:.1e}")
             print(f"| {op} | {backend} | {' | '.join(cells)} |")

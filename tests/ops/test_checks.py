@@ -1,4 +1,5 @@
-"""Every bad input named in the loss-ops issue raises a clear error that names the argument."""
+"""Every bad input named in the loss-ops issue raises a clear error that names the argument, on the device under
+test (``--device``)."""
 import pytest
 import torch
 
@@ -38,28 +39,28 @@ CASES = [
 
 
 @pytest.mark.parametrize("what,change,error,message", CASES, ids=[c[0] for c in CASES])
-def test_bad_sequence_inputs(what, change, error, message):
-    a = good() | change
+def test_bad_sequence_inputs(what, change, error, message, device):
+    a = {name: v if v.device.type == "meta" else v.to(device) for name, v in (good() | change).items()}
     with pytest.raises(error, match=message):
         call_all(a)
 
 
-def test_bad_token_inputs():
-    h, w = torch.randn(6, H), torch.randn(V, H)
+def test_bad_token_inputs(device):
+    h, w = torch.randn(6, H, device=device), torch.randn(V, H, device=device)
     with pytest.raises(ValueError, match=r"targets: expected shape \(6,\)"):
-        are_fast.token_logprobs(h, w, torch.zeros(5, dtype=torch.long))
+        are_fast.token_logprobs(h, w, torch.zeros(5, dtype=torch.long, device=device))
     with pytest.raises(TypeError, match="targets: expected an integer tensor"):
-        are_fast.token_logprobs(h, w, torch.zeros(6))
+        are_fast.token_logprobs(h, w, torch.zeros(6, device=device))
     with pytest.raises(ValueError, match=r"hidden: expected \[N, H\] or \[B, T, H\]"):
-        are_fast.token_logprobs(torch.randn(H), w, torch.zeros((), dtype=torch.long))
+        are_fast.token_logprobs(torch.randn(H, device=device), w, torch.zeros((), dtype=torch.long, device=device))
     with pytest.raises(ValueError, match=r"targets: labels must lie in \[0, 11\)"):
-        are_fast.token_logprobs(h, w, torch.full((6,), 99))
+        are_fast.token_logprobs(h, w, torch.full((6,), 99, device=device))
     with pytest.raises(TypeError, match="hidden: expected a torch.Tensor"):
         are_fast.token_logprobs([[0.0]], w, torch.zeros(1, dtype=torch.long))
 
 
-def test_bad_kl_inputs():
-    a = good()
+def test_bad_kl_inputs(device):
+    a = {name: v.to(device) for name, v in good().items()}
     with pytest.raises(ValueError, match=r"hidden_q: expected shape \(2, 5, 8\)"):
         are_fast.conditional_kl(a["hidden"], a["hidden_q"][:, :3], a["weight"], a["labels"])
     with pytest.raises(ValueError, match="reduction: expected 'sum', 'mean' or 'none'"):

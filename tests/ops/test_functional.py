@@ -1,4 +1,7 @@
-"""Every public op x fused backend x dtype x head mode against the float64 reference, value and every gradient."""
+"""Every public op x fused backend x dtype x head mode against the float64 reference, value and every gradient.
+
+The ops run on the device under test (``--device``, see tests/conftest.py); the float64 oracle runs on CPU on the
+same (rounded) inputs, and results are compared on CPU."""
 import pytest
 import torch
 
@@ -50,20 +53,21 @@ def representable(masters, dtype):
     return {n: v.to(dtype).double() if v.dtype.is_floating_point else v for n, v in masters.items()}
 
 
-def run_op(op, masters, dtype, backend, trainable_head, upstream=None, **kwargs):
-    """Run op on dtype copies of the masters; return (output, upstream grad used, {name: grad})."""
+def run_op(op, masters, dtype, backend, trainable_head, upstream=None, device="cpu", **kwargs):
+    """Run op on dtype copies of the (CPU) masters on device; return (output, upstream grad used (CPU),
+    {name: grad}); output and grads stay on device."""
     args = {}
     for name, value in masters.items():
         if name == "labels":
-            args[name] = value
+            args[name] = value.to(device)
         elif name == "bias" and not trainable_head:
             args[name] = None
         else:
-            args[name] = leaf(value, dtype, name in STREAMS or trainable_head)
+            args[name] = leaf(value, dtype, name in STREAMS or trainable_head, device)
     out = OPS[op](args, backend=backend, **kwargs)
     if upstream is None:
         upstream = torch.randn(out.shape, dtype=torch.float64)
-    (out.double() * upstream).sum().backward()
+    (out.double() * upstream.to(out.device)).sum().backward()
     grads = {n: t.grad for n, t in args.items() if isinstance(t, torch.Tensor) and t.requires_grad}
     return out, upstream, grads
 
@@ -72,11 +76,12 @@ def run_op(op, masters, dtype, backend, trainable_head, upstream=None, **kwargs)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("op", list(OPS))
-def test_op_matches_float64_reference(op, backend, dtype, head):
+def test_op_matches_float64_reference(op, backend, dtype, head, device):
     masters = representable(make_inputs(), dtype)
     trainable = head == "trainable"
     ref, upstream, ref_grads = run_op(op, masters, torch.float64, "reference", trainable)
-    out, _, grads = run_op(op, masters, dtype, backend, trainable, upstream=upstream, chunk_rows=4)
+    out, _, grads = run_op(op, masters, dtype, backend, trainable, upstream=upstream, device=device, chunk_rows=4)
+    assert out.device.type == device.type
     assert out.dtype == torch.float32
     assert_rel_close(out, ref, dtype, f"{op} value")
     used = {"hidden", "weight"} | ({"bias"} if trainable else set()) | ({"hidden_q"} if "kl" in op else set())
@@ -88,64 +93,68 @@ def test_op_matches_float64_reference(op, backend, dtype, head):
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-def test_default_chunking_matches_reference(backend):
+def test_default_chunking_matches_reference(backend, device):
     masters = make_inputs(batch=2, length=40, vocab=1000)
     ref, upstream, ref_grads = run_op("sequence_logprobs-sum", masters, torch.float64, "reference", False)
-    out, _, grads = run_op("sequence_logprobs-sum", masters, torch.float32, backend, False, upstream=upstream)
+    out, _, grads = run_op("sequence_logprobs-sum", masters, torch.float32, backend, False, upstream=upstream,
+                           device=device)
     assert_rel_close(out, ref, torch.float32, "value")
     assert_rel_close(grads["hidden"], ref_grads["hidden"], torch.float32, "d/dhidden")
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-def test_forward_only_under_inference_mode(backend):
+def test_forward_only_under_inference_mode(backend, device):
     """Detached streams (reference scores) run forward only and still match."""
     masters = make_inputs()
     ref = are_fast.sequence_logprobs(masters["hidden"], masters["weight"], masters["labels"], backend="reference")
     with torch.inference_mode():
         out = are_fast.sequence_logprobs(
-            masters["hidden"].float(), masters["weight"].float(), masters["labels"], backend=backend
+            masters["hidden"].to(device, torch.float32), masters["weight"].to(device, torch.float32),
+            masters["labels"].to(device), backend=backend
         )
     assert not out.requires_grad
     assert_rel_close(out, ref, torch.float32, "value")
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-def test_extreme_logits_fp32(backend):
+def test_extreme_logits_fp32(backend, device):
     """Logits of magnitude ~1e4 in fp32: finite and exact (no overflow in exp, no cancellation in lse)."""
     masters = make_inputs(logit_scale=1e4 / 3)
     for op in ("sequence_logprobs-sum", "conditional_kl-sum"):
         ref, upstream, ref_grads = run_op(op, masters, torch.float64, "reference", False)
         assert ref.abs().max() > 1e3
-        out, _, grads = run_op(op, masters, torch.float32, backend, False, upstream=upstream, chunk_rows=4)
+        out, _, grads = run_op(op, masters, torch.float32, backend, False, upstream=upstream, device=device,
+                               chunk_rows=4)
         assert_rel_close(out, ref, torch.float32, f"{op} value")
         assert torch.isfinite(grads["hidden"]).all()
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS + ["reference"])
-def test_sequences_without_targets_give_zero(backend):
+def test_sequences_without_targets_give_zero(backend, device):
     masters = make_inputs()
     masters["labels"][1] = IGNORE
     for op in ("sequence_logprobs-sum", "sequence_logprobs-mean", "conditional_kl-sum", "conditional_kl-mean"):
-        out, _, grads = run_op(op, masters, torch.float32, backend, True)
+        out, _, grads = run_op(op, masters, torch.float32, backend, True, device=device)
         assert torch.isfinite(out).all() and out[1] == 0, op
         assert torch.isfinite(grads["hidden"]).all() and (grads["hidden"][1] == 0).all(), op
         assert torch.isfinite(grads["weight"]).all(), op
     masters["labels"][:] = IGNORE
-    loss, _, grads = run_op("compression_loss", masters, torch.float32, backend, True)
+    loss, _, grads = run_op("compression_loss", masters, torch.float32, backend, True, device=device)
     assert loss.item() == 0 and (grads["hidden"] == 0).all()
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS + ["reference"])
-def test_single_row_and_empty_batch(backend):
+def test_single_row_and_empty_batch(backend, device):
     masters = make_inputs()
-    hidden = masters["hidden"][0, :1].float().requires_grad_()  # N = 1
+    hidden = masters["hidden"][0, :1].float()  # N = 1
     target = masters["labels"][0, -1:].clamp(min=0)
     ref = are_fast.token_logprobs(hidden.double(), masters["weight"], target, backend="reference")
-    out = are_fast.token_logprobs(hidden, masters["weight"].float(), target, backend=backend)
+    out = are_fast.token_logprobs(leaf(hidden, torch.float32, True, device),
+                                  masters["weight"].to(device, torch.float32), target.to(device), backend=backend)
     assert_rel_close(out, ref, torch.float32, "N=1")
     empty = make_inputs(batch=0)
     for op in OPS:
-        out, _, grads = run_op(op, empty, torch.float32, backend, True)
+        out, _, grads = run_op(op, empty, torch.float32, backend, True, device=device)
         assert torch.isfinite(out).all() and out.numel() in (0, 1), op
         if out.numel() == 1:
             assert out.item() == 0, op
@@ -153,27 +162,28 @@ def test_single_row_and_empty_batch(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-def test_non_contiguous_inputs(backend):
+def test_non_contiguous_inputs(backend, device):
     masters = make_inputs()
     ref, upstream, ref_grads = run_op("conditional_kl-none", masters, torch.float64, "reference", True)
+    on_device = {n: v.to(device, torch.float32 if v.dtype.is_floating_point else v.dtype) for n, v in masters.items()}
     args = {
         # Same values, transposed storage.
-        "hidden": masters["hidden"].float().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(),
-        "hidden_q": masters["hidden_q"].float().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(),
-        "weight": masters["weight"].float().T.contiguous().T.requires_grad_(),
-        "bias": masters["bias"].float().requires_grad_(),
-        "labels": masters["labels"].T.contiguous().T,
+        "hidden": on_device["hidden"].transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(),
+        "hidden_q": on_device["hidden_q"].transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(),
+        "weight": on_device["weight"].T.contiguous().T.requires_grad_(),
+        "bias": on_device["bias"].requires_grad_(),
+        "labels": on_device["labels"].T.contiguous().T,
     }
     assert not args["hidden"].is_contiguous() and not args["weight"].is_contiguous()
     out = OPS["conditional_kl-none"](args, backend=backend, chunk_rows=4)
-    (out.double() * upstream).sum().backward()
+    (out.double() * upstream.to(device)).sum().backward()
     assert_rel_close(out, ref, torch.float32, "value")
     for name in ("hidden", "hidden_q", "weight", "bias"):
         assert_rel_close(args[name].grad, ref_grads[name], torch.float32, f"d/d{name}")
 
 
-def test_chunked_gradcheck_float64():
-    masters = make_inputs(batch=2, length=5, hidden=6, vocab=11)
+def test_chunked_gradcheck_float64(device):
+    masters = {n: v.to(device) for n, v in make_inputs(batch=2, length=5, hidden=6, vocab=11).items()}
     labels = masters["labels"]
     leaves = [masters[n].clone().requires_grad_() for n in ("hidden", "hidden_q", "weight", "bias")]
 
@@ -190,14 +200,20 @@ def test_chunked_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda h, q: all_ops(h, q, masters["weight"], masters["bias"]), frozen)
 
 
-def test_alignment_loss_matches_formula_transcription():
+def test_allocations_are_poisoned_on_the_device(device):
+    """The conftest's NaN poisoning reaches the device under test: an output element an op forgets fails."""
+    assert torch.isnan(torch.empty(3, device=device)).all()
+    assert torch.isnan(torch.empty_like(torch.zeros(2, 2, device=device))).all()
+
+
+def test_alignment_loss_matches_formula_transcription(device):
     b, n = 4, 3
     inputs = [torch.randn(b, dtype=torch.float64) * 20, torch.randn(b, dtype=torch.float64) * 20,
               torch.randn(b, n, dtype=torch.float64) * 20, torch.randn(b, dtype=torch.float64) * 20,
               torch.randn(b, n, dtype=torch.float64) * 20, torch.rand(b, dtype=torch.float64)]
     for ref_sign in (1.0, -1.0):
         for use_distance in (False, True):
-            leaves = [x.clone().requires_grad_() for x in inputs]
+            leaves = [x.to(device, copy=True).requires_grad_() for x in inputs]
             distance = leaves[5] if use_distance else None
             kwargs = dict(beta=0.3, tau=0.07, ref_sign=ref_sign, distance=distance)
             ours = are_fast.alignment_loss(*leaves[:5], **kwargs)
@@ -214,12 +230,13 @@ def test_alignment_loss_matches_formula_transcription():
                 else:
                     assert_rel_close(g, r, torch.float64, "grad")
     # The softplus form is finite where the exp form overflows (s / tau with tiny tau).
-    loud = are_fast.alignment_loss(*inputs[:5], tau=1e-4)
+    loud = are_fast.alignment_loss(*[x.to(device) for x in inputs[:5]], tau=1e-4)
     assert torch.isfinite(loud)
 
 
-def test_alignment_loss_empty_batch_is_zero():
-    loss = are_fast.alignment_loss(torch.zeros(0), torch.zeros(0), torch.zeros(0, 2), torch.zeros(0), torch.zeros(0, 2))
+def test_alignment_loss_empty_batch_is_zero(device):
+    one, two = torch.zeros(0, device=device), torch.zeros(0, 2, device=device)
+    loss = are_fast.alignment_loss(one, one, two, one, two)
     assert loss.item() == 0
 
 
@@ -240,29 +257,32 @@ def test_no_host_sync_in_fused_path():
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-def test_out_of_range_label_gives_nan_when_checks_are_off(backend):
+def test_out_of_range_label_gives_nan_when_checks_are_off(backend, device):
     masters = make_inputs()
     masters["labels"][0, 4] = V + 7
     are_fast.set_label_checks(False)
     try:
-        out = are_fast.sequence_logprobs(masters["hidden"].float(), masters["weight"].float(), masters["labels"],
+        out = are_fast.sequence_logprobs(masters["hidden"].to(device, torch.float32),
+                                         masters["weight"].to(device, torch.float32), masters["labels"].to(device),
                                          backend=backend)
     finally:
         are_fast.set_label_checks(True)
     assert torch.isnan(out[0]) and torch.isfinite(out[1:]).all()
 
 
-def test_works_inside_torch_compile():
+def test_works_inside_torch_compile(device):
     masters = make_inputs()
-    hidden = masters["hidden"].float().requires_grad_()
-    weight = masters["weight"].float()
+    hidden = leaf(masters["hidden"], torch.float32, True, device)
+    weight = masters["weight"].to(device, torch.float32)
+    labels = masters["labels"].to(device)
 
     @torch.compile(backend="eager")
     def step(h):
-        return are_fast.compression_loss(h * 2, weight, masters["labels"]) + 1
+        return are_fast.compression_loss(h * 2, weight, labels) + 1
 
     loss = step(hidden)
     loss.backward()
-    ref = are_fast.compression_loss(hidden.detach().double() * 2, weight.double(), masters["labels"], backend="reference") + 1
+    ref = are_fast.compression_loss(masters["hidden"].float().double() * 2, masters["weight"].float().double(),
+                                    masters["labels"], backend="reference") + 1
     assert_rel_close(loss, ref, torch.float32, "compiled loss")
     assert torch.isfinite(hidden.grad).all()

@@ -1,46 +1,177 @@
-"""The Triton epilogues (under the interpreter on CPU) against the PyTorch epilogues they must equal."""
+"""The Triton epilogues on the device under test (compiled on CUDA, the interpreter on CPU) against the PyTorch
+epilogues in float64 on CPU, on the same float32-rounded logits.
+
+The cornering cases use a small tile (the launchers' ``block_v``) so that a short row spans many tiles, and put
+each row's maximum in the first, a middle, the last full and the ragged tail tile, or let it rise gently or fall
+steeply with every tile, with and without a common offset of 1e4: an online log-sum-exp that forgets a rescale
+or lets its running max fall (exp overflows), or a tail mask that lets padding in, fails them. They compare row
+by row, so that a row with small values is not hidden behind one with large values.
+"""
+import importlib
+import os
+
 import pytest
 import torch
+from triton.runtime.interpreter import InterpretedFunction
 
 from are_fast import kernels
 from are_fast.ops import torch_epilogues
-from _helpers import assert_rel_close
+from _helpers import TOLERANCE, rel_error
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+IGNORE = -100
+TILE = 16
+VOCAB = 5 * TILE + 3  # four full tiles after the first, then a ragged tail of 3
+PEAKS = {"first": 3, "middle": 2 * TILE + 5, "last-full": 4 * TILE + 7, "tail": VOCAB - 1}
+
+
+def rounded(x: torch.Tensor) -> torch.Tensor:
+    """x as the float32 values the kernel sees, kept in float64 for the oracle."""
+    return x.float().double()
+
+
+def cornered(base: torch.Tensor, peaks: list, offset: float) -> torch.Tensor:
+    """base [len(peaks) + 2, V] float64 logits with the row max lifted 4 above the rest at column peaks[i] of
+    row i, the next row rising by 12 over its length (the max moves up with every tile) and the last falling by
+    200 (each tile's max is far below the first's: exp(first max - tile max) overflows float32). All shifted by
+    ``offset`` and rounded to float32."""
+    rows = base.clone()
+    for row, column in enumerate(peaks):
+        rows[row, column] = rows[row].max() + 4
+    rows[-2] += torch.linspace(0, 12, rows.shape[1], dtype=torch.float64)
+    rows[-1] += torch.linspace(0, -200, rows.shape[1], dtype=torch.float64)
+    return rounded(rows + offset)
+
+
+def assert_rows_close(out: torch.Tensor, ref: torch.Tensor, what: str, peer: torch.Tensor | None = None) -> None:
+    """Each row (a value, or a row of gradients) within the float32 tolerance of its own reference, or within
+    twice the error of ``peer`` (the PyTorch epilogue's float32 result) on a row so ill-conditioned that float32
+    itself cannot do better."""
+    assert out.shape == ref.shape, what
+    out = out.cpu()
+    for row in range(len(ref)):
+        bound = TOLERANCE[torch.float32]
+        if peer is not None:
+            bound = max(bound, 2 * rel_error(peer[row], ref[row]))
+        error = rel_error(out[row], ref[row])
+        assert error <= bound, f"{what}, row {row}: relative error {error:.2e} > {bound:.1e}"
+
+
+def check_logprob(logits64, targets, scale, device, block_v=None, ignore_index=IGNORE):
+    """Values and in-place gradient of the Triton logprob epilogue against the float64 PyTorch one."""
+    ref_grad = logits64.clone()
+    ref = torch_epilogues.logprob_epilogue(ref_grad, targets, ignore_index, scale)
+    ours = logits64.to(device, torch.float32)
+    out = kernels.logprob_epilogue(ours, targets.to(device), ignore_index,
+                                   None if scale is None else scale.to(device), block_v=block_v)
+    assert out.device.type == device.type and out.dtype == torch.float32
+    assert_rows_close(out, ref, "log-probs")
+    assert (out.cpu()[targets == ignore_index] == 0).all()
+    if scale is None:
+        assert torch.equal(ours.cpu().double(), logits64), "logits changed without grad_scale"
+    else:
+        assert_rows_close(ours, ref_grad, "in-place gradient")
+        assert (ours.cpu()[targets == ignore_index] == 0).all()
+
+
+def check_kl(a64, b64, valid, scale, device, block_v=None):
+    """Values and both in-place gradients of the Triton KL epilogue against the float64 PyTorch one."""
+    ref_a, ref_b = a64.clone(), b64.clone()
+    ref = torch_epilogues.kl_epilogue(ref_a, ref_b, valid, scale)
+    ours_a, ours_b = a64.to(device, torch.float32), b64.to(device, torch.float32)
+    out = kernels.kl_epilogue(ours_a, ours_b, valid.to(device), None if scale is None else scale.to(device),
+                              block_v=block_v)
+    assert out.device.type == device.type and out.dtype == torch.float32
+    assert_rows_close(out, ref, "KL")
+    assert (out.cpu()[~valid] == 0).all() and (out.cpu()[valid] >= -1e-6).all()
+    if scale is None:
+        assert torch.equal(ours_a.cpu().double(), a64) and torch.equal(ours_b.cpu().double(), b64)
+    else:  # where p ~ q, q - p and log p/q - KL cancel: float32 PyTorch is the bar on such rows
+        peer_a, peer_b = a64.float(), b64.float()
+        torch_epilogues.kl_epilogue(peer_a, peer_b, valid, scale.float())
+        assert_rows_close(ours_a, ref_a, "d/dlogits_p", peer_a)
+        assert_rows_close(ours_b, ref_b, "d/dlogits_q", peer_b)
+        assert (ours_a.cpu()[~valid] == 0).all() and (ours_b.cpu()[~valid] == 0).all()
 
 
 @pytest.mark.parametrize("vocab", [1, 7, 4096, 4099])  # one lane, one partial tile, one full tile, two tiles
 @pytest.mark.parametrize("with_grad", [False, True], ids=["values", "grad"])
-def test_logprob_epilogue(vocab, with_grad):
+def test_logprob_epilogue_default_tile(vocab, with_grad, device):
     rows = 5
-    logits = torch.randn(rows, vocab, device=DEVICE) * 4
-    targets = torch.randint(0, vocab, (rows,), device=DEVICE)
-    targets[1] = -100
-    scale = torch.randn(rows, device=DEVICE) if with_grad else None
-    ours, theirs = logits.clone(), logits.clone()
-    out = kernels.logprob_epilogue(ours, targets, -100, scale)
-    ref = torch_epilogues.logprob_epilogue(theirs, targets, -100, scale)
-    assert_rel_close(out, ref, torch.float32, "log-probs")
-    assert out[1] == 0
-    assert_rel_close(ours, theirs, torch.float32, "in-place gradient" if with_grad else "untouched logits")
+    logits = torch.randn(rows, vocab, dtype=torch.float64) * 4
+    targets = torch.randint(0, vocab, (rows,))
+    targets[1] = IGNORE
+    logits[2, -1] = logits[2].max() + 4  # the max in the last tile (the 3-wide tail of 4099)
+    targets[3] = vocab - 1
+    check_logprob(rounded(logits), targets, torch.randn(rows).double() if with_grad else None, device)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4], ids=["offset0", "offset1e4"])
+@pytest.mark.parametrize("with_grad", [False, True], ids=["values", "grad"])
+def test_logprob_epilogue_many_tiles(with_grad, offset, device):
+    """Row max in each kind of tile, rising and falling rows; targets at the max, in the tail and ignored."""
+    logits = cornered(torch.randn(len(PEAKS) + 2, VOCAB, dtype=torch.float64) * 3, list(PEAKS.values()), offset)
+    targets = torch.tensor([PEAKS["first"], VOCAB - 2, 0, VOCAB - 1, IGNORE, VOCAB - 3])
+    check_logprob(logits, targets, torch.randn(len(targets)).double() if with_grad else None, device, TILE)
+
+
+def test_logprob_epilogue_ignore_index_inside_the_vocabulary(device):
+    """ignore_index may be a real column: rows whose target is it give 0 and no gradient; others use it."""
+    logits = cornered(torch.randn(len(PEAKS) + 2, VOCAB, dtype=torch.float64) * 3, list(PEAKS.values()), 0.0)
+    targets = torch.tensor([5, 7, 5, VOCAB - 1, 0, 5])
+    logits[1, 5] = logits[1].max() + 1  # column 5 still enters every softmax
+    check_logprob(rounded(logits), targets, torch.randn(len(targets)).double(), device, TILE, ignore_index=5)
 
 
 @pytest.mark.parametrize("vocab", [1, 7, 4099])
 @pytest.mark.parametrize("with_grad", [False, True], ids=["values", "grad"])
-def test_kl_epilogue(vocab, with_grad):
+def test_kl_epilogue_default_tile(vocab, with_grad, device):
     rows = 4
-    a, b = torch.randn(rows, vocab, device=DEVICE) * 3, torch.randn(rows, vocab, device=DEVICE) * 3
-    valid = torch.tensor([True, False, True, True], device=DEVICE)
-    scale = torch.randn(rows, device=DEVICE) if with_grad else None
-    ours = [a.clone(), b.clone()]
-    theirs = [a.clone(), b.clone()]
-    out = kernels.kl_epilogue(*ours, valid, scale)
-    ref = torch_epilogues.kl_epilogue(*theirs, valid, scale)
-    assert_rel_close(out, ref, torch.float32, "KL")
-    assert out[1] == 0 and (out[valid] >= -1e-6).all()
-    if with_grad:
-        assert_rel_close(ours[0], theirs[0], torch.float32, "d/da")
-        assert_rel_close(ours[1], theirs[1], torch.float32, "d/db")
+    a = torch.randn(rows, vocab, dtype=torch.float64) * 3
+    b = torch.randn(rows, vocab, dtype=torch.float64) * 3
+    a[2, -1] = a[2].max() + 4  # p's max in the last tile, q's in the first
+    b[2, 0] = b[2].max() + 4
+    valid = torch.tensor([True, False, True, True])
+    check_kl(rounded(a), rounded(b), valid, torch.randn(rows).double() if with_grad else None, device)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4], ids=["offset0", "offset1e4"])
+@pytest.mark.parametrize("with_grad", [False, True], ids=["values", "grad"])
+def test_kl_epilogue_many_tiles(with_grad, offset, device):
+    """The maxima of p and of q in different tiles (every pair of tile kinds); both rising, both falling."""
+    pairs = [(p, q) for p in PEAKS.values() for q in PEAKS.values() if p != q]
+    base_a = torch.randn(len(pairs) + 2, VOCAB, dtype=torch.float64) * 3
+    base_b = torch.randn(len(pairs) + 2, VOCAB, dtype=torch.float64) * 3 + base_a / 2  # a moderate KL
+    a = cornered(base_a, [p for p, _ in pairs], offset)
+    b = cornered(base_b, [q for _, q in pairs], offset)
+    valid = torch.ones(len(a), dtype=torch.bool)
+    valid[1] = False
+    check_kl(a, b, valid, torch.randn(len(a)).double() if with_grad else None, device, TILE)
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0, 100.0])
+def test_kl_epilogue_error_tracks_the_chunked_backend(scale, device):
+    """No cancellation: at logit scales 1, 10, 100 (and with a common offset of 1e4) the float32 KL is within
+    1e-5 and within a small multiple of the PyTorch epilogue's own float32 error."""
+    rows, vocab = 6, 4099
+    a = torch.randn(rows, vocab, dtype=torch.float64) * scale
+    b = a + torch.randn(rows, vocab, dtype=torch.float64) * scale / 2
+    a[rows // 2:] += 1e4
+    b[rows // 2:] += 1e4
+    a, b = rounded(a), rounded(b)
+    valid = torch.ones(rows, dtype=torch.bool)
+    ref = torch_epilogues.kl_epilogue(a.clone(), b.clone(), valid, None)
+    chunked = torch_epilogues.kl_epilogue(a.float(), b.float(), valid, None)
+    ours = kernels.kl_epilogue(a.to(device, torch.float32), b.to(device, torch.float32), valid.to(device), None)
+    chunked_error, error = rel_error(chunked, ref), rel_error(ours, ref)
+    assert error <= 1e-5 and error <= 4 * chunked_error + 1e-7, f"Triton {error:.1e}, chunked {chunked_error:.1e}"
+
+
+def test_kernels_are_compiled_on_cuda_and_interpreted_on_cpu(device):
+    """The conftest sets TRITON_INTERPRET for a CPU run only, so a CUDA run tests the compiled kernels."""
+    assert (os.environ.get("TRITON_INTERPRET") == "1") == (device.type == "cpu")
+    for module, kernel in (("logprob_epilogue", "_logprob_epilogue_kernel"), ("kl_epilogue", "_kl_epilogue_kernel")):
+        jitted = getattr(importlib.import_module(f"are_fast.kernels.{module}"), kernel)
+        assert isinstance(jitted, InterpretedFunction) == (device.type == "cpu"), kernel
 
 
 def test_launchers_reject_what_the_kernels_cannot_read():
@@ -50,3 +181,7 @@ def test_launchers_reject_what_the_kernels_cannot_read():
         kernels.logprob_epilogue(torch.randn(3, 2).T, torch.zeros(2, dtype=torch.long), -100, None)
     with pytest.raises(ValueError, match=r"logits_q: expected shape \(2, 3\)"):
         kernels.kl_epilogue(torch.randn(2, 3), torch.randn(2, 4), torch.ones(2, dtype=torch.bool), None)
+    with pytest.raises(ValueError, match="block_v: expected a power of two, got 12"):
+        kernels.logprob_epilogue(torch.randn(2, 3), torch.zeros(2, dtype=torch.long), -100, None, block_v=12)
+    with pytest.raises(ValueError, match="block_v: expected a power of two, got 0"):
+        kernels.kl_epilogue(torch.randn(2, 3), torch.randn(2, 3), torch.ones(2, dtype=torch.bool), None, block_v=0)

@@ -1,6 +1,9 @@
 """The native epilogues of csrc/ (are_fast.ops.native): against the float64 PyTorch epilogues and the float64
 reference ops, their input checks, the fallback when they cannot be built, the ahead-of-time build, and a
-compile-only check of the CUDA sources. The first test run builds the library (10-30 s) unless it is cached."""
+compile-only check of the CUDA sources. The first test run builds the library (10-30 s) unless it is cached.
+
+The epilogue tests run the C++ CPU epilogues always and the CUDA ones (csrc/epilogues_cuda.cu) when the run's
+device is cuda (``--device``); the ops tests run on the run's device."""
 import logging
 import os
 import shutil
@@ -16,10 +19,10 @@ from _helpers import TOLERANCE, assert_rel_close, rel_error
 from are_fast.ops import native, torch_epilogues
 from are_fast.ops.backends import resolve_backend
 from test_functional import OPS, make_inputs, run_op
+from test_kernels import assert_rows_close, cornered
 
 REPO = Path(__file__).resolve().parents[2]
 IGNORE = -100
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 VOCABS = [1, 7, 1000, 1024, 1025, 3001]  # one element, under a vector, around the 1024-element tile, ragged
 
 
@@ -29,6 +32,18 @@ def ops():
     if not native.library.load(build=True):
         pytest.fail(f"the native library is unavailable: {native.library.reason}")
     return native.epilogues()
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def kernels_on(request, ops, device):
+    """Where the epilogues under test run: the C++ ones on "cpu", the CUDA ones on "cuda" (only in a --device
+    cuda run, where a library without its CUDA kernels fails)."""
+    if request.param == "cuda":
+        if device.type != "cuda":
+            pytest.skip("the CUDA epilogues (csrc/epilogues_cuda.cu) run only with --device cuda; this run is on cpu")
+        if not native.library.cuda:
+            pytest.fail(f"the native library at {native.library.path} was built without its CUDA kernels")
+    return request.param
 
 
 def assert_matches(out, ref, dtype, what):
@@ -50,31 +65,29 @@ def logprob_case(rows, vocab, magnitude):
     return logits, targets, scale
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("magnitude", [3.0, 1e4], ids=["logits3", "logits1e4"])
 @pytest.mark.parametrize("vocab", VOCABS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_logprob_epilogue_matches_float64(ops, dtype, vocab, magnitude, device):
+def test_logprob_epilogue_matches_float64(ops, dtype, vocab, magnitude, kernels_on):
     logits, targets, scale = logprob_case(37, vocab, magnitude)
     logits = logits.to(dtype).double()  # the oracle sees exactly the values the kernel sees
     ref_grad = logits.clone()
     ref = torch_epilogues.logprob_epilogue(ref_grad, targets, IGNORE, scale)
-    values_only = logits.to(device, dtype, copy=True)
-    assert_matches(ops.logprob(values_only, targets.to(device), IGNORE, None), ref, dtype, "values, no gradient")
+    values_only = logits.to(kernels_on, dtype, copy=True)
+    assert_matches(ops.logprob(values_only, targets.to(kernels_on), IGNORE, None), ref, dtype, "values, no gradient")
     assert torch.equal(values_only.cpu().double(), logits), "logits changed without grad_scale"
-    grad = logits.to(device, dtype, copy=True)
-    out = ops.logprob(grad, targets.to(device), IGNORE, scale.to(device, torch.float32))
+    grad = logits.to(kernels_on, dtype, copy=True)
+    out = ops.logprob(grad, targets.to(kernels_on), IGNORE, scale.to(kernels_on, torch.float32))
     assert out.dtype == dtype
     assert_matches(out, ref, dtype, "values")
     assert_rel_close(grad.cpu(), ref_grad, dtype, "gradient")  # at 1e4 too: x - lse is formed as (x - max) - log sum
-    assert (grad[targets == IGNORE] == 0).all() and (grad[1:3] == 0).all()
+    assert (grad.cpu()[targets == IGNORE] == 0).all() and (grad[1:3] == 0).all()
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("magnitude", [3.0, 1e4], ids=["logits3", "logits1e4"])
 @pytest.mark.parametrize("vocab", VOCABS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_kl_epilogue_matches_float64(ops, dtype, vocab, magnitude, device):
+def test_kl_epilogue_matches_float64(ops, dtype, vocab, magnitude, kernels_on):
     rows = 37
     p = (torch.randn(rows, vocab, dtype=torch.float64) * magnitude).to(dtype).double()
     q = (p + torch.randn(rows, vocab, dtype=torch.float64) * magnitude / 3).to(dtype).double()
@@ -82,43 +95,83 @@ def test_kl_epilogue_matches_float64(ops, dtype, vocab, magnitude, device):
     scale = torch.randn(rows).double()
     ref_p, ref_q = p.clone(), q.clone()
     ref = torch_epilogues.kl_epilogue(ref_p, ref_q, valid, scale)
-    values = ops.kl(p.to(device, dtype, copy=True), q.to(device, dtype, copy=True), valid.to(device), None)
+    values = ops.kl(p.to(kernels_on, dtype, copy=True), q.to(kernels_on, dtype, copy=True), valid.to(kernels_on), None)
     assert_matches(values, ref, dtype, "values, no gradient")
-    grad_p, grad_q = p.to(device, dtype, copy=True), q.to(device, dtype, copy=True)
-    out = ops.kl(grad_p, grad_q, valid.to(device), scale.to(device))
+    grad_p, grad_q = p.to(kernels_on, dtype, copy=True), q.to(kernels_on, dtype, copy=True)
+    out = ops.kl(grad_p, grad_q, valid.to(kernels_on), scale.to(kernels_on))
     assert_matches(out, ref, dtype, "values")
     assert_rel_close(grad_q.cpu(), ref_q, dtype, "d/dlogits_q")
     if magnitude < 1e3:
         assert_rel_close(grad_p.cpu(), ref_p, dtype, "d/dlogits_p")
     else:  # p is one-hot to the last bit: the exact d/dlogits_p underflows and any formula returns rounding noise
         assert torch.isfinite(grad_p).all()
-    assert (grad_p[~valid] == 0).all() and (grad_q[~valid] == 0).all()
+    assert (grad_p.cpu()[~valid] == 0).all() and (grad_q.cpu()[~valid] == 0).all()
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_epilogues_on_strided_rows_and_empty_chunks(ops, device):
+@pytest.mark.parametrize("offset", [0.0, 1e4], ids=["offset0", "offset1e4"])
+def test_epilogues_corner_the_online_logsumexp(ops, offset, kernels_on):
+    """float32 rows of 3 CPU tiles and a ragged tail (V = 3077) with the max in the first, a middle, the last
+    full and the tail tile, or rising / falling; p's and q's maxima in different tiles; a common offset."""
+    peaks = [3, 1500, 2100, 3076]
+    base = torch.randn(len(peaks) + 2, 3077, dtype=torch.float64) * 3
+    logits = cornered(base, peaks, offset)
+    targets = torch.tensor([3, 3076, 0, 3075, IGNORE, 2048])
+    scale = torch.randn(len(targets)).double()
+    ref_grad = logits.clone()
+    ref = torch_epilogues.logprob_epilogue(ref_grad, targets, IGNORE, scale)
+    grad = logits.to(kernels_on, torch.float32)
+    assert_rows_close(ops.logprob(grad, targets.to(kernels_on), IGNORE, scale.to(kernels_on)), ref, "log-probs")
+    assert_rows_close(grad, ref_grad, "log-prob gradient")
+    q = cornered(torch.randn_like(base) * 3 + base / 2, peaks[::-1], offset)
+    valid = torch.tensor([True, True, False, True, True, True])
+    ref_p, ref_q = logits.clone(), q.clone()
+    ref = torch_epilogues.kl_epilogue(ref_p, ref_q, valid, scale)
+    grad_p, grad_q = logits.to(kernels_on, torch.float32), q.to(kernels_on, torch.float32)
+    assert_rows_close(ops.kl(grad_p, grad_q, valid.to(kernels_on), scale.to(kernels_on)), ref, "KL")
+    assert_rows_close(grad_p, ref_p, "d/dlogits_p")
+    assert_rows_close(grad_q, ref_q, "d/dlogits_q")
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0, 100.0])
+def test_kl_error_tracks_the_pytorch_epilogue(ops, scale, kernels_on):
+    """No cancellation in the native KL: float32 error within 1e-5 and a small multiple of PyTorch's."""
+    a = torch.randn(6, 4099, dtype=torch.float64) * scale
+    b = a + torch.randn(6, 4099, dtype=torch.float64) * scale / 2
+    a[3:] += 1e4
+    b[3:] += 1e4
+    a, b = a.float().double(), b.float().double()
+    valid = torch.ones(6, dtype=torch.bool)
+    ref = torch_epilogues.kl_epilogue(a.clone(), b.clone(), valid, None)
+    pytorch_error = rel_error(torch_epilogues.kl_epilogue(a.float(), b.float(), valid, None), ref)
+    error = rel_error(ops.kl(a.to(kernels_on, torch.float32), b.to(kernels_on, torch.float32),
+                             valid.to(kernels_on), None), ref)
+    assert error <= 1e-5 and error <= 4 * pytorch_error + 1e-7, f"native {error:.1e}, PyTorch {pytorch_error:.1e}"
+
+
+def test_epilogues_on_strided_rows_and_empty_chunks(ops, kernels_on):
     """Rows may be a view with a row stride above V (columns past V untouched); C = 0 returns []."""
     logits, targets, scale = logprob_case(9, 50, 3.0)
     wide = torch.full((9, 64), 7.0, dtype=torch.float64)
     wide[:, :50] = logits
-    wide = wide.to(device, torch.float32)
+    wide = wide.to(kernels_on, torch.float32)
     ref_grad = logits.float().double()
     ref = torch_epilogues.logprob_epilogue(ref_grad, targets, IGNORE, scale)
-    out = ops.logprob(wide[:, :50], targets.to(device), IGNORE, scale.to(device))
+    out = ops.logprob(wide[:, :50], targets.to(kernels_on), IGNORE, scale.to(kernels_on))
     assert_matches(out, ref, torch.float32, "values")
     assert_rel_close(wide[:, :50].cpu(), ref_grad, torch.float32, "gradient")
     assert (wide[:, 50:] == 7.0).all()
-    empty = torch.empty(0, 50, device=device)
-    assert ops.logprob(empty, torch.empty(0, dtype=torch.int64, device=device), IGNORE, None).shape == (0,)
-    assert ops.kl(empty, empty.clone(), torch.empty(0, dtype=torch.bool, device=device), None).shape == (0,)
+    empty = torch.empty(0, 50, device=kernels_on)
+    assert ops.logprob(empty, torch.empty(0, dtype=torch.int64, device=kernels_on), IGNORE, None).shape == (0,)
+    assert ops.kl(empty, empty.clone(), torch.empty(0, dtype=torch.bool, device=kernels_on), None).shape == (0,)
 
 
-def test_epilogues_propagate_nan(ops):
-    logits = torch.randn(3, 2000)
+def test_epilogues_propagate_nan(ops, kernels_on):
+    logits = torch.randn(3, 2000, device=kernels_on)
     logits[0, 1500] = float("nan")
-    targets = torch.tensor([4, 5, 6])
+    targets = torch.tensor([4, 5, 6], device=kernels_on)
     assert torch.isnan(ops.logprob(logits.clone(), targets, IGNORE, None)).tolist() == [True, False, False]
-    kl = ops.kl(logits.clone(), torch.randn(3, 2000), torch.ones(3, dtype=torch.bool), None)
+    kl = ops.kl(logits.clone(), torch.randn(3, 2000, device=kernels_on), torch.ones(3, dtype=torch.bool,
+                device=kernels_on), None)
     assert torch.isnan(kl).tolist() == [True, False, False]
 
 
@@ -152,12 +205,12 @@ def test_meta_kernels_give_shapes(ops):
 @pytest.mark.parametrize("head", ["frozen", "trainable"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("op", list(OPS))
-def test_native_ops_match_float64_reference(ops, op, dtype, head):
+def test_native_ops_match_float64_reference(ops, op, dtype, head, device):
     """Every op, value and every gradient (hidden states, weight and bias when trainable), V = 1031 > one tile."""
     masters = make_inputs(batch=2, length=13, hidden=24, vocab=1031)
     trainable = head == "trainable"
     ref, upstream, ref_grads = run_op(op, masters, torch.float64, "reference", trainable)
-    out, _, grads = run_op(op, masters, dtype, "native", trainable, upstream=upstream, chunk_rows=5)
+    out, _, grads = run_op(op, masters, dtype, "native", trainable, upstream=upstream, device=device, chunk_rows=5)
     assert_rel_close(out, ref, dtype, f"{op} value")
     for name, ref_grad in ref_grads.items():  # hidden_q gets no gradient from the single-stream ops
         assert (grads[name] is None) == (ref_grad is None), f"{op} d/d{name}"
@@ -166,14 +219,14 @@ def test_native_ops_match_float64_reference(ops, op, dtype, head):
 
 
 @pytest.mark.parametrize("op", ["token_logprobs-3d", "compression_loss", "conditional_kl-none"])
-def test_native_ops_with_logits_of_magnitude_1e4(ops, op):
+def test_native_ops_with_logits_of_magnitude_1e4(ops, op, device):
     """fp32 logits of magnitude 1e4: the value within 1e-5; gradients no worse than twice the error of PyTorch's
     own fp32 reference (whose fp32 matmul already moves such logits by ~1e-3)."""
     masters = make_inputs(batch=2, length=11, hidden=24, vocab=1031, logit_scale=1e4 / 3)
     ref, upstream, ref_grads = run_op(op, masters, torch.float64, "reference", True)
     assert ref.abs().max() > 1e3
-    eager, _, eager_grads = run_op(op, masters, torch.float32, "reference", True, upstream=upstream)
-    out, _, grads = run_op(op, masters, torch.float32, "native", True, upstream=upstream, chunk_rows=5)
+    eager, _, eager_grads = run_op(op, masters, torch.float32, "reference", True, upstream=upstream, device=device)
+    out, _, grads = run_op(op, masters, torch.float32, "native", True, upstream=upstream, device=device, chunk_rows=5)
     assert_rel_close(out, ref, torch.float32, f"{op} value")
     for name, ref_grad in ref_grads.items():
         if ref_grad is not None:

@@ -28,7 +28,7 @@ def test_sequence_logprobs_equal_get_batch_logps():
             assert_rel_close(ours, get_batch_logps(logits, labels, average), torch.float64, f"{backend} {average}")
 
 
-def test_compression_loss_equals_transformers_loss():
+def test_compression_loss_equals_transformers_loss(device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -41,6 +41,7 @@ def test_compression_loss_equals_transformers_loss():
     with torch.no_grad():
         expected = model(input_ids=input_ids, labels=labels).loss
         hidden = model.model(input_ids=input_ids).last_hidden_state
-    for backend in are_fast.BACKENDS:
-        ours = are_fast.compression_loss(hidden, model.lm_head.weight, labels, backend=backend)
+    for backend in are_fast.BACKENDS:  # the model on CPU, the op on the device under test
+        ours = are_fast.compression_loss(hidden.to(device), model.lm_head.weight.detach().to(device), labels.to(device),
+                                         backend=backend)
         assert_rel_close(ours, expected, torch.float32, backend)
