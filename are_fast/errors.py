@@ -124,7 +124,7 @@ def _main_thread() -> bool:
 
 
 def _raise_interrupted(signum, frame):
-    raise Interrupted(signum, "terminated (SIGTERM) before the work started; rerun the same command")
+    raise Interrupted(signum, "terminated (SIGTERM); the finished outputs are kept: rerun the same command")
 
 
 class StopSignals:

@@ -142,6 +142,12 @@ def test_k_comes_from_the_model_and_a_disagreeing_flag_is_an_error(world, tmp_pa
     args = stage2(world, tmp_path / "o")
     args[args.index("--model") + 1] = world["s1"]  # the run folder instead of <output-dir>/model (old README)
     expect(args, capsys, 2, "did you mean")
+    shutil.copytree(world["s1"] + "/model", tmp_path / "retrained")
+    with open(tmp_path / "retrained" / "generation_config.json", "a") as f:
+        f.write("\n")  # another stage-1 model than the one the scores were computed with
+    args = stage2(world, tmp_path / "o")
+    args[args.index("--model") + 1] = str(tmp_path / "retrained")
+    expect(args, capsys, 2, "were computed with another --model")
     enc = ["encode", "--input", world["c"], "--field", "output", "--no-progress", "--shard-size", 8]
     expect(enc + ["--model", world["base"], "--output", tmp_path / "e"], capsys, 2, "give --num-embed-tokens K")
     expect(enc + ["--model", world["s1"] + "/model", "--output", tmp_path / "e", "--num-embed-tokens", 3], capsys, 2,
@@ -464,6 +470,22 @@ def test_main_job_runs_what_new_settings_ask_for(tmp_path, capsys):
     assert "stage2: settings changed (max_steps: 2 -> 3" in out and out.count("already finished") == 2
     summary = json.loads((tmp_path / "m" / "summary.json").read_text())
     assert {k: v["steps"] for k, v in summary["losses"].items()} == {"pretrain": 2, "stage1": 2, "stage2": 3}
+    try:  # another model size: every step starts over (it was a size-mismatch traceback)
+        out, _ = expect(args + ["--stage2-steps", 3, "--hidden-size", 8], capsys, 0, "")
+    finally:
+        torch.set_num_threads(threads)
+    assert "pretrain: settings changed (base_init:" in out and "already finished" not in out
+    assert "stage1: settings changed" in out and "stage2: settings changed" in out
+
+
+def test_train_config_is_checked_in_the_library_too(tmp_path):
+    from are_fast.training.trainer import TrainConfig, Trainer
+
+    for options, message in [(dict(max_steps=-3), "max_steps: expected at least 1, got -3"),
+                             (dict(lr=0.0), "lr: expected a positive learning rate"),
+                             (dict(warmup_steps=-1), "warmup_steps: expected a value >= 0")]:
+        with pytest.raises(ValueError, match=message):
+            Trainer(None, [], TrainConfig(str(tmp_path), **options))
 
 
 # ---------------------------------------------------------------------------------------------- ops

@@ -18,6 +18,18 @@ RUN_FIELDS = ("max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "wa
               "seed", "bucket_window")
 
 
+def check_config(config) -> None:
+    """ValueError naming the first TrainConfig option out of range (the CLI checks its flags the same way)."""
+    for name in ("max_steps", "batch_size", "grad_accum", "keep_checkpoints", "bucket_window"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name}: expected at least 1, got {getattr(config, name)}")
+    for name in ("warmup_steps", "save_every", "weight_decay", "max_grad_norm"):
+        if not getattr(config, name) >= 0:
+            raise ValueError(f"{name}: expected a value >= 0, got {getattr(config, name)}")
+    if not 0 < config.lr < float("inf"):
+        raise ValueError(f"lr: expected a positive learning rate, got {config.lr}")
+
+
 def run_fingerprint(config, identity: dict | None, world_size: int, bf16: bool) -> dict:
     """The stored fingerprint: identity + RUN_FIELDS of ``config`` + world size + bf16 autocast (JSON values)."""
     fp = dict(identity or {})

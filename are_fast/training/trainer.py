@@ -2,13 +2,14 @@
 
 Why our own loop and not transformers' Trainer: the two stages need a frozen decoder beside a trainable
 compressor, reference scores carried with each row, length-bucketed batches of stage-2 items and an exact
-resume (data position included) - each a hook or an override in Trainer. The loop below is ~200 lines a
+resume (data position included) - each a hook or an override in Trainer. The loop below is one module a
 reader checks in one sitting, and it uses the field's pieces for everything else: torch AdamW,
 transformers' warmup + cosine schedule, torch.distributed (DDP, FSDP2), torch.distributed.checkpoint state
 dicts, safetensors, tqdm, peft (in the jobs).
 
 Features: gradient accumulation, clipping, bf16 autocast on CUDA, JSON-lines loss log (``loss.jsonl``),
-progress bar, checkpoints with exact resume (``checkpoint.py``), DDP under torchrun (gloo on CPU, NCCL on GPU)
+progress bar, checkpoints with exact and checked resume (``checkpoint.py``, ``runstate.py``: a run with other
+settings is refused by name), SIGINT/SIGTERM ending the run after the current step with a checkpoint, DDP under torchrun (gloo on CPU, NCCL on GPU)
 and FSDP2 sharding as an option (CUDA only: gloo has no reduce-scatter).
 """
 from __future__ import annotations
@@ -111,6 +112,7 @@ class Trainer:
         """identity: what else determines the run (data checksum, models, k, ...), stored in its fingerprint."""
         from transformers import get_cosine_schedule_with_warmup
 
+        runstate.check_config(config)
         self.config = config
         self.device, self.rank, self.world_size = setup_distributed()
         self.items = items
