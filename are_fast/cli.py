@@ -87,8 +87,11 @@ def main(argv=None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        return run_guarded("demo", lambda: run_demo(args.hidden_size, args.vocab, args.batch, args.length,
-                                                    args.negatives, args.device, args.dtype, args.repeats))
+        def demo() -> None:  # run_demo returns its table's rows; the command's result is the printed table
+            run_demo(args.hidden_size, args.vocab, args.batch, args.length, args.negatives, args.device, args.dtype,
+                     args.repeats)
+
+        return run_guarded("demo", demo)
     from .encoding.encode_job import JobConfig, run_job
 
     return run_job(JobConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
