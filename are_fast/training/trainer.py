@@ -9,8 +9,9 @@ dicts, safetensors, tqdm, peft (in the jobs).
 
 Features: gradient accumulation, clipping, bf16 autocast on CUDA, JSON-lines loss log (``loss.jsonl``),
 progress bar, checkpoints with exact and checked resume (``checkpoint.py``, ``runstate.py``: a run with other
-settings is refused by name), SIGINT/SIGTERM ending the run after the current step with a checkpoint, DDP under torchrun (gloo on CPU, NCCL on GPU)
-and FSDP2 sharding as an option (CUDA only: gloo has no reduce-scatter).
+settings is refused by name), SIGINT/SIGTERM ending the run after the current step with a checkpoint, DDP
+under torchrun (gloo on CPU, NCCL on GPU) and FSDP2 sharding as an option (CUDA only: gloo has no
+reduce-scatter).
 """
 from __future__ import annotations
 
@@ -183,6 +184,10 @@ class Trainer:
     def train(self) -> list[dict]:
         """Run (or resume) to ``max_steps``; return the log records of this run's steps. SIGINT/SIGTERM end the
         run after the current step with a checkpoint and ``Interrupted``; a failed write raises ``RunFailure``."""
+        with StopSignals() as self.stop:
+            return self._train()
+
+    def _train(self) -> list[dict]:
         cfg = self.config
         os.makedirs(cfg.output_dir, exist_ok=True)
         step, epoch, cursor = 0, 0, 0
@@ -203,33 +208,32 @@ class Trainer:
         start = time.perf_counter()
         tokens = 0
         saved = step
-        with StopSignals() as stop:
-            while step < cfg.max_steps:
-                micro = []
-                for _ in range(cfg.grad_accum):
-                    if cursor >= len(self.batches.epoch(epoch)):
-                        epoch, cursor = epoch + 1, 0
-                    micro.append(self.core.collate([self.items[i] for i in self.batches.epoch(epoch)[cursor]]))
-                    cursor += 1
-                record = self.train_step(micro)
-                step += 1
-                tokens += sum(b.num_tokens for b in micro) * self.world_size
-                elapsed = time.perf_counter() - start
-                record.update(step=step, epoch=epoch, tokens_per_s=tokens / elapsed, elapsed_s=elapsed)
-                records.append(record)
-                if self.rank == 0:
-                    with writing(f"appending to {self.log_path}", self._kept(saved)):
-                        with open(self.log_path, "a") as f:
-                            f.write(json.dumps(record) + "\n")
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                stopping = stop.agreed()
-                if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or stopping:
-                    self._save(step, epoch, cursor, saved)
-                    saved = step
-                if stopping and step < cfg.max_steps:
-                    bar.close()
-                    raise stop.interrupted(f"at step {step} of {cfg.max_steps} (checkpoint saved)")
+        while step < cfg.max_steps:
+            micro = []
+            for _ in range(cfg.grad_accum):
+                if cursor >= len(self.batches.epoch(epoch)):
+                    epoch, cursor = epoch + 1, 0
+                micro.append(self.core.collate([self.items[i] for i in self.batches.epoch(epoch)[cursor]]))
+                cursor += 1
+            record = self.train_step(micro)
+            step += 1
+            tokens += sum(b.num_tokens for b in micro) * self.world_size
+            elapsed = time.perf_counter() - start
+            record.update(step=step, epoch=epoch, tokens_per_s=tokens / elapsed, elapsed_s=elapsed)
+            records.append(record)
+            if self.rank == 0:
+                with writing(f"appending to {self.log_path}", self._kept(saved)):
+                    with open(self.log_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            stopping = self.stop.agreed()
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or stopping:
+                self._save(step, epoch, cursor, saved)
+                saved = step
+            if stopping and step < cfg.max_steps:
+                bar.close()
+                raise self.stop.interrupted(f"at step {step} of {cfg.max_steps} (checkpoint saved)")
         bar.close()
         return records
 
