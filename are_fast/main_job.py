@@ -180,7 +180,8 @@ def run_main_job(cfg: MainJobConfig) -> dict:
     toy.tiny_llama(base, cfg.hidden_size, cfg.layers, cfg.seed)
     with open(files["stage1"], "rb") as f:
         data_sha256 = hashlib.sha256(f.read()).hexdigest()
-    _pretrain(base, stage1_rows, cfg, {"job": "pretrain", "base_init": model_fingerprint(base), "data_sha256": data_sha256})
+    _pretrain(base, stage1_rows, cfg,
+              {"job": "pretrain", "base_init": model_fingerprint(base), "data_sha256": data_sha256})
     eval_sets = {"hard negatives": eval_rows, "random negatives": toy.with_random_negatives(eval_rows, cfg.seed)}
     acc = {"base model": _accuracy(base, k, eval_sets)}
 

@@ -38,7 +38,8 @@ def _number(kind, low: float, inclusive: bool = True, high: float | None = None)
     return parse
 
 
-POSITIVE_INT, COUNT, POSITIVE, NONNEGATIVE = _number(int, 1), _number(int, 0), _number(float, 0, False), _number(float, 0)
+POSITIVE_INT, COUNT = _number(int, 1), _number(int, 0)
+POSITIVE, NONNEGATIVE = _number(float, 0, False), _number(float, 0)
 FRACTION = _number(float, 0, True, 1)
 _REQUIRED = {
     "stage1": ("data", "base_model", "output_dir"),

@@ -284,7 +284,7 @@ def test_full_disk_messages_name_what_is_kept(world, tmp_path, capsys, monkeypat
 
     monkeypatch.setattr(Compressor, "save_pretrained", export_fails)
     expect(stage1(world, tmp_path / "p", "--num-embed-tokens", 2), capsys, 1,
-           "free some space; the checkpoints are kept: rerun the same command to export it")
+           "free some space; the checkpoints are kept: rerun the same command to export")
     monkeypatch.undo()
     out, _ = expect(stage1(world, tmp_path / "p", "--num-embed-tokens", 2), capsys, 0, "")
     assert "already finished" in out and os.path.isfile(tmp_path / "p" / "model" / "model.safetensors")

@@ -143,7 +143,7 @@ def _remove_job_files(output: str) -> int:
     """--overwrite: remove the files this job writes (shards, records, manifest, temporaries); others stay."""
     removed = 0
     for name in os.listdir(output):
-        if name == MANIFEST or name.startswith("shard-") or (name.endswith(".tmp") and name.startswith(("shard-", "manifest"))):
+        if name.startswith(("shard-", MANIFEST)):  # shards, records, the manifest and their temporaries
             os.remove(os.path.join(output, name))
             removed += 1
     return removed
@@ -393,7 +393,8 @@ def _run(cfg: JobConfig, rank: int, world: int, local_rank: int) -> int:
             shard = done.source
             for bad in shard.bad:
                 if reported < _MAX_REPORTED:
-                    _log(f"{'record' if plan.info.format == 'parquet' else 'line'} {bad.row + 1}: skipped, {bad.detail}")
+                    where = "record" if plan.info.format == "parquet" else "line"
+                    _log(f"{where} {bad.row + 1}: skipped, {bad.detail}")
                 elif reported == _MAX_REPORTED:
                     _log("further bad rows are listed in the shard records and counted in the manifest")
                 reported += 1

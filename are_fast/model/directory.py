@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from .compressor import count_embed_tokens
 
 SAMPLE_TEXT = "A short sample text, 42."
-_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+            "pytorch_model.bin.index.json")
 _SAMPLE_BYTES = 1 << 20
 
 
@@ -31,7 +32,8 @@ class ModelDirInfo:
 def _not_a_model(option: str, path: str, what: str) -> ValueError:
     hint = ""
     if os.path.isfile(os.path.join(path, "model", "config.json")):
-        hint = f"; the training jobs write their model to <output-dir>/model: did you mean {os.path.join(path, 'model')!r}?"
+        hint = ("; the training jobs write their model to <output-dir>/model: did you mean "
+                f"{os.path.join(path, 'model')!r}?")
     return ValueError(f"{option}: {path!r} {what} (expected a saved Hugging Face model directory){hint}")
 
 
@@ -98,5 +100,6 @@ def resolve_num_embed_tokens(info: ModelDirInfo, requested: int | None, default:
         return requested
     if default is not None:
         return default
-    raise ValueError(f"model: {info.path!r} has no <EMBED0> token, so it is not a trained AutoRegEmbed model (stage 1 "
-                     f"writes one to <output-dir>/model); to use it anyway with k new untrained tokens give {option} K")
+    raise ValueError(f"model: {info.path!r} has no <EMBED0> token, so it is not a trained AutoRegEmbed model "
+                     "(stage 1 writes one to <output-dir>/model); to use it anyway with k new untrained tokens give "
+                     f"{option} K")

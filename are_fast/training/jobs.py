@@ -78,7 +78,7 @@ def _checked_models(opts: ModelOptions, compressor: tuple, decoder: tuple, defau
 
 def _export(compressor: Compressor, path: str) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
-        with writing(f"writing the model to {path}", "the checkpoints are kept: rerun the same command to export it"):
+        with writing(f"writing the model to {path}", "the checkpoints are kept: rerun the same command to export"):
             compressor.save_pretrained(path)
     if dist.is_initialized():
         dist.barrier()
@@ -131,9 +131,9 @@ def run_reference_scores(data: str, model: str, base_model: str, output: str, nu
             ref_p[index], ref_n[index] = p, n
     if rank == 0:
         with writing(f"writing the reference scores to {output}", "nothing was written; rerun the same command"):
-            save_reference_scores(output, rows, ref_p, ref_n, {"model": identity["model"], "k": opts.num_embed_tokens,
-                                                               "max_text_tokens": opts.max_text_tokens,
-                                                               "max_target_tokens": opts.max_target_tokens})
+            provenance = {"model": identity["model"], "k": opts.num_embed_tokens,
+                          "max_text_tokens": opts.max_text_tokens, "max_target_tokens": opts.max_target_tokens}
+            save_reference_scores(output, rows, ref_p, ref_n, provenance)
     if world > 1:
         dist.barrier()
     return ref_p, ref_n, report

@@ -4,8 +4,9 @@ model, batched in inference mode, stored as safetensors against row ids.
 File layout (safetensors): ``ref_p`` [N] float32, ``ref_n`` [N, n] float32, ``fingerprint`` [N] int64 (a hash
 of each row's texts), metadata ``row_ids`` (JSON list, the order of the tensors), ``num_negatives`` and
 ``format``, and what the scores were computed with: ``scored_with`` (JSON: the stage-1 model's fingerprint,
-k, the length limits), checked by stage 2 against its --model. Loading looks every data row up by id and checks its fingerprint, so a shuffled or filtered data
-file still gets its own scores, and a data file that does not match the scores is refused with a clear error.
+k, the length limits), checked by stage 2 against its --model. Loading looks every data row up by id and
+checks its fingerprint, so a shuffled or filtered data file still gets its own scores, and a data file that
+does not match the scores is refused with a clear error.
 """
 from __future__ import annotations
 
