@@ -333,8 +333,8 @@ def test_sigint_at_a_step_saves_a_checkpoint_and_a_rerun_resumes(world, tmp_path
     monkeypatch.setattr(Trainer, "train_step", train_step)
     out = tmp_path / "o"
     args = stage1(world, out, "--max-steps", 4, "--num-embed-tokens", 2)
-    expect(args, capsys, 130, f"interrupted (SIGINT) at step {stop_at} of 4 (checkpoint saved); rerun the same "
-                              "command to resume")
+    expect(args, capsys, 130, f"interrupted (SIGINT) at step {stop_at} of 4 (checkpoint saved in {out}); rerun "
+                              "the same command to resume")
     assert checkpoints(out) == [f"step-{stop_at:08d}"] and steps_logged(out) == list(range(1, stop_at + 1))
     monkeypatch.setattr(Trainer, "train_step", real)
     stdout, _ = expect(args, capsys, 0, "")

@@ -233,7 +233,7 @@ class Trainer:
                 saved = step
             if stopping and step < cfg.max_steps:
                 bar.close()
-                raise self.stop.interrupted(f"at step {step} of {cfg.max_steps} (checkpoint saved)")
+                raise self.stop.interrupted(f"at step {step} of {cfg.max_steps} (checkpoint saved in {cfg.output_dir})")
         bar.close()
         return records
 
