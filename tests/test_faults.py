@@ -515,3 +515,29 @@ def test_op_arguments_are_validated():
     expected = are_fast.alignment_loss(lp.bfloat16().float(), lp, lpn.half().float(), lp, lpn)
     assert torch.equal(mixed, expected)
     assert are_fast.alignment_loss(lp.double(), lp.double(), lpn.double(), lp, lpn).dtype == torch.float64
+
+
+def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """StopSignals.agreed(): one all-reduce per step, so ranks never disagree about the last step (a rank that
+    stopped alone would leave the others waiting in a collective forever)."""
+    script = tmp_path / "agree.py"
+    script.write_text(
+        "import os, signal\n"
+        "import torch.distributed as dist\n"
+        "from are_fast.errors import StopSignals\n"
+        "dist.init_process_group('gloo')\n"
+        "rank = dist.get_rank()\n"
+        "with StopSignals() as stop:\n"
+        "    seen = []\n"
+        "    for step in range(3):\n"
+        "        if rank == 1 and step == 1:\n"
+        "            os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        seen.append(stop.agreed())\n"
+        "print(f'rank {rank}: {seen} {stop.signum}', flush=True)\n"
+        "dist.destroy_process_group()\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: [False, True, True] {int(signal.SIGTERM)}" in proc.stdout, proc.stdout
