@@ -4,21 +4,29 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .train_cli import add_training_commands, parse_training_args, run_training_command
+from .errors import run_guarded
+from .train_cli import FRACTION, POSITIVE_INT, add_training_commands, parse_training_args, run_training_command
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors are one line (the problem, then where the options are explained) and exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_demo(subparsers) -> None:
     demo = subparsers.add_parser(
         "demo", help="run each fused op on random data; print time and peak memory against the reference"
     )
-    demo.add_argument("--hidden-size", type=int, default=512, help="H, the LM head's hidden size (default 512)")
-    demo.add_argument("--vocab", type=int, default=32000, help="V, the vocabulary size (default 32000)")
-    demo.add_argument("--batch", type=int, default=4, help="sequences per stream (default 4)")
-    demo.add_argument("--length", type=int, default=256, help="tokens per sequence (default 256)")
-    demo.add_argument("--negatives", type=int, default=2, help="negatives per query in alignment_loss (default 2)")
+    demo.add_argument("--hidden-size", type=POSITIVE_INT, default=512, help="H, the LM head's hidden size (default 512)")
+    demo.add_argument("--vocab", type=POSITIVE_INT, default=32000, help="V, the vocabulary size (default 32000)")
+    demo.add_argument("--batch", type=POSITIVE_INT, default=4, help="sequences per stream (default 4)")
+    demo.add_argument("--length", type=POSITIVE_INT, default=256, help="tokens per sequence (default 256)")
+    demo.add_argument("--negatives", type=POSITIVE_INT, default=2, help="negatives per query in alignment_loss (default 2)")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="input dtype")
-    demo.add_argument("--repeats", type=int, default=2, help="timed runs per case; the best is shown (default 2)")
+    demo.add_argument("--repeats", type=POSITIVE_INT, default=2, help="timed runs per case; the best is shown (default 2)")
 
 
 def _add_encode(subparsers) -> None:
@@ -26,7 +34,9 @@ def _add_encode(subparsers) -> None:
         "encode", help="embed every row of a file into resumable shards (see are_fast.encoding.encode_job)",
         description="Embed each row of --input with the model into shards in --output, then write manifest.json. "
         "A rerun resumes (finished shards are kept); under torchrun each rank takes every WORLD_SIZE-th shard. "
-        "Bad rows are skipped and reported; the exit code is 1 only when nothing can proceed.",
+        "Bad rows are skipped and reported with their line numbers. Exit 2: bad options, model, input or output "
+        "folder (nothing is computed); 1: a failure at run time (finished shards are kept); 130/143: interrupted "
+        "(finished shards are kept; rerun to resume).",
     )
     enc.add_argument("--model", required=True, help="model directory (a trained checkpoint with <EMBED*> tokens)")
     enc.add_argument("--input", required=True, help="a .jsonl, .txt (a text a line) or .parquet file")
@@ -35,23 +45,31 @@ def _add_encode(subparsers) -> None:
     enc.add_argument("--input-format", choices=["jsonl", "txt", "parquet"], default=None,
                      help="input format (default: from the file extension)")
     enc.add_argument("--instruction", default=None, help="instruction appended after each text (default none)")
-    enc.add_argument("--shard-size", type=int, default=10000, help="input rows per shard (default 10000)")
+    enc.add_argument("--shard-size", type=POSITIVE_INT, default=10000, help="input rows per shard (default 10000)")
     enc.add_argument("--shard-format", choices=["safetensors", "npy"], default="safetensors",
                      help="safetensors: one file with embeddings and row_ids; npy: .npy and .rows.npy")
-    enc.add_argument("--max-length", type=int, default=512, help="texts are cut to this many tokens (default 512)")
-    enc.add_argument("--max-tokens", type=int, default=None,
+    enc.add_argument("--max-length", type=POSITIVE_INT, default=512, help="texts are cut to this many tokens (default 512)")
+    enc.add_argument("--max-tokens", type=POSITIVE_INT, default=None,
                      help="token budget per batch (default 32768 on CUDA, 8192 on CPU)")
-    enc.add_argument("--batch-size", type=int, default=None, help="cap on texts per batch (default: none)")
+    enc.add_argument("--batch-size", type=POSITIVE_INT, default=None, help="cap on texts per batch (default: none)")
     enc.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     enc.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                      help="model dtype (default bfloat16 on CUDA, float32 on CPU); embeddings are saved in float32")
     enc.add_argument("--no-normalize", dest="normalize", action="store_false", help="keep embeddings unnormalized")
     enc.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    enc.add_argument("--num-embed-tokens", type=POSITIVE_INT, default=None,
+                     help="k (default: the model's <EMBED*> tokens; needed only for a model without them, which then "
+                     "gets k new untrained tokens: a baseline); a value that disagrees with the model is an error")
+    enc.add_argument("--max-bad-fraction", type=FRACTION, default=0.5,
+                     help="exit 2 when more than this fraction of the rows is bad (default 0.5)")
+    enc.add_argument("--overwrite", action="store_true",
+                     help="replace the shards of another job in --output (default: refuse; a rerun of the same job "
+                     "resumes)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="are-fast", description=__doc__)
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="are-fast", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     _add_demo(subparsers)
     _add_encode(subparsers)
     add_training_commands(subparsers)
@@ -69,10 +87,11 @@ def main(argv=None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        run_demo(args.hidden_size, args.vocab, args.batch, args.length, args.negatives, args.device, args.dtype,
-                 args.repeats)
-    if args.command == "encode":
-        from .encoding.encode_job import JobConfig, run_job
+        def demo() -> None:  # run_demo returns its table's rows; the command's result is the printed table
+            run_demo(args.hidden_size, args.vocab, args.batch, args.length, args.negatives, args.device, args.dtype,
+                     args.repeats)
 
-        return run_job(JobConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
-    return 0
+        return run_guarded("demo", demo)
+    from .encoding.encode_job import JobConfig, run_job
+
+    return run_job(JobConfig(**{k: v for k, v in vars(args).items() if k != "command"}))

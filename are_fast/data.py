@@ -5,8 +5,9 @@ instruction}. An ``id`` field, when present, names the row (else its line number
 are stored against these ids, so a shuffled or filtered data file can never pick up another row's scores.
 
 Bad input never crashes a job and is never silently dropped: unreadable files raise a ValueError naming the
-path; rows with invalid JSON, missing fields, empty strings or too few negatives are skipped and counted per
-reason; texts over the maximum length are truncated and counted. ``DataReport.summary()`` says it all.
+path; rows with invalid UTF-8 or JSON, missing fields, empty strings or too few negatives are skipped and
+counted per reason with their 1-based line numbers; texts over the maximum length are truncated and counted.
+``DataReport.summary()`` says it all, and ``check_usable`` fails a file whose bad rows exceed a fraction.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class DataReport:
 
     path: str
     kept: int = 0
+    sha256: str = ""  # of the file's bytes: the training runs' fingerprints hold it
     skipped: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)  # reason -> first line numbers
     truncated: Counter = field(default_factory=Counter)  # text kind -> rows cut to the maximum length
@@ -47,28 +49,53 @@ class DataReport:
         return "; ".join(parts)
 
 
+    @property
+    def bad_fraction(self) -> float:
+        total = self.kept + sum(self.skipped.values())
+        return sum(self.skipped.values()) / total if total else 0.0
+
+
+DEFAULT_MAX_BAD_FRACTION = 0.5
+
+
+def check_usable(rows: list, report: DataReport, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+                 what: str = "") -> None:
+    """ValueError when no row is usable or more than ``max_bad_fraction`` of the rows were skipped."""
+    if not rows:
+        raise ValueError(f"data: no usable {what}row in {report.path!r} ({report.summary()})")
+    if report.bad_fraction > max_bad_fraction:
+        raise ValueError(f"data: {report.bad_fraction:.0%} of the rows of {report.path!r} are bad, more than "
+                         f"--max-bad-fraction {max_bad_fraction:g} (wrong file or format?): {report.summary()}")
+
+
 def read_jsonl(path: str, report: DataReport):
-    """Yield (line number, dict) per non-empty line; bad JSON lines are counted in ``report`` and skipped."""
+    """Yield (1-based line number, dict) per non-empty line; lines with invalid UTF-8 or JSON, or not an object,
+    are counted in ``report`` and skipped. The file's sha256 lands in ``report.sha256`` once it is read."""
     try:
-        handle = open(path, encoding="utf-8")
+        handle = open(path, "rb")
     except OSError as err:
         raise ValueError(f"data file {path!r} cannot be read: {err.strerror or err}") from None
+    digest = hashlib.sha256()
     with handle:
-        try:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    report.skip("invalid JSON", number)
-                    continue
-                if not isinstance(row, dict):
-                    report.skip("not a JSON object", number)
-                    continue
-                yield number, row
-        except UnicodeDecodeError as err:
-            raise ValueError(f"data file {path!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        for number, raw in enumerate(handle, 1):
+            digest.update(raw)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                report.skip("invalid UTF-8", number)
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                report.skip("invalid JSON", number)
+                continue
+            if not isinstance(row, dict):
+                report.skip("not a JSON object", number)
+                continue
+            yield number, row
+    report.sha256 = digest.hexdigest()
 
 
 def _text(row: dict, name: str) -> str | None:

@@ -7,10 +7,13 @@ toy sentences (causal-LM loss through the fused ``compression_loss``, trainable 
 accuracy on held-out rows before and after, against two kinds of negatives: hard ones (the query's own words
 with one slot's meaning changed) and random ones (other held-out rows' texts). Writes the
 models, data, scores, ``loss.jsonl`` per stage, ``loss_curves.png`` and ``summary.json`` under the output
-directory, and prints a summary. A rerun resumes from the checkpoints it finds there.
+directory, and prints a summary. A rerun resumes from the checkpoints it finds there; a step whose settings
+changed (its run fingerprint differs: other sizes, rows, steps, learning rates, ...) starts over, and so do
+the steps after it, each with a line saying which settings changed; ``restart`` starts every step over.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -20,8 +23,10 @@ import torch
 
 from . import toy
 from .ops import functional as F
+from .errors import check_writable
 from .evaluation import triplet_accuracy
 from .model import Compressor
+from .model.directory import model_fingerprint
 from .model.layout import IGNORE_INDEX, pad_right
 from .training.jobs import ModelOptions, run_reference_scores, run_stage1, run_stage2
 from .training.trainer import TrainConfig
@@ -48,6 +53,30 @@ class MainJobConfig:
     seed: int = 0
     threads: int = 1  # a tiny model runs fastest on one thread
     progress: bool = True
+    resume: bool = True  # False: start every step over
+
+    def check(self) -> None:
+        """ValueError naming the first setting the embedded default cannot run with."""
+        for name in ("hidden_size", "layers", "num_embed_tokens", "stage1_rows", "stage2_rows", "eval_rows",
+                     "num_negatives", "pretrain_steps", "stage1_steps", "stage2_steps", "batch_size", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected at least 1, got {getattr(self, name)}")
+        for name in ("stage1_lr", "stage2_lr", "beta", "tau"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)}")
+        if self.hidden_size % 8:
+            raise ValueError(f"hidden_size: expected a multiple of 8 (4 heads with an even head size), "
+                             f"got {self.hidden_size}")
+        if self.num_negatives > len(toy.SLOTS):
+            raise ValueError(f"num_negatives: a hard negative changes one of {len(toy.SLOTS)} slots, so at most "
+                             f"{len(toy.SLOTS)}; got {self.num_negatives}")
+        if self.eval_rows <= self.num_negatives:
+            raise ValueError(f"eval_rows: random negatives come from other rows: expected more than num_negatives="
+                             f"{self.num_negatives}, got {self.eval_rows}")
+        for name in ("stage1_rows", "stage2_rows"):
+            if getattr(self, name) < self.batch_size:
+                raise ValueError(f"{name}: expected at least one batch ({self.batch_size} rows), got "
+                                 f"{getattr(self, name)}")
 
 
 @dataclass
@@ -89,7 +118,7 @@ class _Pretrain(torch.nn.Module):
         return F.compression_loss(hidden, self.lm.lm_head.weight, batch.labels), {}
 
 
-def _pretrain(base: str, rows, cfg: "MainJobConfig") -> None:
+def _pretrain(base: str, rows, cfg: "MainJobConfig", identity: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .training.trainer import Trainer
@@ -99,8 +128,9 @@ def _pretrain(base: str, rows, cfg: "MainJobConfig") -> None:
     texts = sorted({r[key] for r in rows for key in ("context", "output")})
     items = [_Sentence(ids + [tokenizer.eos_token_id]) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     config = TrainConfig(os.path.join(cfg.output_dir, "pretrain"), max_steps=cfg.pretrain_steps, batch_size=64,
-                         lr=3e-3, warmup_steps=cfg.pretrain_steps // 10, seed=cfg.seed, progress=cfg.progress)
-    Trainer(_Pretrain(lm, tokenizer.pad_token_id), items, config).train()
+                         lr=3e-3, warmup_steps=cfg.pretrain_steps // 10, seed=cfg.seed, progress=cfg.progress,
+                         resume=cfg.resume, restart_on_change=True)
+    Trainer(_Pretrain(lm, tokenizer.pad_token_id), items, config, identity).train()
     lm.save_pretrained(base)
 
 
@@ -131,6 +161,8 @@ def _accuracy(model_dir: str, k: int, eval_sets: dict) -> dict:
 
 def run_main_job(cfg: MainJobConfig) -> dict:
     """Run every step; return (and print) the summary."""
+    cfg.check()
+    check_writable(cfg.output_dir, "output-dir")
     torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
     out = cfg.output_dir
@@ -146,11 +178,15 @@ def run_main_job(cfg: MainJobConfig) -> dict:
                         seed=cfg.seed)
     k = cfg.num_embed_tokens
     toy.tiny_llama(base, cfg.hidden_size, cfg.layers, cfg.seed)
-    _pretrain(base, stage1_rows, cfg)
+    with open(files["stage1"], "rb") as f:
+        data_sha256 = hashlib.sha256(f.read()).hexdigest()
+    _pretrain(base, stage1_rows, cfg,
+              {"job": "pretrain", "base_init": model_fingerprint(base), "data_sha256": data_sha256})
     eval_sets = {"hard negatives": eval_rows, "random negatives": toy.with_random_negatives(eval_rows, cfg.seed)}
     acc = {"base model": _accuracy(base, k, eval_sets)}
 
-    common = dict(batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress, max_grad_norm=1.0)
+    common = dict(batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress, max_grad_norm=1.0,
+                  resume=cfg.resume, restart_on_change=True)
     s1 = TrainConfig(os.path.join(out, "stage1"), max_steps=cfg.stage1_steps, lr=cfg.stage1_lr,
                      warmup_steps=cfg.stage1_steps // 10, **common)
     run_stage1(files["stage1"], base, s1, opts)

@@ -1,16 +1,46 @@
 """The training subcommands of ``are-fast``: stage1, ref-scores, stage2 and main (the embedded default).
 
 Every option can come from a flag or from a config file (``--config run.yaml`` or ``.json``) whose keys are
-the option names (``max_steps`` or ``max-steps``); flags win over the file. Run under ``torchrun`` for DDP.
+the flags' names (``max-steps`` or ``max_steps``; a switch such as ``no-progress`` takes true or false); the
+file's values are checked exactly as flags are (types, ranges, choices), and flags win over the file.
+Every numeric option is range-checked. Errors print one line and exit 2 (see ``are_fast.errors``).
+Run under ``torchrun`` for DDP.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
+from .data import DEFAULT_MAX_BAD_FRACTION
+from .errors import run_guarded
+
 _PARSERS: dict = {}
+
+
+def _number(kind, low: float, inclusive: bool = True, high: float | None = None):
+    """An argparse type: ``kind`` (int or float) in [low, high] (or (low, high] when not ``inclusive``)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value) or (value < low if inclusive else value <= low) or (
+                high is not None and value > high):
+            bound = f"{'>=' if inclusive else '>'} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"expected a value {bound}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT, COUNT = _number(int, 1), _number(int, 0)
+POSITIVE, NONNEGATIVE = _number(float, 0, False), _number(float, 0)
+FRACTION = _number(float, 0, True, 1)
 _REQUIRED = {
     "stage1": ("data", "base_model", "output_dir"),
     "ref-scores": ("data", "model", "base_model", "output"),
@@ -21,9 +51,11 @@ _REQUIRED = {
 
 def _model_options(p) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--num-embed-tokens", type=int, default=5, help="k, compressed tokens <EMBED0>..<EMBED{k-1}> (default 5)")
-    g.add_argument("--max-text-tokens", type=int, default=512, help="compressor texts are cut to this many tokens (default 512)")
-    g.add_argument("--max-target-tokens", type=int, default=512, help="decoder targets are cut to this many tokens (default 512)")
+    g.add_argument("--num-embed-tokens", type=POSITIVE_INT, default=None,
+                   help="k, compressed tokens <EMBED0>..<EMBED{k-1}> (default: the model's own; 5 for a base LM in stage1); "
+                   "a value that disagrees with the model's tokens is an error")
+    g.add_argument("--max-text-tokens", type=POSITIVE_INT, default=512, help="compressor texts are cut to this many tokens (default 512)")
+    g.add_argument("--max-target-tokens", type=POSITIVE_INT, default=512, help="decoder targets are cut to this many tokens (default 512)")
     g.add_argument("--attn-implementation", default=None, choices=["eager", "sdpa", "flash_attention_2"],
                    help="attention kernel (default: transformers' choice); flash_attention_2 needs flash-attn")
     g.add_argument("--route", default=None, choices=["padded", "packed", "varlen"],
@@ -31,9 +63,9 @@ def _model_options(p) -> None:
                         "sequence); default: the fastest measured on the device (varlen on CPU, padded on CUDA)")
     g.add_argument("--checkpointing", action="store_true", help="per-layer activation checkpointing (compressor and decoder)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights' dtype (default: as saved)")
-    g.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the compressor via peft; 0: full fine-tuning (default)")
-    g.add_argument("--lora-alpha", type=int, default=None, help="LoRA alpha (default 2 x rank)")
-    g.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout (default 0.1)")
+    g.add_argument("--lora-rank", type=COUNT, default=0, help="LoRA rank on the compressor via peft; 0: full fine-tuning (default)")
+    g.add_argument("--lora-alpha", type=POSITIVE_INT, default=None, help="LoRA alpha (default 2 x rank)")
+    g.add_argument("--lora-dropout", type=_number(float, 0, True, 0.99), default=0.1, help="LoRA dropout (default 0.1)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory (default off)")
     g.add_argument("--backend", default=None, choices=["reference", "chunked", "triton", "native"],
                    help="loss-op backend (default: ARE_FAST_BACKEND, else by device)")
@@ -43,19 +75,21 @@ def _model_options(p) -> None:
 def _train_options(p) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--output-dir", default=None, help="run directory: checkpoints, loss.jsonl, model/ (required)")
-    g.add_argument("--max-steps", type=int, default=100, help="optimizer steps (default 100)")
-    g.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch per process (default 8)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of AdamW (default 1e-4)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps before the cosine decay (default 0)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm; 0 turns it off (default 1)")
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps; 0: at the end only (default 0)")
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default 2)")
-    g.add_argument("--no-resume", dest="resume", action="store_false", help="ignore checkpoints in --output-dir")
+    g.add_argument("--max-steps", type=POSITIVE_INT, default=100, help="optimizer steps (default 100)")
+    g.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="rows per micro-batch per process (default 8)")
+    g.add_argument("--grad-accum", type=POSITIVE_INT, default=1, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--lr", type=POSITIVE, default=1e-4, help="peak learning rate of AdamW (default 1e-4)")
+    g.add_argument("--weight-decay", type=NONNEGATIVE, default=0.0, help="AdamW weight decay (default 0)")
+    g.add_argument("--warmup-steps", type=COUNT, default=0, help="linear warmup steps before the cosine decay (default 0)")
+    g.add_argument("--max-grad-norm", type=NONNEGATIVE, default=1.0, help="gradient clipping norm; 0 turns it off (default 1)")
+    g.add_argument("--save-every", type=COUNT, default=0, help="checkpoint every N steps; 0: at the end only (default 0)")
+    g.add_argument("--keep-checkpoints", type=POSITIVE_INT, default=2, help="checkpoints kept (default 2)")
+    g.add_argument("--restart", dest="resume", action="store_false",
+                   help="start over: remove the checkpoints and loss.jsonl of --output-dir (default: resume them when "
+                   "their settings match, else stop with the settings that differ)")
     g.add_argument("--bf16", dest="bf16", action="store_true", default=None, help="bf16 autocast (default: on CUDA only)")
     g.add_argument("--no-bf16", dest="bf16", action="store_false", help="no bf16 autocast")
-    g.add_argument("--bucket-window", type=int, default=32, help="batches per length-sorted window (default 32)")
+    g.add_argument("--bucket-window", type=POSITIVE_INT, default=32, help="batches per length-sorted window (default 32)")
     g.add_argument("--fsdp", action="store_true", help="shard the models with FSDP2 under torchrun (NCCL on GPU, gloo on CPU)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -65,8 +99,11 @@ def _data_options(p, stage2: bool) -> None:
     g.add_argument("--data", default=None, help="JSON-lines file of rows (required): " +
                    ("{query, pos, neg, instruction}" if stage2 else "{context, instruction, output}"))
     g.add_argument("--instruction", default=None, help="instruction for rows that have none (default: such rows are skipped)")
+    g.add_argument("--max-bad-fraction", type=FRACTION, default=DEFAULT_MAX_BAD_FRACTION,
+                   help="fail when more than this fraction of the rows is bad (skipped rows are reported with "
+                   f"their line numbers) (default {DEFAULT_MAX_BAD_FRACTION})")
     if stage2:
-        g.add_argument("--num-negatives", type=int, default=1, help="negatives per row; rows with fewer are skipped (default 1)")
+        g.add_argument("--num-negatives", type=POSITIVE_INT, default=1, help="negatives per row; rows with fewer are skipped (default 1)")
 
 
 def add_training_commands(subparsers) -> None:
@@ -85,7 +122,7 @@ def add_training_commands(subparsers) -> None:
     p.add_argument("--model", default=None, help="stage-1 model directory (<output-dir>/model of stage1) (required)")
     p.add_argument("--base-model", default=None, help="base causal LM directory, the frozen decoder (required)")
     p.add_argument("--output", default=None, help="score file to write (.safetensors) (required)")
-    p.add_argument("--batch-size", type=int, default=32, help="rows per batch (default 32)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="rows per batch (default 32)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     _data_options(p, True), _model_options(p)
     _PARSERS["ref-scores"] = p
@@ -96,8 +133,8 @@ def add_training_commands(subparsers) -> None:
     p.add_argument("--scores", default=None, help="reference-score file from ref-scores (required)")
     p.add_argument("--model", default=None, help="stage-1 model directory, the compressor's start (required)")
     p.add_argument("--base-model", default=None, help="base causal LM directory, the frozen decoder (required)")
-    p.add_argument("--beta", type=float, default=0.1, help="sigmoid scale of the alignment loss (default 0.1)")
-    p.add_argument("--tau", type=float, default=0.1, help="temperature of the alignment loss (default 0.1)")
+    p.add_argument("--beta", type=POSITIVE, default=0.1, help="sigmoid scale of the alignment loss (default 0.1)")
+    p.add_argument("--tau", type=POSITIVE, default=0.1, help="temperature of the alignment loss (default 0.1)")
     p.add_argument("--ref-sign", type=float, default=1.0, choices=[1.0, -1.0],
                    help="+1 adds the reference margin as released (default); -1 subtracts it (DPO-consistent)")
     p.add_argument("--distance", default="logprob", choices=["logprob", "kl"],
@@ -110,7 +147,7 @@ def add_training_commands(subparsers) -> None:
     d = MainJobConfig()
     p = subparsers.add_parser("main", help="the main job on the embedded default (tiny Llama, ByT5 bytes, toy data)",
                               description="Pretrain a tiny Llama on generated sentences, then stage 1 -> reference "
-                              "scores -> stage 2, with triplet accuracy before and after. No download; ~2 min on 2 CPU cores.")
+                              "scores -> stage 2, with triplet accuracy before and after. No download; about 1.5 minutes on 2 CPU cores.")
     p.add_argument("--config", default=None, help=config_help)
     p.add_argument("--output-dir", default=d.output_dir, help=f"where everything goes (default {d.output_dir})")
     for name, help_text in (("hidden_size", "hidden size of the tiny Llama"), ("layers", "its layers"),
@@ -119,48 +156,67 @@ def add_training_commands(subparsers) -> None:
                             ("num_negatives", "negatives per stage-2 row"), ("pretrain_steps", "LM pretraining steps"),
                             ("stage1_steps", "stage-1 steps"), ("stage2_steps", "stage-2 steps"),
                             ("batch_size", "rows per batch"), ("seed", "seed"), ("threads", "torch CPU threads")):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name),
+        p.add_argument("--" + name.replace("_", "-"), type=int if name == "seed" else POSITIVE_INT, default=getattr(d, name),
                        help=f"{help_text} (default {getattr(d, name)})")
     for name, help_text in (("stage1_lr", "stage-1 learning rate"), ("stage2_lr", "stage-2 learning rate"),
                             ("beta", "alignment beta"), ("tau", "alignment tau")):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name),
+        p.add_argument("--" + name.replace("_", "-"), type=POSITIVE, default=getattr(d, name),
                        help=f"{help_text} (default {getattr(d, name)})")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--restart", dest="resume", action="store_false",
+                   help="start every step over (default: resume; a step whose settings changed starts over by itself)")
     _PARSERS["main"] = p
 
 
-def _load_config(path: str, parser) -> dict:
+def _config_argv(path: str, parser) -> list[str]:
+    """The config file's options as command-line tokens, so the file is checked exactly as flags are."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
-    except OSError as err:
-        parser.error(f"--config {path!r} cannot be read: {err.strerror}")
+    except (OSError, UnicodeDecodeError) as err:
+        parser.error(f"--config {path!r} cannot be read: {getattr(err, 'strerror', None) or err}")
+    kind = "YAML" if path.endswith((".yaml", ".yml")) else "JSON"
     try:
-        if path.endswith((".yaml", ".yml")):
+        if kind == "YAML":
             import yaml
 
             values = yaml.safe_load(text)
         else:
             values = json.loads(text)
     except Exception as err:  # the parsers raise their own error types
-        parser.error(f"--config {path!r} is not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}: {err}")
+        parser.error(f"--config {path!r} is not valid {kind}: {' '.join(str(err).split())}")
     if not isinstance(values, dict):
         parser.error(f"--config {path!r}: expected a mapping of option names to values")
-    known = {a.dest for a in parser._actions}
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - known)
+    flags = {o: a for a in parser._actions for o in a.option_strings if o.startswith("--")}
+    argv, unknown = [], []
+    for key, value in values.items():
+        flag = "--" + str(key).replace("_", "-")
+        action = flags.get(flag)
+        if action is None or flag in ("--config", "--help"):
+            switch = [o for o, a in flags.items() if a.dest == str(key).replace("-", "_") and a.nargs == 0]
+            unknown.append(f"{key} (the switch is {switch[0][2:]}: true)" if switch else str(key))
+            continue
+        if value is None:
+            continue
+        if action.nargs == 0:  # a switch: true gives the flag, false leaves it out
+            if not isinstance(value, bool):
+                parser.error(f"--config {path!r}: {key} is a switch; expected true or false, got {value!r}")
+            argv += [flag] if value else []
+        elif isinstance(value, (bool, list, dict)):
+            parser.error(f"--config {path!r}: {key} expects a single value, got {value!r}")
+        else:
+            argv.append(f"{flag}={value}")
     if unknown:
         parser.error(f"--config {path!r}: unknown options {', '.join(unknown)}")
-    return values
+    return argv
 
 
 def parse_training_args(command: str, argv) -> argparse.Namespace:
-    """Parse ``argv`` (after the command) with the config file's values as defaults; check required options."""
+    """Parse ``argv`` (after the command) after the config file's options; check required options."""
     parser = _PARSERS[command]
     args = parser.parse_args(argv)
     if args.config:
-        parser.set_defaults(**_load_config(args.config, parser))
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_config_argv(args.config, parser) + list(argv))
     missing = [name for name in _REQUIRED[command] if getattr(args, name) is None]
     if missing:
         parser.error("missing " + ", ".join("--" + m.replace("_", "-") for m in missing) + " (a flag or a --config key)")
@@ -176,7 +232,12 @@ def _pick(cls, args, **renames):
 
 
 def run_training_command(args: argparse.Namespace) -> int:
-    """Run a parsed training subcommand; bad input prints one clear line and returns 2."""
+    """Run a parsed training subcommand: one line and exit 2 for bad input, 1 for run-time failures, 130/143
+    on SIGINT/SIGTERM (after the current step; a rerun resumes); see ``are_fast.errors``."""
+    return run_guarded(args.command, lambda: _run(args), "rerun the same command to resume")
+
+
+def _run(args: argparse.Namespace) -> None:
     import transformers
 
     from .training.jobs import ModelOptions, run_reference_scores, run_stage1, run_stage2
@@ -184,24 +245,21 @@ def run_training_command(args: argparse.Namespace) -> int:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    try:
-        if args.command == "main":
-            from .main_job import MainJobConfig, run_main_job
+    if args.command == "main":
+        from .main_job import MainJobConfig, run_main_job
 
-            run_main_job(_pick(MainJobConfig, args))
-            return 0
-        opts = _pick(ModelOptions, args)
-        if args.command == "stage1":
-            run_stage1(args.data, args.base_model, _pick(TrainConfig, args), opts, args.instruction)
-        elif args.command == "ref-scores":
-            run_reference_scores(args.data, args.model, args.base_model, args.output, args.num_negatives, opts,
-                                 args.batch_size, args.instruction, args.progress)
-        else:
-            run_stage2(args.data, args.scores, args.model, args.base_model, _pick(TrainConfig, args), opts,
-                       args.num_negatives, args.beta, args.tau, args.ref_sign, args.distance, args.instruction)
-    except ValueError as err:
-        print(f"are-fast {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    if args.command != "ref-scores" and (os.environ.get("RANK", "0") == "0"):
-        print(f"model written to {os.path.join(args.output_dir, 'model')}")
-    return 0
+        run_main_job(_pick(MainJobConfig, args))
+        return
+    opts = _pick(ModelOptions, args)
+    if args.command == "stage1":
+        run_stage1(args.data, args.base_model, _pick(TrainConfig, args), opts, args.instruction, args.max_bad_fraction)
+    elif args.command == "ref-scores":
+        run_reference_scores(args.data, args.model, args.base_model, args.output, args.num_negatives, opts,
+                             args.batch_size, args.instruction, args.progress, args.max_bad_fraction)
+    else:
+        run_stage2(args.data, args.scores, args.model, args.base_model, _pick(TrainConfig, args), opts,
+                   args.num_negatives, args.beta, args.tau, args.ref_sign, args.distance, args.instruction,
+                   args.max_bad_fraction)
+    if os.environ.get("RANK", "0") == "0":
+        written = args.output if args.command == "ref-scores" else os.path.join(args.output_dir, "model")
+        print(f"{'scores' if args.command == 'ref-scores' else 'model'} written to {written}")

@@ -48,9 +48,11 @@ def test_unreadable_files_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="cannot be read"):
         load_stage1(str(tmp_path / "missing.jsonl"))
     bad = tmp_path / "latin1.jsonl"
-    bad.write_bytes(b'{"context": "caf\xe9"}\n')
-    with pytest.raises(ValueError, match="not UTF-8"):
-        load_stage1(str(bad))
+    good = b'{"context": "c", "instruction": "i", "output": "o"}\n'
+    bad.write_bytes(good + b'{"context": "caf\xe9"}\n' + good.replace(b'"c"', b'"d"'))
+    rows, report = load_stage1(str(bad))  # one bad line is skipped with its 1-based number, the file still loads
+    assert len(rows) == 2 and report.skipped == {"invalid UTF-8": 1} and report.examples["invalid UTF-8"] == [2]
+    assert "1 skipped (invalid UTF-8; lines 2...)" in report.summary()
     with pytest.raises(ValueError, match="num_negatives"):
         load_stage2(str(bad), num_negatives=0)
 

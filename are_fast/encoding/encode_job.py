@@ -13,9 +13,15 @@ model, the input's checksum and row count, the totals and the shard list. Output
 job (no times, no rank count), so a killed-and-resumed or multi-process run writes the same bytes as one
 uninterrupted process (same device, thread count and batching options; other batch shapes change the last bits).
 
-Bad rows (empty, invalid UTF-8 or JSON, no text field, not a string) are skipped, reported and recorded;
-texts over ``max_length`` tokens are cut and counted. The exit code is 1 only when nothing can proceed (the
-model or input cannot be read, the output folder holds another job) or no row at all could be embedded.
+Bad rows (empty, invalid UTF-8 or JSON, no text field, not a string) are skipped, reported with their 1-based
+line (or parquet record) number and recorded; texts over ``max_length`` tokens are cut and counted.
+
+Faults (see ``are_fast.errors``): exit 2, before any work, for bad options, a model that is not usable (no
+config, weights or tokenizer; a --num-embed-tokens that disagrees with its <EMBED*> tokens), an input that
+cannot be read, an output folder that cannot be written or holds another job (``overwrite`` replaces it);
+exit 2 too when more than ``max_bad_fraction`` of the rows are bad (the shards and manifest are written). Exit
+1 when a write fails at run time (full disk): the finished shards are kept and a rerun resumes. SIGINT/SIGTERM
+stop after the current batch (exit 130/143), finished shards kept.
 """
 from __future__ import annotations
 
@@ -36,6 +42,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..errors import RunFailure, StopSignals, check_writable, run_guarded, writing
+from ..model.directory import inspect_model_dir, model_fingerprint, resolve_num_embed_tokens
 from . import readers
 
 SHARD_FORMATS = ("safetensors", "npy")
@@ -44,8 +52,8 @@ _MAX_REPORTED = 20  # bad rows printed per process; all of them are in the shard
 _BARRIER_TIMEOUT = datetime.timedelta(days=2)  # ranks wait at the end for the slowest one
 
 
-class JobError(Exception):
-    """The job cannot proceed at all (the message says why)."""
+class JobError(RunFailure):
+    """The job failed at run time (exit 1; the message says why)."""
 
 
 @dataclass
@@ -67,6 +75,9 @@ class JobConfig:
     dtype: str | None = None
     normalize: bool = True
     progress: bool = True
+    num_embed_tokens: int | None = None  # k; None: the model's <EMBED*> tokens
+    max_bad_fraction: float = 0.5  # more bad rows than this fraction: exit 2
+    overwrite: bool = False  # replace another job's files in ``output`` instead of refusing
 
 
 @dataclass
@@ -114,21 +125,6 @@ def _dumps(obj) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
 
 
-def model_fingerprint(path: str) -> str:
-    """sha256 over the model folder's file names and sizes and the contents of its small (< 1 MiB) files."""
-    digest = hashlib.sha256()
-    for name in sorted(os.listdir(path)):
-        full = os.path.join(path, name)
-        if not os.path.isfile(full):
-            continue
-        size = os.path.getsize(full)
-        digest.update(f"{name}\0{size}\0".encode())
-        if size < 1 << 20:
-            with open(full, "rb") as f:
-                digest.update(f.read())
-    return digest.hexdigest()
-
-
 def _shard_files(index: int, shard_format: str) -> tuple[list[str], str]:
     stem = f"shard-{index:05d}"
     data = [f"{stem}.safetensors"] if shard_format == "safetensors" else [f"{stem}.npy", f"{stem}.rows.npy"]
@@ -143,36 +139,66 @@ def _read_record(output: str, index: int, shard_format: str) -> dict | None:
         return json.load(f)
 
 
-def _plan(cfg: JobConfig, dtype: str) -> _Plan:
+def _remove_job_files(output: str) -> int:
+    """--overwrite: remove the files this job writes (shards, records, manifest, temporaries); others stay."""
+    removed = 0
+    for name in os.listdir(output):
+        if name.startswith(("shard-", MANIFEST)):  # shards, records, the manifest and their temporaries
+            os.remove(os.path.join(output, name))
+            removed += 1
+    return removed
+
+
+def _plan(cfg: JobConfig, dtype: str, k: int) -> _Plan:
     """Rank 0's look at the input and the output folder: what the job is and which shards are done."""
     info = readers.scan(cfg.input, cfg.input_format, cfg.field)
     identity = {  # what the embeddings depend on; paths are recorded in the manifest but may move
-        "model": model_fingerprint(cfg.model), "input_sha256": info.sha256, "input_format": info.format,
+        "model": model_fingerprint(cfg.model), "num_embed_tokens": k, "input_sha256": info.sha256,
+        "input_format": info.format,
         "field": info.field, "instruction": cfg.instruction, "normalize": cfg.normalize,
         "max_length": cfg.max_length, "dtype": dtype, "shard_size": cfg.shard_size, "shard_format": cfg.shard_format,
     }
     job_id = hashlib.sha256(_dumps(identity)).hexdigest()[:16]
     os.makedirs(cfg.output, exist_ok=True)
-    manifest = os.path.join(cfg.output, MANIFEST)
-    if os.path.isfile(manifest):
-        with open(manifest, encoding="utf-8") as f:
-            if json.load(f).get("job") != job_id:
-                raise JobError(f"output: {cfg.output!r} holds the result of another job (other model, input or "
-                               "settings); choose another --output folder")
     num_shards = -(-info.rows // cfg.shard_size)
+    other = _other_job(cfg, job_id, num_shards)
+    if other and cfg.overwrite:
+        _log(f"{cfg.output}: --overwrite: removed {_remove_job_files(cfg.output)} files of another job")
+    elif other:
+        raise ValueError(f"output: {cfg.output!r} holds {other} of another job (other model, input or settings); "
+                         "choose another --output folder, or --overwrite to replace it")
     finished = set()
     for index in range(num_shards):
         record = _read_record(cfg.output, index, cfg.shard_format)
         if record is None:
             continue
-        if record.get("job") != job_id:
-            raise JobError(f"output: {cfg.output!r} holds shards of another job (other model, input or settings); "
-                           "choose another --output folder")
         sizes = record["files"]
         if all(os.path.isfile(os.path.join(cfg.output, n)) and os.path.getsize(os.path.join(cfg.output, n)) == s
                for n, s in sizes.items()):
             finished.add(index)
     return _Plan(info, identity, job_id, num_shards, finished)
+
+
+def _other_job(cfg: JobConfig, job_id: str, num_shards: int) -> str | None:
+    """What of another job the output folder holds ("the result", "shards"), or None."""
+    try:
+        with open(os.path.join(cfg.output, MANIFEST), encoding="utf-8") as f:
+            if json.load(f).get("job") != job_id:
+                return "the result"
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError):
+        return "a damaged manifest.json"
+    names = [n for n in os.listdir(cfg.output) if n.startswith("shard-") and n.endswith(".json")]
+    for name in names:
+        try:
+            with open(os.path.join(cfg.output, name), encoding="utf-8") as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            return f"a damaged shard record {name}"
+        if record.get("job") != job_id or record.get("shard", num_shards) >= num_shards:
+            return "shards"
+    return None
 
 
 def _shards(plan: _Plan, shard_size: int, mine) -> Iterator[_Shard]:
@@ -220,7 +246,7 @@ def _write_shard(cfg: JobConfig, plan: _Plan, shard: _Shard, embeddings: np.ndar
         "job": plan.job_id, "shard": shard.index, "first_row": shard.first_row,
         "end_row": min(shard.first_row + cfg.shard_size, plan.info.rows), "embedded": len(row_ids),
         "tokens": tokens, "truncated": truncated, "files": {n: len(b) for n, b in zip(names, blobs)},
-        "bad_rows": [{"row": b.row, "reason": b.reason, "detail": b.detail} for b in shard.bad],
+        "bad_rows": [{"row": b.row, "line": b.row + 1, "reason": b.reason, "detail": b.detail} for b in shard.bad],
     }
     _write_atomic(os.path.join(cfg.output, record_name), _dumps(record), shard.index)
     _test_kill("record", shard.index)
@@ -285,10 +311,12 @@ def _world() -> tuple[int, int, int]:
 def _check_config(cfg: JobConfig) -> None:
     if cfg.shard_format not in SHARD_FORMATS:
         raise ValueError(f"shard_format: expected one of {SHARD_FORMATS}, got {cfg.shard_format!r}")
-    if cfg.shard_size < 1:
-        raise ValueError(f"shard_size: expected a positive number of rows, got {cfg.shard_size}")
-    if cfg.max_length is not None and cfg.max_length < 1:
-        raise ValueError(f"max_length: expected a positive number of tokens, got {cfg.max_length}")
+    for name in ("shard_size", "max_length", "max_tokens", "batch_size", "num_embed_tokens"):
+        value = getattr(cfg, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    if not 0 <= cfg.max_bad_fraction <= 1:
+        raise ValueError(f"max_bad_fraction: expected a fraction in [0, 1], got {cfg.max_bad_fraction!r}")
 
 
 def run_job(cfg: JobConfig) -> int:
@@ -297,10 +325,8 @@ def run_job(cfg: JobConfig) -> int:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo", timeout=_BARRIER_TIMEOUT)
     try:
-        return _run(cfg, rank, world, local_rank)
-    except (ValueError, JobError) as err:
-        print(f"are-fast encode: error: {err}", file=sys.stderr)
-        return 1
+        return run_guarded("encode", lambda: _run(cfg, rank, world, local_rank),
+                           "the finished shards are kept: rerun the same command to resume")
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -315,17 +341,19 @@ def _run(cfg: JobConfig, rank: int, world: int, local_rank: int) -> int:
     _check_config(cfg)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    check_writable(cfg.output, "output")
+    k = resolve_num_embed_tokens(inspect_model_dir(cfg.model, "model"), cfg.num_embed_tokens)
     device = cfg.device
     if device in (None, "cuda") and world > 1 and torch.cuda.is_available():
         device = f"cuda:{local_rank}"  # one GPU per rank
-    encoder = Encoder.from_pretrained(cfg.model, device, cfg.dtype, max_length=cfg.max_length,
+    encoder = Encoder.from_pretrained(cfg.model, device, cfg.dtype, max_length=cfg.max_length, num_embed_tokens=k,
                                       max_tokens=cfg.max_tokens, batch_size=cfg.batch_size)
     dtype = str(encoder.dtype).removeprefix("torch.")
     plan: object = None
     if rank == 0:
         try:
-            plan = _plan(cfg, dtype)
-        except (ValueError, JobError) as err:
+            plan = _plan(cfg, dtype, k)
+        except (ValueError, OSError) as err:
             plan = err
     if world > 1:
         box = [plan]
@@ -349,25 +377,33 @@ def _run(cfg: JobConfig, rank: int, world: int, local_rank: int) -> int:
 
     def on_batch(texts: int, tokens: int) -> None:
         nonlocal texts_done, tokens_done
+        if stop.requested:  # the shard being computed is dropped; the finished ones stay
+            done_shards = len(plan.finished) + written
+            raise stop.interrupted(f"with {done_shards} of {plan.num_shards} shards finished (kept)")
         texts_done += texts
         tokens_done += tokens
         bar.update(texts)
         bar.set_postfix_str(f"{tokens_done / (time.perf_counter() - start):,.0f} tokens/s", refresh=False)
 
-    with bar:
+    written = 0
+    with bar, StopSignals() as stop:
         chunks = encoder.encode_chunks(_shards(plan, cfg.shard_size, mine), lambda s: _decode(plan.info, s),
                                        instruction=cfg.instruction, normalize=cfg.normalize, on_batch=on_batch)
         for done in chunks:
             shard = done.source
             for bad in shard.bad:
                 if reported < _MAX_REPORTED:
-                    _log(f"row {bad.row}: skipped, {bad.detail}")
+                    where = "record" if plan.info.format == "parquet" else "line"
+                    _log(f"{where} {bad.row + 1}: skipped, {bad.detail}")
                 elif reported == _MAX_REPORTED:
                     _log("further bad rows are listed in the shard records and counted in the manifest")
                 reported += 1
             if done.truncated:
                 _log(f"shard {shard.index}: {done.truncated} texts cut to {cfg.max_length} tokens")
-            _write_shard(cfg, plan, shard, done.embeddings.numpy(), done.tokens, done.truncated)
+            with writing(f"writing shard {shard.index} to {cfg.output}",
+                         "the finished shards are kept: rerun the same command to resume"):
+                _write_shard(cfg, plan, shard, done.embeddings.numpy(), done.tokens, done.truncated)
+            written += 1
             bar.update(len(shard.bad))
     seconds = time.perf_counter() - start
     if todo:
@@ -377,12 +413,16 @@ def _run(cfg: JobConfig, rank: int, world: int, local_rank: int) -> int:
         dist.barrier()
     if rank != 0:
         return 0
-    manifest = _write_manifest(cfg, plan, encoder)
+    with writing(f"writing {MANIFEST} to {cfg.output}", "the shards are kept: rerun the same command to finish"):
+        manifest = _write_manifest(cfg, plan, encoder)
     rows = manifest["rows"]
     _log(f"{os.path.join(cfg.output, MANIFEST)}: {rows['total']} rows, {rows['embedded']} embedded, "
          f"{rows['bad']} bad, {rows['truncated']} truncated")
     if rows["embedded"] == 0:
         why = "the input has no rows" if rows["total"] == 0 else "see the bad rows above"
-        print(f"are-fast encode: error: no row could be embedded ({why})", file=sys.stderr)
-        return 1
+        raise ValueError(f"no row could be embedded ({why})")
+    if rows["bad"] > cfg.max_bad_fraction * rows["total"]:
+        raise ValueError(f"{rows['bad']} of {rows['total']} rows are bad, more than --max-bad-fraction "
+                         f"{cfg.max_bad_fraction:g} (wrong --field or file?); by reason: "
+                         f"{manifest['bad_rows_by_reason']}; the embeddings of the good rows are written")
     return 0

@@ -10,6 +10,8 @@ silently wrong number.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import os
 
 import torch
@@ -84,10 +86,65 @@ def check_label_range(name: str, labels: torch.Tensor, vocab_size: int, ignore_i
         )
 
 
+def check_ignore_index(ignore_index) -> None:
+    """ignore_index: a Python int (the label value that marks non-targets)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index: expected an int (the label of non-target positions, usually -100), "
+                        f"got {type(ignore_index).__name__}")
+
+
+def check_chunk_rows(chunk_rows) -> None:
+    """chunk_rows: None (the backend's budget) or a positive int (rows per chunk of the fused backends)."""
+    if chunk_rows is None:
+        return
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, numbers.Integral):
+        raise TypeError(f"chunk_rows: expected None or a positive int, got {type(chunk_rows).__name__} {chunk_rows!r}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows: expected None or a positive int, got {chunk_rows}")
+
+
+def _check_positive(name: str, value, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise TypeError(f"{name}: expected {what} (a finite real number), got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name}: expected {what}, got {value}")
+
+
+def check_alignment(lp_qp, lp_pp, lp_qn, ref_p, ref_n, beta, tau, ref_sign, distance) -> tuple:
+    """Check alignment_loss's inputs ([B], [B], [B, n], [B], [B, n], optional [B] distance; beta, tau > 0,
+    ref_sign +1 or -1) and return the six tensors in the compute dtype: float64 when the policy's log-probs
+    ``lp_qp`` are float64 (the fused ops give float64 for float64 inputs: gradcheck, float64 oracles), else
+    float32 (the documented result dtype, whatever mix of float dtypes comes in)."""
+    tensors = {"lp_qp": lp_qp, "lp_pp": lp_pp, "lp_qn": lp_qn, "ref_p": ref_p, "ref_n": ref_n}
+    if distance is not None:
+        tensors["distance"] = distance
+    for name, value in tensors.items():
+        check_float(name, value)
+    if lp_qp.dim() != 1:
+        raise ValueError(f"lp_qp: expected [B], got shape {tuple(lp_qp.shape)}")
+    batch = lp_qp.shape[0]
+    for name in ("lp_pp", "ref_p", "distance"):
+        if name in tensors and tuple(tensors[name].shape) != (batch,):
+            raise ValueError(f"{name}: expected shape ({batch},) like lp_qp, got {tuple(tensors[name].shape)}")
+    if lp_qn.dim() != 2 or lp_qn.shape[0] != batch:
+        raise ValueError(f"lp_qn: expected [B, n] with B={batch}, got shape {tuple(lp_qn.shape)}")
+    if ref_n.shape != lp_qn.shape:
+        raise ValueError(f"ref_n: expected the shape of lp_qn {tuple(lp_qn.shape)}, got {tuple(ref_n.shape)}")
+    check_same_device(**tensors)
+    _check_positive("beta", beta, "a positive scale")
+    _check_positive("tau", tau, "a positive temperature")
+    if ref_sign not in (1, -1) or isinstance(ref_sign, bool):
+        raise ValueError(f"ref_sign: expected +1.0 (as released) or -1.0 (DPO-consistent), got {ref_sign!r}")
+    dtype = torch.float64 if lp_qp.dtype == torch.float64 else torch.float32
+    cast = [t.to(dtype) if t is not None else None for t in (lp_qp, lp_pp, lp_qn, ref_p, ref_n, distance)]
+    return tuple(cast)
+
+
 def check_tokens(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None, ignore_index: int
 ) -> None:
     """hidden [N, H] or [B, T, H]; targets with hidden's leading shape."""
+    check_ignore_index(ignore_index)
     check_float("hidden", hidden)
     check_int("targets", targets)
     if hidden.dim() not in (2, 3):
@@ -110,6 +167,7 @@ def check_sequences(
     hidden_name: str = "hidden",
 ) -> None:
     """hidden [B, T, H]; labels [B, T]."""
+    check_ignore_index(ignore_index)
     check_float(hidden_name, hidden)
     check_int("labels", labels)
     if hidden.dim() != 3:

@@ -53,6 +53,7 @@ def token_logprobs(hidden, weight, targets, bias=None, ignore_index=-100, *, bac
         >>> logp = are_fast.token_logprobs(h, lm_head.weight, target_ids)   # [N]
     """
     checks.check_tokens(hidden, weight, targets, bias, ignore_index)
+    checks.check_chunk_rows(chunk_rows)
     name = resolve_backend(backend, hidden.device)
     if name == "reference":
         return reference.token_logprobs(hidden, weight, targets, bias, ignore_index)
@@ -78,6 +79,7 @@ def sequence_logprobs(
         >>> lp_qn = are_fast.sequence_logprobs(h_neg, lm_head.weight, neg_labels)   # [B]
     """
     checks.check_sequences(hidden, weight, labels, bias, ignore_index)
+    checks.check_chunk_rows(chunk_rows)
     name = resolve_backend(backend, hidden.device)
     if name == "reference":
         return reference.sequence_logprobs(hidden, weight, labels, bias, average, ignore_index)
@@ -104,6 +106,7 @@ def compression_loss(hidden, weight, labels, bias=None, ignore_index=-100, *, ba
         >>> loss = are_fast.compression_loss(decoder_hidden, lm_head.weight, labels); loss.backward()
     """
     checks.check_sequences(hidden, weight, labels, bias, ignore_index)
+    checks.check_chunk_rows(chunk_rows)
     name = resolve_backend(backend, hidden.device)
     if name == "reference":
         return reference.compression_loss(hidden, weight, labels, bias, ignore_index)
@@ -138,6 +141,7 @@ def conditional_kl(
     if reduction not in ("sum", "mean", "none"):
         raise ValueError(f"reduction: expected 'sum', 'mean' or 'none', got {reduction!r}")
     checks.check_sequences(hidden_p, weight, labels, bias, ignore_index, hidden_name="hidden_p")
+    checks.check_chunk_rows(chunk_rows)
     checks.check_float("hidden_q", hidden_q)
     if hidden_q.shape != hidden_p.shape or hidden_q.dtype != hidden_p.dtype:
         raise ValueError(
@@ -182,26 +186,13 @@ def alignment_loss(lp_qp, lp_pp, lp_qn, ref_p, ref_n, beta=0.1, tau=0.1, ref_sig
             -1 subtracts it, the DPO-consistent variant (the policy margin measured against the reference).
         distance: optional [B] per-sequence distance (e.g. ``conditional_kl``) replacing |lp_qp - lp_pp|.
     Returns:
-        scalar: mean over (i, j) of softplus((s1_i - s2_ij) / tau), where
+        float32 scalar (float64 when lp_qp is float64): mean over (i, j) of softplus((s1_i - s2_ij) / tau), where
         m_ij = (lp_qp_i - lp_qn_ij) + ref_sign * (ref_p_i - ref_n_ij), s2_ij = sigmoid(beta * m_ij),
         s1_i = sigmoid(beta * |lp_qp_i - lp_pp_i|) (or sigmoid(beta * distance_i)).
         This equals -log(e^{-s1/tau} / (e^{-s1/tau} + e^{-s2/tau})).
     """
-    for name, value in (("lp_qp", lp_qp), ("lp_pp", lp_pp), ("lp_qn", lp_qn), ("ref_p", ref_p), ("ref_n", ref_n)):
-        checks.check_float(name, value)
-    if lp_qp.dim() != 1:
-        raise ValueError(f"lp_qp: expected [B], got shape {tuple(lp_qp.shape)}")
-    batch = lp_qp.shape[0]
-    for name, value in (("lp_pp", lp_pp), ("ref_p", ref_p)) + ((("distance", distance),) if distance is not None else ()):
-        if tuple(value.shape) != (batch,):
-            raise ValueError(f"{name}: expected shape ({batch},) like lp_qp, got {tuple(value.shape)}")
-    if lp_qn.dim() != 2 or lp_qn.shape[0] != batch:
-        raise ValueError(f"lp_qn: expected [B, n] with B={batch}, got shape {tuple(lp_qn.shape)}")
-    if ref_n.shape != lp_qn.shape:
-        raise ValueError(f"ref_n: expected the shape of lp_qn {tuple(lp_qn.shape)}, got {tuple(ref_n.shape)}")
-    checks.check_same_device(lp_qp=lp_qp, lp_pp=lp_pp, lp_qn=lp_qn, ref_p=ref_p, ref_n=ref_n, distance=distance)
-    if tau <= 0:
-        raise ValueError(f"tau: expected a positive temperature, got {tau}")
+    lp_qp, lp_pp, lp_qn, ref_p, ref_n, distance = checks.check_alignment(
+        lp_qp, lp_pp, lp_qn, ref_p, ref_n, beta, tau, ref_sign, distance)
     margin = (lp_qp.unsqueeze(1) - lp_qn) + ref_sign * (ref_p.unsqueeze(1) - ref_n)
     s2 = torch.sigmoid(beta * margin)
     gap = (lp_qp - lp_pp).abs() if distance is None else distance

@@ -4,7 +4,10 @@ A checkpoint is a directory ``step-NNNNNNNN/`` written atomically (a temporary d
 - ``model.safetensors``: the trainable parameters (frozen ones come back from the model directory);
 - ``optimizer.safetensors`` + the param groups in ``state.json``: AdamW state keyed by parameter name;
 - ``rng-rank{r}.safetensors`` + ``state.json``: torch CPU/CUDA generator states per rank, Python's ``random``;
-- ``state.json``: step, data position, scheduler state, the run's configuration.
+- ``state.json``: step, data position, scheduler state, the run's configuration and its fingerprint
+  (``runstate.py``: a resume with other settings is refused).
+A failed write (full disk, read-only folder) removes the temporary directory and leaves the older
+checkpoints as they were; a damaged checkpoint is reported by name, never loaded half-way.
 State dicts go through ``torch.distributed.checkpoint.state_dict``, so plain, DDP and FSDP models save full,
 unsharded tensors under the same names.
 """
@@ -61,10 +64,28 @@ def _unflatten_optimizer(tensors: dict, scalars: dict, groups: list) -> dict:
 
 
 def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, data_state: dict, config: dict,
-                    keep: int = 2) -> str:
+                    keep: int = 2, fingerprint: dict | None = None) -> str:
     """Write checkpoint ``step`` of ``model`` (plain, DDP or FSDP) on every rank's behalf; keep the last ``keep``."""
     final = os.path.join(output_dir, f"step-{step:08d}")
     tmp = final + ".tmp"
+    try:
+        _write_checkpoint(tmp, step, model, optimizer, scheduler, data_state, config, fingerprint)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave half a checkpoint behind
+        raise
+    rank = _rank()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return final
+
+
+def _write_checkpoint(tmp: str, step: int, model, optimizer, scheduler, data_state: dict, config: dict,
+                      fingerprint: dict | None) -> None:
     rank = _rank()
     model_sd = get_model_state_dict(model, options=_OPTIONS)
     optim_sd = get_optimizer_state_dict(model, optimizer, options=_OPTIONS)
@@ -85,26 +106,47 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, dat
         tensors, scalars = _flatten_optimizer(optim_sd)
         save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
         state = {"step": step, "data": data_state, "scheduler": scheduler.state_dict(), "optimizer_scalars": scalars,
-                 "param_groups": optim_sd["param_groups"], "config": config,
+                 "param_groups": optim_sd["param_groups"], "config": config, "fingerprint": fingerprint,
                  "world_size": dist.get_world_size() if dist.is_initialized() else 1}
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump(state, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
     if dist.is_initialized():
         dist.barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
-    return final
+
+
+def _damaged(path: str, err) -> ValueError:
+    return ValueError(f"checkpoint {path!r} is damaged ({err}); delete it to resume from the one before, or "
+                      "--restart to start over")
+
+
+def read_checkpoint_state(path: str) -> dict:
+    """The ``state.json`` of checkpoint ``path``; ValueError naming it when it is unreadable."""
+    try:
+        with open(os.path.join(path, "state.json")) as f:
+            state = json.load(f)
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("state.json has no step")
+        return state
+    except (OSError, ValueError) as err:
+        raise _damaged(path, err) from None
 
 
 def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler and RNG from ``path``; return its state (step, data position)."""
-    with open(os.path.join(path, "state.json")) as f:
-        state = json.load(f)
+    state = read_checkpoint_state(path)
+    try:
+        return _restore(path, state, model, optimizer, scheduler)
+    except (OSError, KeyError, RuntimeError) as err:  # missing files, keys or tensors of another shape
+        raise _damaged(path, str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__) from None
+    except Exception as err:
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise _damaged(path, err) from None
+
+
+def _restore(path: str, state: dict, model, optimizer, scheduler) -> dict:
     world = dist.get_world_size() if dist.is_initialized() else 1
     if state["world_size"] != world:
         raise ValueError(f"checkpoint {path!r} was written by {state['world_size']} processes, this run has {world}: "

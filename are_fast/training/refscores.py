@@ -3,8 +3,10 @@ model, batched in inference mode, stored as safetensors against row ids.
 
 File layout (safetensors): ``ref_p`` [N] float32, ``ref_n`` [N, n] float32, ``fingerprint`` [N] int64 (a hash
 of each row's texts), metadata ``row_ids`` (JSON list, the order of the tensors), ``num_negatives`` and
-``format``. Loading looks every data row up by id and checks its fingerprint, so a shuffled or filtered data
-file still gets its own scores, and a data file that does not match the scores is refused with a clear error.
+``format``, and what the scores were computed with: ``scored_with`` (JSON: the stage-1 model's fingerprint,
+k, the length limits), checked by stage 2 against its --model. Loading looks every data row up by id and
+checks its fingerprint, so a shuffled or filtered data file still gets its own scores, and a data file that
+does not match the scores is refused with a clear error.
 """
 from __future__ import annotations
 
@@ -22,10 +24,12 @@ from ..model import reference_scores
 FORMAT = "are_fast.reference_scores/1"
 
 
-def compute_reference_scores(compressor, decoder, rows, batch_size: int = 32, backend=None, progress=True):
+def compute_reference_scores(compressor, decoder, rows, batch_size: int = 32, backend=None, progress=True,
+                             stop=None):
     """Scores of ``rows`` (dicts from ``load_stage2``) in their order: (ref_p [N], ref_n [N, n]) float32 on CPU.
 
-    Rows are batched by length (fewer padded tokens); results return to input order.
+    Rows are batched by length (fewer padded tokens); results return to input order. ``stop``: an
+    ``errors.StopSignals``; after a signal the current batch ends the job with ``Interrupted``.
     """
     items = stage2_items(rows, compressor, decoder)
     order = sorted(range(len(items)), key=lambda i: items[i].length)
@@ -35,18 +39,33 @@ def compute_reference_scores(compressor, decoder, rows, batch_size: int = 32, ba
         index = order[start: start + batch_size]
         p, neg = reference_scores(compressor, decoder, [items[i] for i in index], backend)
         ref_p[index], ref_n[index] = p.cpu(), neg.cpu()
+        if stop is not None and stop.requested and start + batch_size < len(order):
+            raise stop.interrupted(f"after {start + len(index)} of {len(order)} rows; nothing was written",
+                                   "rerun the same command")
     return ref_p, ref_n
 
 
-def save_reference_scores(path: str, rows, ref_p: torch.Tensor, ref_n: torch.Tensor) -> None:
+def save_reference_scores(path: str, rows, ref_p: torch.Tensor, ref_n: torch.Tensor,
+                          scored_with: dict | None = None) -> None:
     """Write scores of ``rows`` atomically (temporary file, then rename)."""
     tensors = {"ref_p": ref_p.float().contiguous(), "ref_n": ref_n.float().contiguous(),
                "fingerprint": torch.tensor([fingerprint(r) for r in rows], dtype=torch.int64)}
-    meta = {"format": FORMAT, "row_ids": json.dumps([r["id"] for r in rows]), "num_negatives": str(ref_n.shape[1])}
+    meta = {"format": FORMAT, "row_ids": json.dumps([r["id"] for r in rows]), "num_negatives": str(ref_n.shape[1]),
+            "scored_with": json.dumps(scored_with or {})}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def scored_with(path: str) -> dict:
+    """What the scores of ``path`` were computed with (the ``scored_with`` metadata; {} in older files)."""
+    with safe_open(path, framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("scored_with", "{}"))
 
 
 def load_reference_scores(path: str, rows) -> dict:

@@ -2,15 +2,16 @@
 
 Why our own loop and not transformers' Trainer: the two stages need a frozen decoder beside a trainable
 compressor, reference scores carried with each row, length-bucketed batches of stage-2 items and an exact
-resume (data position included) - each a hook or an override in Trainer. The loop below is ~200 lines a
+resume (data position included) - each a hook or an override in Trainer. The loop below is one module a
 reader checks in one sitting, and it uses the field's pieces for everything else: torch AdamW,
 transformers' warmup + cosine schedule, torch.distributed (DDP, FSDP2), torch.distributed.checkpoint state
 dicts, safetensors, tqdm, peft (in the jobs).
 
 Features: gradient accumulation, clipping, bf16 autocast on CUDA, JSON-lines loss log (``loss.jsonl``),
-progress bar, checkpoints with exact resume (``checkpoint.py``), DDP under torchrun (gloo on CPU, NCCL on GPU)
-and FSDP2 sharding as an option (``fsdp``: each transformer layer and the rest of the model sharded over the
-processes; NCCL on GPU, gloo on CPU).
+progress bar, checkpoints with exact and checked resume (``checkpoint.py``, ``runstate.py``: a run with other
+settings is refused by name), SIGINT/SIGTERM ending the run after the current step with a checkpoint, DDP
+under torchrun (gloo on CPU, NCCL on GPU) and FSDP2 sharding as an option (``fsdp``: each transformer layer and
+the rest of the model sharded over the processes; NCCL on GPU, gloo on CPU).
 """
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+from ..errors import StopSignals, writing
+from . import runstate
+from .checkpoint import checkpoint_dirs, load_checkpoint, read_checkpoint_state, save_checkpoint
 
 
 @dataclass
@@ -45,7 +48,8 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 0  # 0: a checkpoint at the end only
     keep_checkpoints: int = 2
-    resume: bool = True  # continue from the newest checkpoint in output_dir
+    resume: bool = True  # continue from the newest checkpoint in output_dir; False (--restart): start over
+    restart_on_change: bool = False  # a checkpoint of other settings: start over (main job) instead of an error
     bf16: bool | None = None  # bf16 autocast; None: on for CUDA
     bucket_window: int = 32  # batches formed from windows of this many batches sorted by length
     fsdp: bool = False
@@ -105,9 +109,11 @@ class Trainer:
     """Train ``model`` (its ``collate(items)`` makes a batch, ``forward(batch)`` returns (loss, metrics)) on items
     that have a ``length``. Only parameters with ``requires_grad`` are optimized and checkpointed."""
 
-    def __init__(self, model: torch.nn.Module, items: Sequence, config: TrainConfig):
+    def __init__(self, model: torch.nn.Module, items: Sequence, config: TrainConfig, identity: dict | None = None):
+        """identity: what else determines the run (data checksum, models, k, ...), stored in its fingerprint."""
         from transformers import get_cosine_schedule_with_warmup
 
+        runstate.check_config(config)
         self.config = config
         self.device, self.rank, self.world_size = setup_distributed()
         self.items = items
@@ -124,6 +130,7 @@ class Trainer:
         bf16 = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=bool(bf16))
         self.log_path = os.path.join(config.output_dir, "loss.jsonl")
+        self.fingerprint = runstate.run_fingerprint(config, identity, self.world_size, bf16)
 
     def _wrap(self, model):
         if self.config.fsdp:
@@ -176,14 +183,21 @@ class Trainer:
         return {"loss": float(loss), "grad_norm": float(norm), "lr": lr, **metrics}
 
     def train(self) -> list[dict]:
-        """Run (or resume) to ``max_steps``; return the log records of this run's steps."""
+        """Run (or resume) to ``max_steps``; return the log records of this run's steps. SIGINT/SIGTERM end the
+        run after the current step with a checkpoint and ``Interrupted``; a failed write raises ``RunFailure``."""
+        with StopSignals() as self.stop:
+            return self._train()
+
+    def _train(self) -> list[dict]:
         cfg = self.config
         os.makedirs(cfg.output_dir, exist_ok=True)
         step, epoch, cursor = 0, 0, 0
-        existing = checkpoint_dirs(cfg.output_dir) if cfg.resume else []
+        existing = self._resumable()
         if existing:
-            state = load_checkpoint(existing[-1], self.model, self.optimizer, self.scheduler)
+            state = load_checkpoint(existing, self.model, self.optimizer, self.scheduler)
             step, epoch, cursor = state["step"], state["data"]["epoch"], state["data"]["cursor"]
+            self._say(f"{cfg.output_dir}: resuming from step {step} of {cfg.max_steps}" if step < cfg.max_steps else
+                      f"{cfg.output_dir}: already finished ({step} of {cfg.max_steps} steps); nothing to train")
         else:
             torch.manual_seed(cfg.seed + self.rank)
             random.seed(cfg.seed + self.rank)
@@ -194,6 +208,7 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not cfg.progress or self.rank != 0)
         start = time.perf_counter()
         tokens = 0
+        saved = step
         while step < cfg.max_steps:
             micro = []
             for _ in range(cfg.grad_accum):
@@ -208,21 +223,67 @@ class Trainer:
             record.update(step=step, epoch=epoch, tokens_per_s=tokens / elapsed, elapsed_s=elapsed)
             records.append(record)
             if self.rank == 0:
-                with open(self.log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                with writing(f"appending to {self.log_path}", self._kept(saved)):
+                    with open(self.log_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
-                save_checkpoint(cfg.output_dir, step, self.model, self.optimizer, self.scheduler,
-                                {"epoch": epoch, "cursor": cursor}, asdict(cfg), cfg.keep_checkpoints)
+            stopping = self.stop.agreed()
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or stopping:
+                self._save(step, epoch, cursor, saved)
+                saved = step
+            if stopping and step < cfg.max_steps:
+                bar.close()
+                raise self.stop.interrupted(f"at step {step} of {cfg.max_steps} (checkpoint saved in {cfg.output_dir})")
         bar.close()
         return records
 
+    def _say(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
+
+    def _kept(self, saved: int) -> str:
+        where = f"the checkpoint of step {saved} is kept" if saved else "no checkpoint was written yet"
+        return f"{where}; rerun the same command to resume"
+
+    def _save(self, step: int, epoch: int, cursor: int, saved: int) -> None:
+        cfg = self.config
+        with writing(f"writing the checkpoint of step {step} to {cfg.output_dir}", self._kept(saved)):
+            save_checkpoint(cfg.output_dir, step, self.model, self.optimizer, self.scheduler,
+                            {"epoch": epoch, "cursor": cursor}, asdict(cfg), cfg.keep_checkpoints, self.fingerprint)
+
+    def _resumable(self) -> str | None:
+        """The checkpoint to resume from, after --restart and the fingerprint check (None: start afresh)."""
+        cfg = self.config
+        if not cfg.resume:
+            if self.rank == 0 and (checkpoint_dirs(cfg.output_dir) or os.path.exists(self.log_path)):
+                self._say(f"{cfg.output_dir}: --restart: removed {runstate.clear_run(cfg.output_dir)} checkpoints "
+                          "and the loss log")
+            self._barrier()
+            return None
+        existing = checkpoint_dirs(cfg.output_dir)
+        if not existing:
+            return None
+        changed = runstate.differences(read_checkpoint_state(existing[-1]).get("fingerprint"), self.fingerprint)
+        if not changed:
+            return existing[-1]
+        if not cfg.restart_on_change:
+            raise ValueError(f"output-dir: {cfg.output_dir!r} holds a run with other settings ({'; '.join(changed)}); "
+                             "rerun with its settings to resume it, add --restart to start over, or choose another "
+                             "--output-dir")
+        self._say(f"{cfg.output_dir}: settings changed ({'; '.join(changed)}); starting this stage over")
+        if self.rank == 0:
+            runstate.clear_run(cfg.output_dir)
+        self._barrier()
+        return None
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
     def _truncate_log(self, step: int) -> None:
         """Keep the log lines of steps up to ``step`` (those after the checkpoint are redone)."""
-        if not os.path.exists(self.log_path):
-            return
-        with open(self.log_path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(self.log_path, "w") as f:
-            f.writelines(kept)
+        kept = [line for logged, line in runstate.read_log_steps(self.log_path) if logged <= step]
+        if kept or os.path.exists(self.log_path):
+            with open(self.log_path, "w") as f:
+                f.writelines(kept)

@@ -85,7 +85,8 @@ def test_manifest_and_bad_rows(model_dir, tmp_path, capfd):
     bad_ids = sorted(set(range(30)) - set(good))
     assert [b["row"] for b in manifest["bad_rows_first"]] == bad_ids
     for b in manifest["bad_rows_first"]:
-        assert f"row {b['row']}: skipped, {b['detail']}" in err
+        assert b["line"] == b["row"] + 1  # row ids count from 0 like the embeddings' row_ids; lines from 1
+        assert f"line {b['line']}: skipped, {b['detail']}" in err
     tokenizer_lengths = [len(t.encode()) + 1 for t in texts]  # byte tokenizer: a token per byte, plus "\n"
     assert manifest["rows"]["truncated"] == sum(n > MAX_LENGTH for n in tokenizer_lengths) > 0
     assert "texts cut to 48 tokens" in err
@@ -116,11 +117,11 @@ def test_parquet_without_pyarrow_is_a_clear_error(model_dir, tmp_path, monkeypat
     (tmp_path / "in.parquet").write_bytes(b"PAR1")
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    assert job(model_dir, tmp_path / "in.parquet", tmp_path / "out") == 1
+    assert job(model_dir, tmp_path / "in.parquet", tmp_path / "out") == 2  # a usage error: nothing computed
     assert "needs pyarrow" in capfd.readouterr().err
 
 
-def test_nothing_can_proceed_exits_1(model_dir, tmp_path, capfd):
+def test_input_errors_exit_2(model_dir, tmp_path, capfd):
     texts = random_texts(5, seed=10)
     write_jsonl(tmp_path / "in.jsonl", texts)
     cases = [
@@ -128,7 +129,7 @@ def test_nothing_can_proceed_exits_1(model_dir, tmp_path, capfd):
         (dict(model=str(tmp_path)), "no config.json"),
         (dict(input=str(tmp_path / "missing.jsonl")), "is not a file"),
         (dict(input=str(tmp_path / "in.csv")), "cannot tell the format"),
-        (dict(field="body"), "no row could be embedded"),  # every row lacks the field: reported, then exit 1
+        (dict(field="body"), "no row could be embedded"),  # every row lacks the field: reported, then exit 2
         (dict(shard_size=0), "shard_size"),
     ]
     (tmp_path / "in.csv").write_text("a\n")
@@ -136,14 +137,20 @@ def test_nothing_can_proceed_exits_1(model_dir, tmp_path, capfd):
         args = dict(model=model_dir, input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out"),
                     max_length=MAX_LENGTH, progress=False)
         args.update(overrides)
-        assert run_job(JobConfig(**args)) == 1, overrides
+        assert run_job(JobConfig(**args)) == 2, overrides
         assert message in capfd.readouterr().err, overrides
-    # An output folder that holds another job's result is refused, not overwritten.
+    # An output folder that holds another job's result is refused, not overwritten; --overwrite replaces it.
     assert job(model_dir, tmp_path / "in.jsonl", tmp_path / "done") == 0
     before = snapshot(tmp_path / "done")
-    assert job(model_dir, tmp_path / "in.jsonl", tmp_path / "done", instruction="other") == 1
-    assert "another job" in capfd.readouterr().err
+    assert job(model_dir, tmp_path / "in.jsonl", tmp_path / "done", instruction="other") == 2
+    err = capfd.readouterr().err
+    assert "another job" in err and "--overwrite" in err
     assert snapshot(tmp_path / "done") == before
+    (tmp_path / "done" / "notes.txt").write_text("mine")
+    assert job(model_dir, tmp_path / "in.jsonl", tmp_path / "done", instruction="other", overwrite=True) == 0
+    assert "--overwrite: removed 3 files of another job" in capfd.readouterr().err
+    after = snapshot(tmp_path / "done")
+    assert after["notes.txt"] == b"mine" and after[MANIFEST] != before[MANIFEST]
 
 
 @pytest.fixture(scope="module")
