@@ -26,11 +26,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The backend name to use for tensors on ``device``."""
     name = backend or os.environ.get("ARE_FAST_BACKEND") or None
     if name is None:
-        if device.type == "cuda" and _triton_importable():
-            return "triton"
-        from . import native  # imported on use: `python -m are_fast.ops.native` must find it not yet imported
-
-        return "native" if native.use_by_default(device) else "chunked"
+        return _default_backend(device.type)
     if name not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {name!r}")
     if name == "triton":
@@ -49,6 +45,15 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         if not native.supports(device):
             raise ValueError(f"backend='native': the native library has no kernels for {device.type} tensors")
     return name
+
+
+@torch.compiler.assume_constant_result  # torch.compile reads the answer at trace time, not the file system
+def _default_backend(device_type: str) -> str:
+    if device_type == "cuda" and _triton_importable():
+        return "triton"
+    from . import native  # imported on use: `python -m are_fast.ops.native` must find it not yet imported
+
+    return "native" if native.use_by_default(torch.device(device_type)) else "chunked"
 
 
 def epilogues(name: str) -> SimpleNamespace:
