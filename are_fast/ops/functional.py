@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from . import checks, reference
+from . import checks
 from .autograd import fused_streams
-from .backends import resolve_backend
+from .backends import REGISTRY, reference_op, resolve_backend
 
 
 def _shifted_targets(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -59,8 +59,8 @@ def token_logprobs(hidden, weight, targets, bias=None, ignore_index=-100, *, bac
     """
     checks.check_tokens(hidden, weight, targets, bias, ignore_index)
     name = resolve_backend(backend, hidden.device)
-    if name == "reference":
-        return reference.token_logprobs(hidden, weight, targets, bias, ignore_index)
+    if not REGISTRY[name].fused:
+        return reference_op("token_logprobs")(hidden, weight, targets, bias, ignore_index)
     flat = _token_logprobs_flat(
         hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight, targets.reshape(-1), bias, ignore_index, name, chunk_rows
     )
@@ -83,8 +83,8 @@ def sequence_logprobs(
     """
     checks.check_sequences(hidden, weight, labels, bias, ignore_index)
     name = resolve_backend(backend, hidden.device)
-    if name == "reference":
-        return reference.sequence_logprobs(hidden, weight, labels, bias, average, ignore_index)
+    if not REGISTRY[name].fused:
+        return reference_op("sequence_logprobs")(hidden, weight, labels, bias, average, ignore_index)
     targets = _shifted_targets(labels, ignore_index)
     per_token = _token_logprobs_flat(
         hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight, targets.reshape(-1), bias, ignore_index, name, chunk_rows
@@ -108,8 +108,8 @@ def compression_loss(hidden, weight, labels, bias=None, ignore_index=-100, *, ba
     """
     checks.check_sequences(hidden, weight, labels, bias, ignore_index)
     name = resolve_backend(backend, hidden.device)
-    if name == "reference":
-        return reference.compression_loss(hidden, weight, labels, bias, ignore_index)
+    if not REGISTRY[name].fused:
+        return reference_op("compression_loss")(hidden, weight, labels, bias, ignore_index)
     targets = _shifted_targets(labels, ignore_index).reshape(-1)
     # The per-row scale of the loss is known now, so every gradient (the head's too) comes out of this pass.
     valid = targets != ignore_index
@@ -152,8 +152,8 @@ def conditional_kl(
         )
     checks.check_same_device(hidden_p=hidden_p, hidden_q=hidden_q)
     name = resolve_backend(backend, hidden_p.device)
-    if name == "reference":
-        return reference.conditional_kl(hidden_p, hidden_q, weight, labels, bias, reduction, ignore_index)
+    if not REGISTRY[name].fused:
+        return reference_op("conditional_kl")(hidden_p, hidden_q, weight, labels, bias, reduction, ignore_index)
     valid = (_shifted_targets(labels, ignore_index) != ignore_index).reshape(-1)
     size = hidden_p.shape[-1]
     per_position = fused_streams(
