@@ -5,8 +5,8 @@ measured in a fresh process so that no other case's memory or allocator state le
 
 The child builds the case's inputs, runs one small matmul (MKL and the thread pool start up there, the same
 for every implementation), resets the kernel's RSS high-water mark (``/proc/self/clear_refs``), runs
-forward+backward once and reports VmHWM less the RSS before the call; then it times ``rounds`` more calls
-(median). Linux only (``/proc``); CPU only (CUDA memory is the allocator figure of ``benchmarks.conftest``).
+forward+backward once and reports VmHWM less the RSS before the call (and that call's time); then it times
+``rounds`` more calls ("median"; with rounds=0 the first call's time). Linux only (``/proc``); CPU only (CUDA memory is the allocator figure of ``benchmarks.conftest``).
 """
 from __future__ import annotations
 
@@ -71,7 +71,9 @@ def _run(spec: dict, impl_name: str, rounds: int) -> dict:
     with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
         f.write("5")  # reset VmHWM to the current RSS
     before = _status_kib("VmRSS")
+    start = time.perf_counter()
     loss(x).backward()
+    first = time.perf_counter() - start
     peak = (_status_kib("VmHWM") - before) << 10
     seconds = []
     for _ in range(rounds):
@@ -79,7 +81,8 @@ def _run(spec: dict, impl_name: str, rounds: int) -> dict:
         start = time.perf_counter()
         loss(x).backward()
         seconds.append(time.perf_counter() - start)
-    return {"peak_rss_bytes": peak, "seconds": seconds, "median": statistics.median(seconds) if seconds else None}
+    return {"peak_rss_bytes": peak, "first_seconds": first, "seconds": seconds,
+            "median": statistics.median(seconds) if seconds else first}
 
 
 if __name__ == "__main__":

@@ -22,19 +22,21 @@ from .head_matmuls import HeadMatmuls
 # -> values [C].
 Epilogue = Callable[[list, "slice | torch.Tensor", "torch.Tensor | None"], torch.Tensor]
 
-# Logits bytes per chunk, all streams together. On CPU small chunks cost no time (a [64, 32000] x [32000, H]
-# product still runs at full BLAS speed) and keep peak RSS low: the chunk buffers and the epilogue's
-# temporaries are reused from the allocator's free lists instead of fresh pages every chunk.
-_CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 8 << 20}
+# Logits bytes per chunk, all streams together. On CPU the budget follows the hidden gradient the op holds
+# anyway ([N, H] per stream): chunks no larger than it keep the peak extra RSS near that floor (the chunk
+# buffers and the epilogue's temporaries are reused from the allocator's free lists), between 8 MiB (smaller
+# chunks spend their time in per-chunk overhead and in streaming the head once more per chunk) and 32 MiB.
+_CHUNK_BYTES = {"cuda": (256 << 20, 256 << 20), "cpu": (8 << 20, 32 << 20)}
 
 
-def chunk_rows_for(n_rows: int, vocab: int, streams: int, device: torch.device) -> int:
+def chunk_rows_for(n_rows: int, vocab: int, streams: int, device: torch.device, hidden_bytes: int = 0) -> int:
     """Rows per chunk so that the float32 logits of all streams stay within a byte budget.
 
-    The budget is 256 MiB on CUDA and 8 MiB elsewhere; the environment variable ARE_FAST_CHUNK_BYTES
-    overrides it.
+    The budget is 256 MiB on CUDA; elsewhere ``hidden_bytes`` (the bytes of the hidden states of all streams)
+    clamped to [8 MiB, 32 MiB]. The environment variable ARE_FAST_CHUNK_BYTES overrides it.
     """
-    budget = int(os.environ.get("ARE_FAST_CHUNK_BYTES", _CHUNK_BYTES.get(device.type, _CHUNK_BYTES["cpu"])))
+    low, high = _CHUNK_BYTES.get(device.type, _CHUNK_BYTES["cpu"])
+    budget = int(os.environ.get("ARE_FAST_CHUNK_BYTES", min(max(hidden_bytes, low), high)))
     rows = max(1, budget // (vocab * 4 * streams))
     if rows > 16:
         rows -= rows % 16  # matmul-friendly row counts
@@ -81,7 +83,8 @@ def fused_linear_pass(
     dw = torch.zeros(vocab, hidden_size, dtype=matmuls.compute_dtype, device=device) if want_grad and weight_grad else None
     db = torch.zeros(vocab, dtype=matmuls.compute_dtype, device=device) if want_grad and bias_grad else None
 
-    rows_per_chunk = chunk_rows or chunk_rows_for(active, vocab, len(hiddens), device)
+    hidden_bytes = sum(h.numel() * h.element_size() for h in hiddens)
+    rows_per_chunk = chunk_rows or chunk_rows_for(active, vocab, len(hiddens), device, hidden_bytes)
     size_max = max(1, min(rows_per_chunk, active))
     # Buffers reused by every chunk: logits per stream, and with compaction the gathered rows and their gradient.
     buffers = [torch.empty(size_max, vocab, dtype=matmuls.compute_dtype, device=device) for _ in hiddens]
