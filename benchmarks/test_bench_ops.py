@@ -60,7 +60,8 @@ def test_op(case, impl, measure):
     x = make_inputs(case, device)
     loss = loss_fn(impl, case.op, device)
     extra = {}
-    if device.type == "cpu" and rss.supported() and os.environ.get("ARE_FAST_BENCH_RSS", "1") != "0":
+    # Off by default in smoke mode (a process per case); benchmarks/test_rss.py checks the probe itself.
+    if device.type == "cpu" and rss.supported() and os.environ.get("ARE_FAST_BENCH_RSS", "0" if smoke_mode() else "1") != "0":
         # What `top` shows (BLAS buffers, allocator slack), per case: one more call, in a fresh process.
         extra["peak_rss_bytes"] = rss.probe(case, impl.name)["peak_rss_bytes"]
     measure(
