@@ -23,7 +23,7 @@ def logprob_epilogue(
     valid = targets != ignore_index
     in_range = (targets >= 0) & (targets < vocab)
     safe = torch.where(in_range, targets, 0).unsqueeze(1)
-    log_probs = _log_softmax_in_place(logits)
+    log_probs = _log_softmax_in_place(logits) if grad_scale is not None else torch.log_softmax(logits, dim=1)
     picked = log_probs.gather(1, safe).squeeze(1)
     logp = torch.where(valid, torch.where(in_range, picked, torch.nan), 0.0)
     if grad_scale is not None:
@@ -35,7 +35,7 @@ def logprob_epilogue(
 
 def _log_softmax_in_place(logits: torch.Tensor) -> torch.Tensor:
     """log_softmax over rows, written over ``logits`` on CPU (ATen's row kernel reads each row before writing
-    it): no [C, V] temporary; elsewhere a new tensor."""
+    it): no [C, V] temporary; elsewhere a new tensor. Only where the logits become the gradient anyway."""
     if logits.device.type == "cpu":
         return torch.log_softmax(logits, dim=1, out=logits)
     return torch.log_softmax(logits, dim=1)
@@ -52,14 +52,15 @@ def kl_epilogue(
     """
     # ATen's fused log_softmax (in place on CPU), and KL as sum p (log p - log q): no cancellation between two
     # log-sum-exps; one [C, V] temporary (log p - log q).
+    if grad_scale is None:  # values only: the logits stay as they are
+        log_p, log_q = torch.log_softmax(logits_p, dim=1), torch.log_softmax(logits_q, dim=1)
+        return torch.where(valid, torch.linalg.vecdot(log_p.exp(), log_p - log_q), 0.0)
     log_p = _log_softmax_in_place(logits_p)
     log_q = _log_softmax_in_place(logits_q)
     log_ratio = log_p - log_q
     p = torch.exp(log_p, out=logits_p)  # in place
     per_row = torch.linalg.vecdot(p, log_ratio)  # without a [C, V] temporary
-    kl = torch.where(valid, per_row, 0.0)
-    if grad_scale is not None:
-        scale = torch.where(valid, grad_scale.to(logits_p.dtype), 0.0).unsqueeze(1)
-        torch.exp(log_q, out=logits_q).sub_(p).mul_(scale)  # g * (q - p)
-        p.mul_(log_ratio.sub_(per_row.unsqueeze(1))).mul_(scale)  # g * p * (log p/q - KL)
-    return kl
+    scale = torch.where(valid, grad_scale.to(logits_p.dtype), 0.0).unsqueeze(1)
+    torch.exp(log_q, out=logits_q).sub_(p).mul_(scale)  # g * (q - p)
+    p.mul_(log_ratio.sub_(per_row.unsqueeze(1))).mul_(scale)  # g * p * (log p/q - KL)
+    return torch.where(valid, per_row, 0.0)
