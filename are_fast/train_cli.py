@@ -50,6 +50,8 @@ _REQUIRED = {
 
 
 def _model_options(p) -> None:
+    from .ops.backends import BACKENDS  # the op registry's backends
+
     g = p.add_argument_group("model")
     g.add_argument("--num-embed-tokens", type=POSITIVE_INT, default=None,
                    help="k, compressed tokens <EMBED0>..<EMBED{k-1}> (default: the model's own; 5 for a base LM in stage1); "
@@ -67,7 +69,7 @@ def _model_options(p) -> None:
     g.add_argument("--lora-alpha", type=POSITIVE_INT, default=None, help="LoRA alpha (default 2 x rank)")
     g.add_argument("--lora-dropout", type=_number(float, 0, True, 0.99), default=0.1, help="LoRA dropout (default 0.1)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory (default off)")
-    g.add_argument("--backend", default=None, choices=["reference", "chunked", "triton", "native"],
+    g.add_argument("--backend", default=None, choices=list(BACKENDS),
                    help="loss-op backend (default: ARE_FAST_BACKEND, else by device)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialization and data order (default 0)")
 

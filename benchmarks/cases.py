@@ -102,7 +102,8 @@ def op_cases(device: torch.device, smoke: bool) -> list[Case]:
     seq = 256
     target = Shape(HEADS["cpu-target"], 4096, dtype, False, seq)
     cases = [Case(op, target) for op in OPS]
-    cases.append(Case("token_logprobs", Shape(HEADS["cpu-target"], 4096, dtype, True, seq)))
+    trainable = Shape(HEADS["cpu-target"], 4096, dtype, True, seq)
+    cases += [Case("token_logprobs", trainable), Case("compression_loss", trainable)]
     cases.append(Case("token_logprobs", Shape(HEADS["issue2"], 4096, dtype, False, seq)))
     named = ("llama2-7b", "llama3-8b", "qwen2.5-7b", "small")
     cases += [Case("token_logprobs", Shape(HEADS[name], 128, dtype, False, seq)) for name in named]

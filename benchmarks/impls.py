@@ -9,6 +9,9 @@ Peers (the ``bench`` extra) run the closest op they have:
 - Liger-Kernel: fused linear cross-entropy (reduction="none" for per-token and per-sequence sums) and fused
   linear JSD with beta = 0, i.e. KL(teacher || student) with teacher = p and student = q; it gives no
   gradient to the teacher stream, so it does less work than conditional_kl, which differentiates both.
+- torch-chunked: PyTorch's own chunked linear cross-entropy (torch >= 2.13: ``F.linear_cross_entropy`` with
+  ``options=torch.nn.LinearCrossEntropyOptions()``), what users get for free; reduction="none" for per-token
+  log-probs and sequence sums, "mean" for the compression loss; it has no KL op.
 - Cut Cross-Entropy: ``linear_cross_entropy`` (reduction="none", shift=True for sequence sums); it has no
   KL op. On CUDA both its default (gradient filtering) and exact (filter_eps=None) modes; on CPU only its
   ``torch_compile`` implementation runs, which compiles the plain formula (it materializes the logits).
@@ -165,6 +168,30 @@ def _cce_skip(device):
     return _missing("cut_cross_entropy", "Cut Cross-Entropy")
 
 
+def _torch_chunked_primitives(device):
+    from torch.nn.functional import linear_cross_entropy
+
+    def ce(h2d, w, t, reduction):
+        options = torch.nn.LinearCrossEntropyOptions()
+        return linear_cross_entropy(h2d, w, t, reduction=reduction, ignore_index=IGNORE_INDEX, options=options)
+
+    def shifted(h, w, y, reduction):
+        return ce(h[:, :-1].reshape(-1, h.shape[-1]), w, y[:, 1:].reshape(-1), reduction)
+
+    return SimpleNamespace(
+        token=lambda h2d, w, t: -ce(h2d, w, t, "none"),
+        compression=lambda h, w, y: shifted(h, w, y, "mean"),
+        sequence=lambda h, w, y: -shifted(h, w, y, "none").reshape(h.shape[0], -1).sum(-1),
+        kl=None,
+    )
+
+
+def _torch_chunked_skip(device):
+    if not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return f"torch {torch.__version__} has no chunked F.linear_cross_entropy (torch >= 2.13)"
+    return None
+
+
 _LIGER_NOTES = {
     "conditional_kl": "Liger's fused linear JSD (beta=0): no gradient to the teacher stream (p)",
     "trainable": "reduction='none' is known to give a wrong weight gradient (Liger issue 1298)",
@@ -175,6 +202,7 @@ _CCE_OPS = tuple(op for op in OPS if op != "conditional_kl")
 def implementations() -> list[Impl]:
     """Every implementation, in table order: are_fast's backends (as registered now), then the peers."""
     impls = [_backend(name) for name in are_fast.BACKENDS]
+    impls.append(Impl("torch-chunked", "peer", _torch_chunked_primitives, _torch_chunked_skip, _CCE_OPS, jit=False))
     impls.append(Impl("liger", "peer", _liger_primitives, _liger_skip, notes=dict(_LIGER_NOTES)))
     # CCE's Triton kernels on CUDA; on CPU its torch_compile fallback, the only implementation that runs there.
     impls.append(

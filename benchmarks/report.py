@@ -23,7 +23,7 @@ CPU_TARGET = {"head": "cpu-target", "tokens": 4096, "dtype": "float32", "mode": 
 GPU_TARGET = {"head": "llama3-8b", "tokens": 16384, "dtype": "bfloat16", "mode": "frozen"}
 ISSUE2_CASE = {"op": "token_logprobs", "head": "issue2", "tokens": 4096, "dtype": "float32", "mode": "frozen"}
 GPU_FLOOR_RATIO, GPU_MEMORY_RATIO, CPU_MEMORY_RATIO = 1.15, 0.02, 0.1
-_ORDER = ("reference", "chunked", "triton", "native", "liger", "cce", "cce-exact", "cce-compile")
+_ORDER = ("reference", "chunked", "triton", "native", "torch-chunked", "liger", "cce", "cce-exact", "cce-compile")
 
 
 def load(paths) -> tuple[list, dict, dict, str | None]:
@@ -39,7 +39,8 @@ def load(paths) -> tuple[list, dict, dict, str | None]:
 
 def _row(result: dict) -> dict:
     info = result.get("extra_info", {})
-    return dict(info, name=result["name"], seconds=result["stats"]["median"], peak=info.get("peak_extra_bytes"))
+    return dict(info, name=result["name"], seconds=result["stats"]["median"], peak=info.get("peak_extra_bytes"),
+                rss=info.get("peak_rss_bytes"))
 
 
 def _impl_key(impl: str) -> tuple:
@@ -102,7 +103,7 @@ def _header(machine: dict, commit: dict, when: str | None) -> list[str]:
 def ops_table(groups: dict, floors: dict) -> list[str]:
     peers = sorted({i for g in groups.values() for i, r in g.items() if r.get("kind") == "peer"}, key=_impl_key)
     head = ["op", "shape", "impl", "median ms", "x ref"] + [f"x {p}" for p in peers]
-    head += ["x floor", "peak extra MiB", "mem x ref", "note"]
+    head += ["x floor", "peak extra MiB", "mem x ref", "peak extra RSS MiB", "note"]
     rows = [r for g in groups.values() for r in g.values()] + list(floors.values())
     modelled = any(predicted_seconds(r) for r in rows)
     if modelled:
@@ -116,7 +117,7 @@ def ops_table(groups: dict, floors: dict) -> list[str]:
             cells = [op, shape, name, _ms(row["seconds"]), _ratio(row["seconds"], reference and reference["seconds"])]
             cells += [_ratio(row["seconds"], impls[p]["seconds"] if p in impls else None) for p in peers]
             cells += [_ratio(row["seconds"], floor and floor["seconds"]), _mib(row["peak"])]
-            cells += [_ratio(row["peak"], reference and reference["peak"]), row.get("note") or ""]
+            cells += [_ratio(row["peak"], reference and reference["peak"]), _mib(row.get("rss")), row.get("note") or ""]
             if modelled:
                 cells += _model_cells(row)
             lines.append("| " + " | ".join(cells) + " |")

@@ -8,9 +8,12 @@ inputs: benchmarks/cases.py; implementations: benchmarks/impls.py. ``python -m b
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+from . import rss
 from .cases import Case, bench_device, clear_grads, floor_shapes, make_inputs, op_cases, smoke_mode
 from .impls import floor_fn, implementations, loss_fn
 
@@ -56,6 +59,11 @@ def test_op(case, impl, measure):
         pytest.skip(reason)
     x = make_inputs(case, device)
     loss = loss_fn(impl, case.op, device)
+    extra = {}
+    # Off by default in smoke mode (a process per case); benchmarks/test_rss.py checks the probe itself.
+    if device.type == "cpu" and rss.supported() and os.environ.get("ARE_FAST_BENCH_RSS", "0" if smoke_mode() else "1") != "0":
+        # What `top` shows (BLAS buffers, allocator slack), per case: one more call, in a fresh process.
+        extra["peak_rss_bytes"] = rss.probe(case, impl.name)["peak_rss_bytes"]
     measure(
         lambda: loss(x).backward(),
         lambda: clear_grads(x),
@@ -66,6 +74,7 @@ def test_op(case, impl, measure):
         kind=impl.kind,
         note=impl.note(case.op, case.shape.trainable),
         **_shape_info(case.shape),
+        **extra,
     )
 
 

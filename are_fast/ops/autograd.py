@@ -1,67 +1,284 @@
-"""The one autograd Function behind every fused op.
+"""The fused ops as torch.library custom ops, with fake (shape-only) implementations and autograd.
 
-``LinearStreamsFunction`` maps 1+ streams of hidden states [N, H] through a shared LM head to per-row values
-[N] given by an epilogue (log-probability of a target, or KL between two streams). It saves only what the
-backward needs:
-- frozen head (weight and bias need no gradient): the hidden gradients are computed during the forward
-  with unit scale, so the backward only rescales rows: no recomputation, no weight-gradient work;
-- trainable head: the hidden states are saved and the backward recomputes the logits chunk by chunk;
-- no gradient needed (e.g. reference scores under inference_mode): values only.
+``are_fast::linear_streams`` maps 1+ streams of hidden states [N, H] through a shared LM head to per-row values
+[N] given by a row epilogue (``kind`` "logprob": log-probability of a target; "kl": KL between two streams), on
+a fused backend. Being a custom op, it is one opaque node for torch.compile (``fullgraph=True`` compiles; the
+fake implementation gives the shapes) and for autograd. What it computes and saves depends on ``mode``, which
+the caller picks from what needs a gradient:
+- "values": values only (nothing needs a gradient, e.g. reference scores under inference_mode);
+- "rescale" (frozen head): the hidden gradients of each row at unit scale are computed in the forward, so the
+  backward only rescales rows, in place (no recomputation, no weight-gradient work, one [N, H] per stream);
+- "scalar" (a loss whose per-row scale ``row_scale`` is known in the forward, e.g. compression_loss): every
+  gradient of ``total = sum(row_scale * values)``, the head's included, is computed in the forward, so a
+  trainable head costs 3 matmuls per chunk; the backward scales them in place by d loss / d total;
+- "recompute" (trainable head, per-row output): the backward recomputes the logits chunk by chunk.
+
+The in-place scaling means one backward per forward: a second one (``retain_graph=True``, gradcheck) raises,
+saying so, unless the forward ran under ``allow_retain_graph()`` (then the backward scales a copy, one more
+[N, H] per stream). torch's own chunked ``F.linear_cross_entropy`` makes the same trade (its
+``allow_retain_graph`` option).
+
+Rows whose label is ignore_index (for the KL: rows that are not valid) never reach the matmuls when
+``compact`` is set (it costs a host sync to find them, so the public ops set it on CPU, or when the label
+checks, which sync anyway, are on).
 """
 from __future__ import annotations
 
-import torch
+import contextlib
+from typing import Optional
 
-from .chunked import Epilogue, fused_linear_pass
+import torch
+from torch import Tensor
+
+from . import checks
+from .backends import epilogues
+from .chunked import fused_linear_pass
 from .head_matmuls import autocast_operand_dtype
 
+MODES = ("values", "rescale", "scalar", "recompute")
+_retain_graph = [False]
 
-class LinearStreamsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, epilogue: Epilogue, chunk_rows, weight, bias, *hiddens):
-        need_weight, need_bias = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-        need_hidden = tuple(ctx.needs_input_grad[4:])
-        ctx.epilogue, ctx.chunk_rows = epilogue, chunk_rows
-        # Under autocast the head's matmuls run in its dtype, in the backward too (which runs outside it).
-        ctx.operand_dtype = operand = autocast_operand_dtype(weight.device) if weight.dtype == torch.float32 else None
-        if need_weight or need_bias:
-            ctx.mode = "recompute"
-            ctx.save_for_backward(weight, bias, *hiddens)
-            return fused_linear_pass(hiddens, weight, bias, epilogue, chunk_rows=chunk_rows, operand_dtype=operand).values
-        if any(need_hidden):
-            ctx.mode = "rescale"
-            unit = torch.ones(hiddens[0].shape[0], dtype=torch.float32, device=weight.device)
-            result = fused_linear_pass(
-                hiddens, weight, bias, epilogue, grad_scale=unit, hidden_grads=need_hidden, chunk_rows=chunk_rows,
-                operand_dtype=operand,
+
+@contextlib.contextmanager
+def allow_retain_graph(enabled: bool = True):
+    """Ops run in this context keep their saved gradients intact in the backward, so it may run again
+    (retain_graph=True, torch.autograd.gradcheck), at the cost of one more [N, H] per stream."""
+    previous, _retain_graph[0] = _retain_graph[0], enabled
+    try:
+        yield
+    finally:
+        _retain_graph[0] = previous
+_NONE = (0,)  # shape of the placeholder returned for a gradient that was not asked for
+
+
+def _epilogue(kind: str, backend: str, labels: Tensor, ignore_index: int):
+    impl = epilogues(backend)
+    if kind == "logprob":
+        targets = labels
+
+        def epilogue(logits, rows, grad_scale, grad_outs):
+            return impl.logprob(logits[0], targets[rows], ignore_index, grad_scale, grad_outs[0])
+
+    elif kind == "kl":
+        valid = labels
+
+        def epilogue(logits, rows, grad_scale, grad_outs):
+            return impl.kl(logits[0], logits[1], valid[rows], grad_scale, *grad_outs)
+
+    else:
+        raise ValueError(f"kind: expected 'logprob' or 'kl', got {kind!r}")
+    return epilogue
+
+
+def _rows(kind: str, labels: Tensor, ignore_index: int, compact: bool) -> Tensor | None:
+    """int64 [M] indices of the rows that count, or None (all rows, or compaction off)."""
+    if not compact or labels.numel() == 0:
+        return None
+    keep = labels != ignore_index if kind == "logprob" else labels
+    rows = keep.nonzero().squeeze(1)
+    return None if rows.numel() == labels.numel() else rows
+
+
+def _pass(kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows, compact, operand_dtype, **grads):
+    return fused_linear_pass(
+        hiddens, weight, bias, _epilogue(kind, backend, labels, ignore_index),
+        chunk_rows=chunk_rows or None, rows=_rows(kind, labels, ignore_index, compact), operand_dtype=operand_dtype,
+        **grads,
+    )
+
+
+def _placeholder(like: Tensor) -> Tensor:
+    return like.new_empty(_NONE)
+
+
+@torch.library.custom_op("are_fast::linear_streams", mutates_args=())
+def linear_streams(
+    kind: str,
+    hiddens: list[Tensor],
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    row_scale: Optional[Tensor],
+    ignore_index: int,
+    backend: str,
+    chunk_rows: int,
+    compact: bool,
+    mode: str,
+    hidden_grads: list[bool],
+    weight_grad: bool,
+    bias_grad: bool,
+    check_labels: bool,
+    operand_dtype: Optional[torch.dtype],
+) -> tuple[Tensor, Tensor, list[Tensor], Tensor, Tensor]:
+    """-> values [N] (compute dtype), total (scalar: sum(row_scale * values), 0 without row_scale),
+    hidden gradients (one per stream, [N, H]; shape [0] where not computed), weight gradient [V, H] and bias
+    gradient [V] (shape [0] where not computed). Gradients are computed in the forward only in the "rescale"
+    (unit scale) and "scalar" (scale ``row_scale`` [N]) modes. operand_dtype: the matmuls' operand dtype
+    (autocast's, read by the caller outside the op; None: the head's)."""
+    if check_labels and kind == "logprob":  # the public op's check, moved here when it was traced by torch.compile
+        checks.check_label_range("labels", labels, weight.shape[0], ignore_index)
+    in_forward = mode in ("rescale", "scalar")
+    scale = None
+    if in_forward:
+        scale = row_scale if mode == "scalar" else torch.ones(labels.shape[0], dtype=torch.float32, device=weight.device)
+    result = _pass(
+        kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows, compact, operand_dtype,
+        grad_scale=scale,
+        hidden_grads=hidden_grads if in_forward else (),
+        weight_grad=weight_grad and mode == "scalar",
+        bias_grad=bias_grad and mode == "scalar",
+    )
+    values = result.values
+    total = (values * row_scale).sum() if row_scale is not None else values.new_zeros(())
+    dh = [g if g is not None else _placeholder(h) for g, h in zip(result.hidden_grads or [None] * len(hiddens), hiddens)]
+    dw = result.weight_grad if result.weight_grad is not None else _placeholder(weight)
+    db = result.bias_grad if result.bias_grad is not None else _placeholder(weight)
+    return values, total, dh, dw, db
+
+
+@linear_streams.register_fake
+def _(kind, hiddens, weight, bias, labels, row_scale, ignore_index, backend, chunk_rows, compact, mode,
+      hidden_grads, weight_grad, bias_grad, check_labels, operand_dtype):
+    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    n = hiddens[0].shape[0]
+    in_forward = mode in ("rescale", "scalar")
+    values = weight.new_empty((n,), dtype=compute)
+    dh = [h.new_empty(h.shape) if in_forward and need else h.new_empty(_NONE) for h, need in zip(hiddens, hidden_grads)]
+    scalar = mode == "scalar"
+    dw = weight.new_empty(weight.shape if scalar and weight_grad else _NONE)
+    db = weight.new_empty((weight.shape[0],) if scalar and bias_grad and bias is not None else _NONE)
+    if bias is not None:
+        db = db.to(bias.dtype)
+    return values, values.new_empty(()), dh, dw, db
+
+
+@torch.library.custom_op("are_fast::linear_streams_backward", mutates_args=())
+def linear_streams_backward(
+    kind: str,
+    hiddens: list[Tensor],
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    grad_values: Tensor,
+    ignore_index: int,
+    backend: str,
+    chunk_rows: int,
+    compact: bool,
+    hidden_grads: list[bool],
+    weight_grad: bool,
+    bias_grad: bool,
+    operand_dtype: Optional[torch.dtype],
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """The "recompute" backward: gradients of sum(grad_values * values), recomputing the logits chunk by chunk."""
+    result = _pass(
+        kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows, compact, operand_dtype,
+        grad_scale=grad_values.contiguous(), hidden_grads=hidden_grads, weight_grad=weight_grad,
+        bias_grad=bias_grad and bias is not None,
+    )
+    dh = [g if g is not None else _placeholder(h) for g, h in zip(result.hidden_grads, hiddens)]
+    dw = result.weight_grad if result.weight_grad is not None else _placeholder(weight)
+    db = result.bias_grad if result.bias_grad is not None else _placeholder(weight)
+    return dh, dw, db
+
+
+@linear_streams_backward.register_fake
+def _(kind, hiddens, weight, bias, labels, grad_values, ignore_index, backend, chunk_rows, compact, hidden_grads,
+      weight_grad, bias_grad, operand_dtype):
+    dh = [h.new_empty(h.shape if need else _NONE) for h, need in zip(hiddens, hidden_grads)]
+    dw = weight.new_empty(weight.shape if weight_grad else _NONE)
+    db = weight.new_empty((weight.shape[0],) if bias_grad and bias is not None else _NONE)
+    return dh, dw, db if bias is None else db.to(bias.dtype)
+
+
+@torch.library.custom_op("are_fast::scale_rows_", mutates_args=("grad",))
+def scale_rows_(grad: Tensor, scale: Tensor) -> None:
+    """grad [N, H] (or any shape) *= scale ([N] per row, or a scalar), in place: the saved forward gradient
+    becomes the gradient the backward returns, with no second [N, H]."""
+    grad.mul_(scale.reshape(scale.shape + (1,) * (grad.dim() - scale.dim())))
+
+
+@scale_rows_.register_fake
+def _(grad, scale):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    (kind, hiddens, weight, bias, labels, row_scale, ignore_index, backend, chunk_rows, compact, mode,
+     hidden_grads, weight_grad, bias_grad, _, operand_dtype) = inputs
+    values, total, dh, dw, db = output
+    ctx.mode, ctx.streams = mode, len(hiddens)
+    ctx.hidden_grads, ctx.weight_grad, ctx.bias_grad = list(hidden_grads), weight_grad, bias_grad and bias is not None
+    ctx.options = (kind, ignore_index, backend, chunk_rows, compact, operand_dtype)
+    ctx.in_place, ctx.done = not _retain_graph[0], False
+    if mode in ("rescale", "scalar"):
+        ctx.save_for_backward(*dh, dw, db)
+    elif mode == "recompute":
+        ctx.save_for_backward(weight, bias, labels, *hiddens)
+
+
+def _backward(ctx, grad_values, grad_total, *unused):
+    nones = [None] * 16  # one per input of linear_streams
+    hidden_slot, weight_slot, bias_slot = 1, 2, 3
+    if ctx.mode == "values":
+        return tuple(nones)
+    if ctx.mode in ("rescale", "scalar"):
+        if ctx.done:
+            raise RuntimeError(
+                "are_fast: a second backward through a fused op whose forward gradients were already scaled in "
+                "place; run the forward under are_fast.ops.autograd.allow_retain_graph() to backpropagate twice"
             )
-            ctx.save_for_backward(*[g for g in result.hidden_grads if g is not None])
-            ctx.need_hidden = need_hidden
-            return result.values
-        ctx.mode = "none"
-        return fused_linear_pass(hiddens, weight, bias, epilogue, chunk_rows=chunk_rows, operand_dtype=operand).values
+        ctx.done = ctx.in_place
+        *dh, dw, db = ctx.saved_tensors
+        scale = grad_values if ctx.mode == "rescale" else grad_total
 
-    @staticmethod
-    def backward(ctx, grad_values):
-        if ctx.mode == "rescale":
-            unit_grads = iter(ctx.saved_tensors)
-            scale = grad_values.unsqueeze(1)
-            grads = []
-            for need in ctx.need_hidden:
-                unit_grad = next(unit_grads) if need else None
-                grads.append(None if unit_grad is None else (scale * unit_grad).to(unit_grad.dtype))
-            return (None, None, None, None, *grads)
-        weight, bias, *hiddens = ctx.saved_tensors
-        result = fused_linear_pass(
-            hiddens,
-            weight,
-            bias,
-            ctx.epilogue,
-            grad_scale=grad_values.contiguous(),
-            hidden_grads=ctx.needs_input_grad[4:],
-            weight_grad=ctx.needs_input_grad[2],
-            bias_grad=ctx.needs_input_grad[3],
-            chunk_rows=ctx.chunk_rows,
-            operand_dtype=ctx.operand_dtype,
-        )
-        return (None, None, result.weight_grad, result.bias_grad, *result.hidden_grads)
+        def scaled(grad):
+            grad = grad if ctx.in_place else grad.clone()
+            scale_rows_(grad, scale)
+            return grad
+
+        nones[hidden_slot] = [scaled(g) if need else None for need, g in zip(ctx.hidden_grads, dh)]
+        if ctx.mode == "scalar":
+            nones[weight_slot] = scaled(dw) if ctx.weight_grad else None
+            nones[bias_slot] = scaled(db) if ctx.bias_grad else None
+        return tuple(nones)
+    weight, bias, labels, *hiddens = ctx.saved_tensors
+    kind, ignore_index, backend, chunk_rows, compact, operand_dtype = ctx.options
+    dh, dw, db = linear_streams_backward(
+        kind, hiddens, weight, bias, labels, grad_values, ignore_index, backend, chunk_rows, compact,
+        ctx.hidden_grads, ctx.weight_grad, ctx.bias_grad, operand_dtype,
+    )
+    nones[hidden_slot] = [g if need else None for g, need in zip(dh, ctx.hidden_grads)]
+    nones[weight_slot] = dw if ctx.weight_grad else None
+    nones[bias_slot] = db if ctx.bias_grad else None
+    return tuple(nones)
+
+
+linear_streams.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_streams(kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows, compact, row_scale=None):
+    """Values [N] (``row_scale`` None) or the scalar sum(row_scale * values) (``row_scale`` [N] float32), through
+    ``are_fast::linear_streams`` in the mode that what needs a gradient calls for.
+
+    hiddens: contiguous [N, H] per stream; labels: int64 targets [N] ("logprob") or bool valid [N] ("kl").
+    """
+    grad_on = torch.is_grad_enabled()
+    need_hidden = [grad_on and h.requires_grad for h in hiddens]
+    need_weight = grad_on and weight.requires_grad
+    need_bias = grad_on and bias is not None and bias.requires_grad
+    if row_scale is not None and (need_weight or need_bias or any(need_hidden)):
+        mode = "scalar"
+    elif need_weight or need_bias:
+        mode = "recompute"
+    elif any(need_hidden):
+        mode = "rescale"
+    else:
+        mode = "values"
+    # Under autocast the head's matmuls run in its dtype, in the backward too (which runs outside it).
+    operand_dtype = autocast_operand_dtype(weight.device) if weight.dtype == torch.float32 else None
+    values, total, _, _, _ = linear_streams(
+        kind, list(hiddens), weight, bias, labels, row_scale, ignore_index, backend, chunk_rows or 0, compact, mode,
+        need_hidden, need_weight, need_bias, torch.compiler.is_compiling() and checks.label_checks_enabled(),
+        operand_dtype,
+    )
+    return values if row_scale is None else total

@@ -1,12 +1,18 @@
-"""Backend registry: which implementation an op runs.
+"""The op registry: every op of the fused layer, every backend, and how a backend is chosen.
 
-- ``reference``: the plain eager formulas (``are_fast.reference``), materializing the logits.
+Backends (``REGISTRY``, in this order; ``BACKENDS`` is their names, which the CLIs offer as --backend choices):
+- ``reference``: the plain eager formulas (``are_fast.ops.reference``), materializing the logits: test oracle
+  and naive baseline; differentiable by PyTorch autograd and traceable by torch.compile as is.
 - ``chunked``: the chunk driver with PyTorch epilogues; the default on CPU.
 - ``triton``: the chunk driver with the Triton epilogue kernels of ``are_fast.kernels``; the default on CUDA.
   On CPU tensors it runs only under the Triton interpreter (TRITON_INTERPRET=1 set before the kernels are
   imported), which is how the tests exercise it without a GPU.
 - ``native``: the chunk driver with the C++ (CPU) / CUDA epilogues of ``csrc/``, loaded by ``are_fast.ops.native``
   (built just in time on first use).
+
+Ops (``OPS``): each maps to ``reference.<op>`` on the reference backend and, on a fused backend, to the
+torch.library custom op ``are_fast::linear_streams`` (``are_fast.ops.autograd``) with the backend's row
+epilogue of ``EPILOGUE_KIND[op]``.
 
 Choice, first match wins: the op's ``backend=`` argument, the ``ARE_FAST_BACKEND`` environment variable,
 then the tensors' device: ``triton`` on CUDA, else ``native`` where ``are_fast.ops.native.use_by_default`` says so
@@ -15,57 +21,123 @@ then the tensors' device: ``triton`` on CUDA, else ``native`` where ``are_fast.o
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
 
-BACKENDS = ("reference", "chunked", "triton", "native")
+from . import reference
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    fused: bool  # chunk driver + row epilogues through are_fast::linear_streams; False: the reference formulas
+    epilogues: Callable[[], SimpleNamespace] | None  # -> SimpleNamespace(logprob=..., kl=...), loaded on use
+    unavailable: Callable[[torch.device], "str | None"]  # why it cannot run on tensors of that device, or None
+
+
+def _torch_epilogues() -> SimpleNamespace:
+    from . import torch_epilogues as impl
+
+    return SimpleNamespace(logprob=impl.logprob_epilogue, kl=impl.kl_epilogue)
+
+
+def _triton_epilogues() -> SimpleNamespace:
+    from .. import kernels
+
+    return SimpleNamespace(logprob=kernels.logprob_epilogue, kl=kernels.kl_epilogue)
+
+
+def _native_epilogues() -> SimpleNamespace:
+    from . import native
+
+    return native.epilogues()
+
+
+def _triton_unavailable(device: torch.device) -> str | None:
+    if not _triton_importable():
+        return "backend='triton' needs the triton package (pip install 'triton>=3.6,<3.10')"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return (
+            f"backend='triton' runs on CUDA tensors, or on {device.type} tensors only under the Triton "
+            "interpreter (set TRITON_INTERPRET=1 before are_fast.kernels is imported)"
+        )
+    return None
+
+
+def _native_unavailable(device: torch.device) -> str | None:
+    from . import native
+
+    if not native.library.load(build=True):
+        return f"backend='native' is unavailable: {native.library.reason}"
+    if not native.supports(device):
+        return f"backend='native': the native library has no kernels for {device.type} tensors"
+    return None
+
+
+REGISTRY = {
+    b.name: b
+    for b in (
+        Backend("reference", False, None, lambda device: None),
+        Backend("chunked", True, _torch_epilogues, lambda device: None),
+        Backend("triton", True, _triton_epilogues, _triton_unavailable),
+        Backend("native", True, _native_epilogues, _native_unavailable),
+    )
+}
+BACKENDS = tuple(REGISTRY)
+
+# op -> the row epilogue its fused implementation runs ("logprob": log p(target); "kl": KL of two streams).
+EPILOGUE_KIND = {
+    "token_logprobs": "logprob",
+    "sequence_logprobs": "logprob",
+    "compression_loss": "logprob",
+    "conditional_kl": "kl",
+}
+OPS = tuple(EPILOGUE_KIND)
+
+
+def reference_op(op: str) -> Callable:
+    """The reference backend's implementation of ``op`` (``are_fast.ops.reference``)."""
+    if op not in EPILOGUE_KIND:
+        raise ValueError(f"op: expected one of {', '.join(OPS)}, got {op!r}")
+    return getattr(reference, op)
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The backend name to use for tensors on ``device``."""
     name = backend or os.environ.get("ARE_FAST_BACKEND") or None
     if name is None:
-        if device.type == "cuda" and _triton_importable():
-            return "triton"
-        from . import native  # imported on use: `python -m are_fast.ops.native` must find it not yet imported
+        return _default_backend(device.type)
+    return _checked(name, device.type)
 
-        return "native" if native.use_by_default(device) else "chunked"
-    if name not in BACKENDS:
+
+@torch.compiler.assume_constant_result  # checked once, at trace time, under torch.compile
+def _checked(name: str, device_type: str) -> str:
+    if name not in REGISTRY:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {name!r}")
-    if name == "triton":
-        if not _triton_importable():
-            raise ValueError("backend='triton' needs the triton package (pip install 'triton>=3.6,<3.10')")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                f"backend='triton' runs on CUDA tensors, or on {device.type} tensors only under the Triton "
-                "interpreter (set TRITON_INTERPRET=1 before are_fast.kernels is imported)"
-            )
-    if name == "native":
-        from . import native
-
-        if not native.library.load(build=True):
-            raise ValueError(f"backend='native' is unavailable: {native.library.reason}")
-        if not native.supports(device):
-            raise ValueError(f"backend='native': the native library has no kernels for {device.type} tensors")
+    reason = REGISTRY[name].unavailable(torch.device(device_type))
+    if reason:
+        raise ValueError(reason)
     return name
+
+
+@torch.compiler.assume_constant_result  # torch.compile reads the answer at trace time, not the file system
+def _default_backend(device_type: str) -> str:
+    if device_type == "cuda" and _triton_importable():
+        return "triton"
+    from . import native  # imported on use: `python -m are_fast.ops.native` must find it not yet imported
+
+    return "native" if native.use_by_default(torch.device(device_type)) else "chunked"
 
 
 def epilogues(name: str) -> SimpleNamespace:
     """The row epilogues (``logprob``, ``kl``) of a fused backend; see are_fast.ops.torch_epilogues."""
-    if name == "chunked":
-        from . import torch_epilogues as impl
-
-        return SimpleNamespace(logprob=impl.logprob_epilogue, kl=impl.kl_epilogue)
-    if name == "triton":
-        from .. import kernels
-
-        return SimpleNamespace(logprob=kernels.logprob_epilogue, kl=kernels.kl_epilogue)
-    if name == "native":
-        from . import native
-
-        return native.epilogues()
-    raise ValueError(f"backend: {name!r} has no fused epilogues")
+    backend = REGISTRY.get(name)
+    if backend is None or not backend.fused:
+        raise ValueError(f"backend: {name!r} has no fused epilogues")
+    return backend.epilogues()
 
 
 _triton_state: dict = {}

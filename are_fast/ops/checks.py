@@ -75,8 +75,9 @@ def check_head(weight: torch.Tensor, bias: torch.Tensor | None, hidden_size: int
 
 
 def check_label_range(name: str, labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    """Reject labels outside [0, V) other than ignore_index (one host sync; skipped when checks are off)."""
-    if not _label_checks or labels.numel() == 0:
+    """Reject labels outside [0, V) other than ignore_index (one host sync; skipped when checks are off).
+    Under torch.compile tracing it is skipped here and runs inside the fused op instead."""
+    if not _label_checks or labels.numel() == 0 or torch.compiler.is_compiling():
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
     if bool(bad.any()):

@@ -19,20 +19,25 @@ import torch
 
 from .head_matmuls import HeadMatmuls, autocast_off
 
-# Epilogue(logits per stream [C, V], rows of this chunk, grad scale [C] or None, gradient outputs per stream
-# (None: over the logits)) -> values [C].
-Epilogue = Callable[[list, slice, "torch.Tensor | None", list], torch.Tensor]
+# Epilogue(logits per stream [C, V], rows of this chunk (a slice or an int64 index [C]), grad scale [C] or None,
+# gradient outputs per stream (None: over the logits)) -> values [C].
+Epilogue = Callable[[list, "slice | torch.Tensor", "torch.Tensor | None", list], torch.Tensor]
 
-_CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 32 << 20}
+# Logits bytes per chunk, all streams together. On CPU the budget follows the hidden gradient the op holds
+# anyway ([N, H] per stream): chunks no larger than it keep the peak extra RSS near that floor (the chunk
+# buffers and the epilogue's temporaries are reused from the allocator's free lists), between 8 MiB (smaller
+# chunks spend their time in per-chunk overhead and in streaming the head once more per chunk) and 32 MiB.
+_CHUNK_BYTES = {"cuda": (256 << 20, 256 << 20), "cpu": (8 << 20, 32 << 20)}
 
 
-def chunk_rows_for(n_rows: int, vocab: int, streams: int, device: torch.device) -> int:
+def chunk_rows_for(n_rows: int, vocab: int, streams: int, device: torch.device, hidden_bytes: int = 0) -> int:
     """Rows per chunk so that the float32 logits of all streams stay within a byte budget.
 
-    The budget is 256 MiB on CUDA and 32 MiB elsewhere (cache-sized chunks are fastest on CPU); the
-    environment variable ARE_FAST_CHUNK_BYTES overrides it.
+    The budget is 256 MiB on CUDA; elsewhere ``hidden_bytes`` (the bytes of the hidden states of all streams)
+    clamped to [8 MiB, 32 MiB]. The environment variable ARE_FAST_CHUNK_BYTES overrides it.
     """
-    budget = int(os.environ.get("ARE_FAST_CHUNK_BYTES", _CHUNK_BYTES.get(device.type, _CHUNK_BYTES["cpu"])))
+    low, high = _CHUNK_BYTES.get(device.type, _CHUNK_BYTES["cpu"])
+    budget = int(os.environ.get("ARE_FAST_CHUNK_BYTES", min(max(hidden_bytes, low), high)))
     rows = max(1, budget // (vocab * 4 * streams))
     if rows > 16:
         rows -= rows % 16  # matmul-friendly row counts
@@ -57,42 +62,62 @@ def fused_linear_pass(
     weight_grad: bool = False,
     bias_grad: bool = False,
     chunk_rows: int | None = None,
+    rows: torch.Tensor | None = None,
     operand_dtype: torch.dtype | None = None,
 ) -> PassResult:
     """One pass over all rows: values, and the gradients of sum(grad_scale * values) that were asked for.
 
     hiddens: one contiguous [N, H] tensor per stream (same N); grad_scale [N] or None (values only).
     hidden_grads: which streams need a hidden gradient (only read when grad_scale is given).
+    rows: optional int64 [M] indices of the rows that count (compaction): only they reach the matmuls; the
+    other rows get value 0 and zero gradients.
     operand_dtype: the matmuls' operand dtype (autocast's, captured by the caller), default the head's.
     """
     n_rows, hidden_size = hiddens[0].shape
     vocab = weight.shape[0]
-    streams = len(hiddens)
     matmuls = HeadMatmuls(weight, bias, operand_dtype)
     device = weight.device
-    values = torch.empty(n_rows, dtype=matmuls.compute_dtype, device=device)
     want_grad = grad_scale is not None
-    dh = [torch.empty_like(h) if want_grad and need else None for h, need in zip(hiddens, hidden_grads)]
+    compact = rows is not None
+    active = rows.numel() if compact else n_rows
+    new = torch.zeros if compact else torch.empty  # rows left out must read 0
+    values = new(n_rows, dtype=matmuls.compute_dtype, device=device)
+    dh = [new(h.shape, dtype=h.dtype, device=device) if want_grad and need else None for h, need in zip(hiddens, hidden_grads)]
     dw = torch.zeros(vocab, hidden_size, dtype=matmuls.compute_dtype, device=device) if want_grad and weight_grad else None
     db = torch.zeros(vocab, dtype=matmuls.compute_dtype, device=device) if want_grad and bias_grad else None
 
-    rows = chunk_rows or chunk_rows_for(n_rows, vocab, streams, device)
-    buffers = [torch.empty(min(rows, n_rows), vocab, dtype=matmuls.compute_dtype, device=device) for _ in hiddens]
+    hidden_bytes = sum(h.numel() * h.element_size() for h in hiddens)
+    rows_per_chunk = chunk_rows or chunk_rows_for(active, vocab, len(hiddens), device, hidden_bytes)
+    size_max = max(1, min(rows_per_chunk, active))
+    # Buffers reused by every chunk: logits per stream, and with compaction the gathered rows and their gradient.
+    buffers = [torch.empty(size_max, vocab, dtype=matmuls.compute_dtype, device=device) for _ in hiddens]
+    gathered = [torch.empty(size_max, hidden_size, dtype=h.dtype, device=device) for h in hiddens] if compact else None
+    grad_rows = torch.empty(size_max, hidden_size, dtype=hiddens[0].dtype, device=device) if compact and want_grad else None
     with autocast_off(device):  # the precision is HeadMatmuls' choice, not autocast's
-        for start in range(0, n_rows, rows):
-            sl = slice(start, min(start + rows, n_rows))
-            size = sl.stop - sl.start
-            logits = [matmuls.logits(h[sl], buf[:size]) for h, buf in zip(hiddens, buffers)]
-            grad_outs = [matmuls.gradient_out(chunk) if want_grad else None for chunk in logits]
-            values[sl] = epilogue(logits, sl, None if grad_scale is None else grad_scale[sl], grad_outs)
+        for start in range(0, active, rows_per_chunk):
+            stop = min(start + rows_per_chunk, active)
+            size = stop - start
+            if compact:
+                sel = rows[start:stop]
+                chunk = [torch.index_select(h, 0, sel, out=g[:size]) for h, g in zip(hiddens, gathered)]
+            else:
+                sel = slice(start, stop)
+                chunk = [h[sel] for h in hiddens]
+            logits = [matmuls.logits(h, buf[:size]) for h, buf in zip(chunk, buffers)]
+            grad_outs = [matmuls.gradient_out(part) if want_grad else None for part in logits]
+            values[sel] = epilogue(logits, sel, None if grad_scale is None else grad_scale[sel], grad_outs)
             if not want_grad:
                 continue
-            for stream, (chunk, grad_out) in enumerate(zip(logits, grad_outs)):
-                grad_logits = chunk if grad_out is None else grad_out
+            for stream, (part, grad_out) in enumerate(zip(logits, grad_outs)):
+                grad_logits = part if grad_out is None else grad_out  # where the epilogue left the gradient
                 if dh[stream] is not None:
-                    matmuls.hidden_grad(grad_logits, dh[stream][sl])
+                    if compact:
+                        matmuls.hidden_grad(grad_logits, grad_rows[:size])
+                        dh[stream].index_copy_(0, sel, grad_rows[:size])
+                    else:
+                        matmuls.hidden_grad(grad_logits, dh[stream][sel])
                 if dw is not None:
-                    matmuls.add_weight_grad(dw, grad_logits, hiddens[stream][sl])
+                    matmuls.add_weight_grad(dw, grad_logits, chunk[stream])
                 if db is not None:
                     db.add_(grad_logits.sum(0, dtype=db.dtype))
     return PassResult(

@@ -8,16 +8,18 @@ fused backends never hold the N x V logits; results are float32 (float64 for flo
 Sequence ops follow the causal-LM convention: with hidden [B, T, H] and labels [B, T], position t predicts
 labels[:, t + 1] (DPO's get_batch_logps, transformers' loss). Labels equal to ``ignore_index`` are skipped.
 
-The ops run no host synchronisation besides the label-range check (``are_fast.set_label_checks(False)``
-turns it off), and under torch.compile they run eagerly behind a clean graph break.
+Rows that are not targets (ignore_index, or not valid for the KL) never reach the matmuls on CPU, or where
+the label-range check (one host synchronisation, ``are_fast.set_label_checks(False)`` turns it off) is on:
+finding them costs the same synchronisation. The fused paths are torch.library custom ops
+(``are_fast.ops.autograd``): under torch.compile they are single graph nodes, so ``fullgraph=True`` compiles.
 """
 from __future__ import annotations
 
 import torch
 
-from . import checks, reference
-from .autograd import LinearStreamsFunction
-from .backends import epilogues, resolve_backend
+from . import checks
+from .autograd import fused_streams
+from .backends import REGISTRY, reference_op, resolve_backend
 
 
 def _shifted_targets(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -27,18 +29,21 @@ def _shifted_targets(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return shifted
 
 
-def _token_logprobs_flat(hidden2d, weight, targets1d, bias, ignore_index, backend, chunk_rows):
-    """hidden [N, H] contiguous, targets [N] -> [N]: the fused path shared by the token and sequence ops."""
-    logprob = epilogues(backend).logprob
-    targets1d = targets1d.to(torch.int64)
-
-    def epilogue(logits, rows, grad_scale, grad_outs):
-        return logprob(logits[0], targets1d[rows], ignore_index, grad_scale, grad_outs[0])
-
-    return LinearStreamsFunction.apply(epilogue, chunk_rows, weight, bias, hidden2d)
+def _compact(device: torch.device) -> bool:
+    """Whether to leave non-target rows out of the matmuls (finding them is a host sync: free on CPU, and on
+    CUDA already paid by the label check when it is on)."""
+    return device.type == "cpu" or checks.label_checks_enabled()
 
 
-@torch.compiler.disable
+def _token_logprobs_flat(hidden2d, weight, targets1d, bias, ignore_index, backend, chunk_rows, row_scale=None):
+    """hidden [N, H] contiguous, targets [N] -> [N] (or, with ``row_scale`` [N], sum(row_scale * log-probs)):
+    the fused path shared by the token and sequence ops."""
+    return fused_streams(
+        "logprob", [hidden2d], weight, bias, targets1d.to(torch.int64), ignore_index, backend, chunk_rows,
+        _compact(hidden2d.device), row_scale,
+    )
+
+
 def token_logprobs(hidden, weight, targets, bias=None, ignore_index=-100, *, backend=None, chunk_rows=None):
     """Log-probability of each target token under softmax(hidden @ weight.T + bias).
 
@@ -55,15 +60,14 @@ def token_logprobs(hidden, weight, targets, bias=None, ignore_index=-100, *, bac
     checks.check_tokens(hidden, weight, targets, bias, ignore_index)
     checks.check_chunk_rows(chunk_rows)
     name = resolve_backend(backend, hidden.device)
-    if name == "reference":
-        return reference.token_logprobs(hidden, weight, targets, bias, ignore_index)
+    if not REGISTRY[name].fused:
+        return reference_op("token_logprobs")(hidden, weight, targets, bias, ignore_index)
     flat = _token_logprobs_flat(
         hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight, targets.reshape(-1), bias, ignore_index, name, chunk_rows
     )
     return flat.reshape(targets.shape)
 
 
-@torch.compiler.disable
 def sequence_logprobs(
     hidden, weight, labels, bias=None, average=False, ignore_index=-100, *, backend=None, chunk_rows=None
 ):
@@ -81,8 +85,8 @@ def sequence_logprobs(
     checks.check_sequences(hidden, weight, labels, bias, ignore_index)
     checks.check_chunk_rows(chunk_rows)
     name = resolve_backend(backend, hidden.device)
-    if name == "reference":
-        return reference.sequence_logprobs(hidden, weight, labels, bias, average, ignore_index)
+    if not REGISTRY[name].fused:
+        return reference_op("sequence_logprobs")(hidden, weight, labels, bias, average, ignore_index)
     targets = _shifted_targets(labels, ignore_index)
     per_token = _token_logprobs_flat(
         hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight, targets.reshape(-1), bias, ignore_index, name, chunk_rows
@@ -93,7 +97,6 @@ def sequence_logprobs(
     return total
 
 
-@torch.compiler.disable
 def compression_loss(hidden, weight, labels, bias=None, ignore_index=-100, *, backend=None, chunk_rows=None):
     """Stage-1 loss: token-mean cross-entropy of the shifted labels, equal to transformers' causal-LM loss.
 
@@ -108,16 +111,19 @@ def compression_loss(hidden, weight, labels, bias=None, ignore_index=-100, *, ba
     checks.check_sequences(hidden, weight, labels, bias, ignore_index)
     checks.check_chunk_rows(chunk_rows)
     name = resolve_backend(backend, hidden.device)
-    if name == "reference":
-        return reference.compression_loss(hidden, weight, labels, bias, ignore_index)
-    targets = _shifted_targets(labels, ignore_index)
-    per_token = _token_logprobs_flat(
-        hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight, targets.reshape(-1), bias, ignore_index, name, chunk_rows
+    if not REGISTRY[name].fused:
+        return reference_op("compression_loss")(hidden, weight, labels, bias, ignore_index)
+    targets = _shifted_targets(labels, ignore_index).reshape(-1)
+    # The per-row scale of the loss is known now, so every gradient (the head's too) comes out of this pass.
+    valid = targets != ignore_index
+    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    row_scale = valid.to(compute) / -valid.sum().clamp(min=1).to(compute)
+    return _token_logprobs_flat(
+        hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight, targets, bias, ignore_index, name, chunk_rows,
+        row_scale,
     )
-    return -per_token.sum() / (targets != ignore_index).sum().clamp(min=1)
 
 
-@torch.compiler.disable
 def conditional_kl(
     hidden_p, hidden_q, weight, labels, bias=None, reduction="sum", ignore_index=-100, *, backend=None, chunk_rows=None
 ):
@@ -150,22 +156,20 @@ def conditional_kl(
         )
     checks.check_same_device(hidden_p=hidden_p, hidden_q=hidden_q)
     name = resolve_backend(backend, hidden_p.device)
-    if name == "reference":
-        return reference.conditional_kl(hidden_p, hidden_q, weight, labels, bias, reduction, ignore_index)
+    if not REGISTRY[name].fused:
+        return reference_op("conditional_kl")(hidden_p, hidden_q, weight, labels, bias, reduction, ignore_index)
     valid = (_shifted_targets(labels, ignore_index) != ignore_index).reshape(-1)
-    kl_epilogue = epilogues(name).kl
-
-    def epilogue(logits, rows, grad_scale, grad_outs):
-        return kl_epilogue(logits[0], logits[1], valid[rows], grad_scale, *grad_outs)
-
     size = hidden_p.shape[-1]
-    per_position = LinearStreamsFunction.apply(
-        epilogue,
-        chunk_rows,
+    per_position = fused_streams(
+        "kl",
+        [hidden_p.reshape(-1, size).contiguous(), hidden_q.reshape(-1, size).contiguous()],
         weight,
         bias,
-        hidden_p.reshape(-1, size).contiguous(),
-        hidden_q.reshape(-1, size).contiguous(),
+        valid,
+        ignore_index,
+        name,
+        chunk_rows,
+        _compact(hidden_p.device),
     ).reshape(labels.shape)  # position t: the distributions predicting labels[:, t + 1]
     if reduction == "none":
         return torch.cat([per_position.new_zeros(labels.shape[0], 1), per_position[:, :-1]], dim=1)

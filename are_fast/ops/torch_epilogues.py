@@ -7,8 +7,9 @@ be the low-precision view of the first half of each logits row's bytes that
 ``are_fast.ops.head_matmuls.HeadMatmuls.gradient_out`` makes, and the logits are then left undefined). The
 gradient output is how a low-precision head gets its gradient in the dtype of the next matmul without a
 separate cast pass. These PyTorch epilogues cannot write such an overlapping view row by row, so they
-compute the gradient in place and stage it through one temporary (``store_gradient``). The Triton kernels in ``are_fast.kernels`` implement the same two functions with the same
-signatures, so the chunk driver in ``are_fast.ops.chunked`` serves every backend.
+compute the gradient in place and stage it through one temporary (``store_gradient``). The Triton kernels in
+``are_fast.kernels`` implement the same two functions with the same signatures, so the chunk driver in
+``are_fast.ops.chunked`` serves every backend.
 """
 from __future__ import annotations
 
@@ -42,15 +43,23 @@ def logprob_epilogue(
     valid = targets != ignore_index
     in_range = (targets >= 0) & (targets < vocab)
     safe = torch.where(in_range, targets, 0).unsqueeze(1)
-    lse = torch.logsumexp(logits, dim=1)
-    picked = logits.gather(1, safe).squeeze(1) - lse
+    log_probs = _log_softmax_in_place(logits) if grad_scale is not None else torch.log_softmax(logits, dim=1)
+    picked = log_probs.gather(1, safe).squeeze(1)
     logp = torch.where(valid, torch.where(in_range, picked, torch.nan), 0.0)
     if grad_scale is not None:
         scale = torch.where(valid & in_range, grad_scale.to(logits.dtype), 0.0).unsqueeze(1)
-        logits.sub_(lse.unsqueeze(1)).exp_().mul_(-scale)  # -scale * softmax, in place
+        torch.exp(log_probs, out=logits).mul_(-scale)  # -scale * softmax, in place of the logits
         logits.scatter_add_(1, safe, scale)
         store_gradient(logits, grad_out)
     return logp
+
+
+def _log_softmax_in_place(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax over rows, written over ``logits`` on CPU (ATen's row kernel reads each row before writing
+    it): no [C, V] temporary; elsewhere a new tensor. Only where the logits become the gradient anyway."""
+    if logits.device.type == "cpu":
+        return torch.log_softmax(logits, dim=1, out=logits)
+    return torch.log_softmax(logits, dim=1)
 
 
 def kl_epilogue(
@@ -68,17 +77,19 @@ def kl_epilogue(
     [C]. With grad_scale g: logits_p becomes g * p * ((a - b) - sum_v p_v (a_v - b_v)), which
     equals g * p * (log p - log q - KL), and logits_q becomes g * (q - p).
     """
-    # ATen's fused log_softmax, and KL as sum p (log p - log q): no cancellation between two log-sum-exps.
-    log_ratio = torch.log_softmax(logits_p, dim=1)
-    log_q = torch.log_softmax(logits_q, dim=1)
-    torch.exp(log_ratio, out=logits_p)  # p, in place
-    log_ratio.sub_(log_q)
-    per_row = torch.linalg.vecdot(logits_p, log_ratio)  # without a [C, V] temporary
-    kl = torch.where(valid, per_row, 0.0)
-    if grad_scale is not None:
-        scale = torch.where(valid, grad_scale.to(logits_p.dtype), 0.0).unsqueeze(1)
-        torch.exp(log_q, out=logits_q).sub_(logits_p).mul_(scale)  # g * (q - p)
-        logits_p.mul_(log_ratio.sub_(per_row.unsqueeze(1))).mul_(scale)  # g * p * (log p/q - KL)
-        store_gradient(logits_p, grad_out_p)
-        store_gradient(logits_q, grad_out_q)
-    return kl
+    # ATen's fused log_softmax (in place on CPU), and KL as sum p (log p - log q): no cancellation between two
+    # log-sum-exps; one [C, V] temporary (log p - log q).
+    if grad_scale is None:  # values only: the logits stay as they are
+        log_p, log_q = torch.log_softmax(logits_p, dim=1), torch.log_softmax(logits_q, dim=1)
+        return torch.where(valid, torch.linalg.vecdot(log_p.exp(), log_p - log_q), 0.0)
+    log_p = _log_softmax_in_place(logits_p)
+    log_q = _log_softmax_in_place(logits_q)
+    log_ratio = log_p - log_q
+    p = torch.exp(log_p, out=logits_p)  # in place
+    per_row = torch.linalg.vecdot(p, log_ratio)  # without a [C, V] temporary
+    scale = torch.where(valid, grad_scale.to(logits_p.dtype), 0.0).unsqueeze(1)
+    torch.exp(log_q, out=logits_q).sub_(p).mul_(scale)  # g * (q - p)
+    p.mul_(log_ratio.sub_(per_row.unsqueeze(1))).mul_(scale)  # g * p * (log p/q - KL)
+    store_gradient(logits_p, grad_out_p)
+    store_gradient(logits_q, grad_out_q)
+    return torch.where(valid, per_row, 0.0)

@@ -1,0 +1,89 @@
+"""The fused ops under torch.compile(fullgraph=True): one custom-op node each, no graph break, the same values
+and gradients as eager; and torch.library.opcheck of the custom op's schema, fake and autograd registrations."""
+import pytest
+import torch
+
+import are_fast
+from are_fast.ops import autograd as op_autograd
+from _helpers import assert_rel_close
+
+B, T, H, V = 2, 7, 16, 61
+IGNORE = -100
+
+
+class AllOps(torch.nn.Module):
+    """A module that calls every fused op on shared inputs, as a training step would."""
+
+    def __init__(self, trainable: bool):
+        super().__init__()
+        self.head = torch.nn.Parameter(torch.randn(V, H) / H**0.5, requires_grad=trainable)
+        self.proj = torch.nn.Linear(H, H)
+
+    def forward(self, hidden, hidden_q, labels):
+        h = self.proj(hidden)
+        return (
+            are_fast.compression_loss(h, self.head, labels, backend="chunked")
+            + are_fast.sequence_logprobs(h, self.head, labels, backend="chunked").sum() * 0.3
+            + are_fast.token_logprobs(h, self.head, labels, backend="chunked").mean()
+            + are_fast.conditional_kl(h, hidden_q, self.head, labels, reduction="mean", backend="chunked").sum()
+        )
+
+
+def _inputs():
+    labels = torch.randint(0, V, (B, T))
+    labels[:, :2] = IGNORE
+    labels[0, 4] = IGNORE
+    return torch.randn(B, T, H), torch.randn(B, T, H, requires_grad=True), labels
+
+
+@pytest.mark.parametrize("head", ["frozen", "trainable"])
+def test_fullgraph_compile_matches_eager(head):
+    torch._dynamo.reset()
+    module = AllOps(head == "trainable")
+    hidden, hidden_q, labels = _inputs()
+    eager = module(hidden, hidden_q, labels)
+    params = [p for p in module.parameters() if p.requires_grad] + [hidden_q]
+    eager_grads = torch.autograd.grad(eager, params)
+    compiled = torch.compile(module, fullgraph=True, backend="inductor" if head == "frozen" else "aot_eager")
+    out = compiled(hidden, hidden_q, labels)
+    grads = torch.autograd.grad(out, params)
+    assert_rel_close(out, eager, torch.float32, "compiled value")
+    for g, e in zip(grads, eager_grads):
+        assert_rel_close(g, e, torch.float32, "compiled gradient")
+
+
+def test_compiled_label_check_still_raises():
+    """The label-range check moves into the op under torch.compile: a bad label still gives a ValueError."""
+    torch._dynamo.reset()
+    module = AllOps(False)
+    hidden, hidden_q, labels = _inputs()
+    labels[1, 3] = V + 5
+    with pytest.raises(ValueError, match="labels must lie in"):
+        torch.compile(module, fullgraph=True, backend="aot_eager")(hidden, hidden_q, labels)
+
+
+def _op_args(mode, kind="logprob"):
+    hidden = torch.randn(9, H, dtype=torch.float64, requires_grad=True)
+    hidden_q = torch.randn(9, H, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, dtype=torch.float64, requires_grad=mode in ("scalar", "recompute"))
+    labels = torch.randint(0, V, (9,))
+    labels[::3] = IGNORE
+    hiddens = [hidden] if kind == "logprob" else [hidden, hidden_q]
+    if kind == "kl":
+        labels = labels != IGNORE
+    row_scale = torch.rand(9, dtype=torch.float64) if mode == "scalar" else None
+    train = mode in ("scalar", "recompute")
+    return (kind, hiddens, weight, None, labels, row_scale, IGNORE, "chunked", 4, True, mode,
+            [True] * len(hiddens), train, False, False)
+
+
+@pytest.mark.parametrize("mode", ["values", "rescale", "scalar", "recompute"])
+@pytest.mark.parametrize("kind", ["logprob", "kl"])
+def test_opcheck_linear_streams(mode, kind):
+    args = _op_args(mode, kind)
+    if mode == "values":
+        args = args[:11] + ([False] * len(args[1]), False, False, False)
+        for h in args[1]:
+            h.requires_grad_(False)
+    with op_autograd.allow_retain_graph():  # opcheck runs the backward more than once
+        torch.library.opcheck(op_autograd.linear_streams, args)
