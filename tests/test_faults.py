@@ -279,7 +279,7 @@ def test_full_disk_messages_name_what_is_kept(world, tmp_path, capsys, monkeypat
            "No space left on device (os error 28); no checkpoint was written yet; rerun the same command to resume")
     monkeypatch.undo()
 
-    def export_fails(self, path):
+    def export_fails(self, path, **kwargs):
         raise os_error(errno.ENOSPC, str(path))
 
     monkeypatch.setattr(Compressor, "save_pretrained", export_fails)

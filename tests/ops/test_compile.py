@@ -74,7 +74,7 @@ def _op_args(mode, kind="logprob"):
     row_scale = torch.rand(9, dtype=torch.float64) if mode == "scalar" else None
     train = mode in ("scalar", "recompute")
     return (kind, hiddens, weight, None, labels, row_scale, IGNORE, "chunked", 4, True, mode,
-            [True] * len(hiddens), train, False, False)
+            [True] * len(hiddens), train, False, False, None)
 
 
 @pytest.mark.parametrize("mode", ["values", "rescale", "scalar", "recompute"])
@@ -82,7 +82,7 @@ def _op_args(mode, kind="logprob"):
 def test_opcheck_linear_streams(mode, kind):
     args = _op_args(mode, kind)
     if mode == "values":
-        args = args[:11] + ([False] * len(args[1]), False, False, False)
+        args = args[:11] + ([False] * len(args[1]), False, False, False, None)
         for h in args[1]:
             h.requires_grad_(False)
     with op_autograd.allow_retain_graph():  # opcheck runs the backward more than once
