@@ -111,6 +111,8 @@ def linear_streams(
     hidden gradients (one per stream, [N, H]; shape [0] where not computed), weight gradient [V, H] and bias
     gradient [V] (shape [0] where not computed). Gradients are computed in the forward only in the "rescale"
     (unit scale) and "scalar" (scale ``row_scale`` [N]) modes."""
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
     if check_labels and kind == "logprob":  # the public op's check, moved here when it was traced by torch.compile
         checks.check_label_range("labels", labels, weight.shape[0], ignore_index)
     in_forward = mode in ("rescale", "scalar")
