@@ -115,6 +115,8 @@ def linear_streams(
     gradient [V] (shape [0] where not computed). Gradients are computed in the forward only in the "rescale"
     (unit scale) and "scalar" (scale ``row_scale`` [N]) modes. operand_dtype: the matmuls' operand dtype
     (autocast's, read by the caller outside the op; None: the head's)."""
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
     if check_labels and kind == "logprob":  # the public op's check, moved here when it was traced by torch.compile
         checks.check_label_range("labels", labels, weight.shape[0], ignore_index)
     in_forward = mode in ("rescale", "scalar")
