@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 _PARSERS: dict = {}
 _REQUIRED = {
@@ -37,10 +38,43 @@ def _model_options(p) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of initialization and data order (default 0)")
 
 
+def _runtime_options(p, threads: int | None = None, log_interval: float = 30.0) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available; under torchrun "
+                   "each process takes cuda:LOCAL_RANK)")
+    g.add_argument("--threads", type=int, default=threads,
+                   help=f"torch CPU threads (default {threads or 'torch: all cores'}); "
+                   "fewer when other processes share the cores")
+    g.add_argument("--log-interval", type=float, default=log_interval,
+                   help=f"seconds between two progress lines when the output is not a terminal (default {log_interval:g})")
+
+
+def _eval_options(p, stage2: bool) -> None:
+    g = p.add_argument_group("held-out evaluation")
+    kind = "stage-2 rows: alignment loss and triplet accuracy" if stage2 else "stage-1 rows: compression loss"
+    g.add_argument("--eval-data", default=None, help=f"held-out file in the --data format ({kind})")
+    g.add_argument("--eval-fraction", type=float, default=0.0,
+                   help="else hold out this fraction of --data (chosen with --seed); 0: none (default)")
+    if not stage2:
+        g.add_argument("--eval-triplets", default=None,
+                       help="stage-2 rows {query, pos, neg, instruction}: also track triplet accuracy during stage 1")
+    g.add_argument("--eval-steps", type=int, default=0,
+                   help="evaluate every N steps; 0: before training and at the end only (default 0)")
+    g.add_argument("--eval-batch-size", type=int, default=32, help="rows per evaluation batch (default 32)")
+    g.add_argument("--best-metric", default=None, choices=["eval_loss", "eval_acc_hard", "eval_acc_random"],
+                   help="keep the best evaluation's weights in <output-dir>/best and export them as model/ "
+                   "(default: export the last step)")
+    g.add_argument("--tensorboard", dest="tensorboard", action="store_true", default=None,
+                   help="write TensorBoard events to <output-dir>/tensorboard (default: when tensorboard is installed)")
+    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard events")
+
+
 def _train_options(p) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--output-dir", default=None, help="run directory: checkpoints, loss.jsonl, model/ (required)")
-    g.add_argument("--max-steps", type=int, default=100, help="optimizer steps (default 100)")
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default 100 unless --epochs)")
+    g.add_argument("--epochs", type=float, default=None,
+                   help="passes over the data instead of --max-steps (fractions allowed); not with --max-steps")
     g.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch per process (default 8)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of AdamW (default 1e-4)")
@@ -54,7 +88,8 @@ def _train_options(p) -> None:
     g.add_argument("--no-bf16", dest="bf16", action="store_false", help="no bf16 autocast")
     g.add_argument("--bucket-window", type=int, default=32, help="batches per length-sorted window (default 32)")
     g.add_argument("--fsdp", action="store_true", help="shard the models with FSDP2 (CUDA + NCCL, under torchrun)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress (default: a bar on a terminal, else a line every --log-interval seconds)")
 
 
 def _data_options(p, stage2: bool) -> None:
@@ -73,7 +108,7 @@ def add_training_commands(subparsers) -> None:
                               description="Train the compressor to let the frozen base LM reconstruct each row's output.")
     p.add_argument("--config", default=None, help=config_help)
     p.add_argument("--base-model", default=None, help="base causal LM directory: compressor start and frozen decoder (required)")
-    _data_options(p, False), _model_options(p), _train_options(p)
+    _data_options(p, False), _model_options(p), _train_options(p), _eval_options(p, False), _runtime_options(p)
     _PARSERS["stage1"] = p
 
     p = subparsers.add_parser("ref-scores", help="reference scores of stage-2 rows under the stage-1 model",
@@ -83,8 +118,9 @@ def add_training_commands(subparsers) -> None:
     p.add_argument("--base-model", default=None, help="base causal LM directory, the frozen decoder (required)")
     p.add_argument("--output", default=None, help="score file to write (.safetensors) (required)")
     p.add_argument("--batch-size", type=int, default=32, help="rows per batch (default 32)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    _data_options(p, True), _model_options(p)
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress (default: a bar on a terminal, else a line every --log-interval seconds)")
+    _data_options(p, True), _model_options(p), _runtime_options(p)
     _PARSERS["ref-scores"] = p
 
     p = subparsers.add_parser("stage2", help="stage 2: conditional distribution alignment",
@@ -99,7 +135,7 @@ def add_training_commands(subparsers) -> None:
                    help="+1 adds the reference margin as released (default); -1 subtracts it (DPO-consistent)")
     p.add_argument("--distance", default="logprob", choices=["logprob", "kl"],
                    help="logprob: |log p(pos|c(q)) - log p(pos|c(pos))| as released (default); kl: conditional KL")
-    _data_options(p, True), _model_options(p), _train_options(p)
+    _data_options(p, True), _model_options(p), _train_options(p), _eval_options(p, True), _runtime_options(p)
     _PARSERS["stage2"] = p
 
     from .main_job import MainJobConfig
@@ -115,14 +151,16 @@ def add_training_commands(subparsers) -> None:
                             ("stage2_rows", "generated stage-2 rows"), ("eval_rows", "held-out evaluation rows"),
                             ("num_negatives", "negatives per stage-2 row"), ("pretrain_steps", "LM pretraining steps"),
                             ("stage1_steps", "stage-1 steps"), ("stage2_steps", "stage-2 steps"),
-                            ("batch_size", "rows per batch"), ("seed", "seed"), ("threads", "torch CPU threads")):
+                            ("eval_steps", "held-out evaluation every N steps of stages 1 and 2"),
+                            ("batch_size", "rows per batch"), ("seed", "seed")):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name),
                        help=f"{help_text} (default {getattr(d, name)})")
     for name, help_text in (("stage1_lr", "stage-1 learning rate"), ("stage2_lr", "stage-2 learning rate"),
                             ("beta", "alignment beta"), ("tau", "alignment tau")):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name),
                        help=f"{help_text} (default {getattr(d, name)})")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars or lines")
+    _runtime_options(p, threads=d.threads, log_interval=d.log_interval)
     _PARSERS["main"] = p
 
 
@@ -161,6 +199,11 @@ def parse_training_args(command: str, argv) -> argparse.Namespace:
     missing = [name for name in _REQUIRED[command] if getattr(args, name) is None]
     if missing:
         parser.error("missing " + ", ".join("--" + m.replace("_", "-") for m in missing) + " (a flag or a --config key)")
+    if command in ("stage1", "stage2"):
+        if args.epochs is not None and args.max_steps is not None:
+            parser.error("--epochs and --max-steps: give one of them (the number of steps follows from --epochs)")
+        if args.max_steps is None:
+            args.max_steps = 100
     return args
 
 
@@ -174,14 +217,21 @@ def _pick(cls, args, **renames):
 
 def run_training_command(args: argparse.Namespace) -> int:
     """Run a parsed training subcommand; bad input prints one clear line and returns 2."""
+    import torch
     import transformers
 
     from .training.jobs import ModelOptions, run_reference_scores, run_stage1, run_stage2
+    from .training.reporting import run_summary
     from .training.trainer import TrainConfig
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    start = time.perf_counter()
     try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"threads: expected at least 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
         if args.command == "main":
             from .main_job import MainJobConfig, run_main_job
 
@@ -189,16 +239,31 @@ def run_training_command(args: argparse.Namespace) -> int:
             return 0
         opts = _pick(ModelOptions, args)
         if args.command == "stage1":
-            run_stage1(args.data, args.base_model, _pick(TrainConfig, args), opts, args.instruction)
+            run_stage1(args.data, args.base_model, _pick(TrainConfig, args), opts, args.instruction, _held_out(args))
         elif args.command == "ref-scores":
-            run_reference_scores(args.data, args.model, args.base_model, args.output, args.num_negatives, opts,
-                                 args.batch_size, args.instruction, args.progress)
+            ref_p, _, _ = run_reference_scores(args.data, args.model, args.base_model, args.output, args.num_negatives,
+                                               opts, args.batch_size, args.instruction, args.progress, args.device,
+                                               args.log_interval)
         else:
             run_stage2(args.data, args.scores, args.model, args.base_model, _pick(TrainConfig, args), opts,
-                       args.num_negatives, args.beta, args.tau, args.ref_sign, args.distance, args.instruction)
+                       args.num_negatives, args.beta, args.tau, args.ref_sign, args.distance, args.instruction,
+                       _held_out(args))
     except ValueError as err:
         print(f"are-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
-    if args.command != "ref-scores" and (os.environ.get("RANK", "0") == "0"):
-        print(f"model written to {os.path.join(args.output_dir, 'model')}")
+    if os.environ.get("RANK", "0") == "0":
+        if args.command == "ref-scores":
+            seconds = time.perf_counter() - start
+            print(f"are-fast ref-scores: done - {len(ref_p)} rows scored in {seconds:.0f} s "
+                  f"({len(ref_p) / seconds:.0f} rows/s)\n  {'scores':<15} {os.path.abspath(args.output)}")
+        else:
+            print(run_summary(f"are-fast {args.command}", args.output_dir,
+                              {"model": os.path.join(args.output_dir, "model")}))
     return 0
+
+
+def _held_out(args):
+    from .training.evaluate import HeldOut
+
+    return _pick(HeldOut, args, data="eval_data", fraction="eval_fraction", triplets="eval_triplets",
+                 batch_size="eval_batch_size")

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from ..data import load_stage1, load_stage2, stage1_items, stage2_items
 from ..model import Compressor, FrozenDecoder, Stage1Model, Stage2Model
 from ..model.layout import flash_attention_available
+from .evaluate import HeldOut, load_triplets, stage1_evaluator, stage2_evaluator
 from .refscores import compute_reference_scores, load_reference_scores, save_reference_scores
 from .trainer import Trainer, TrainConfig, setup_distributed
 
@@ -66,34 +67,43 @@ def _say(message: str) -> None:
         print(message, flush=True)
 
 
-def run_stage1(data: str, base_model: str, train: TrainConfig, opts: ModelOptions, instruction: str | None = None):
-    """Information compression from ``base_model``; writes ``<output_dir>/model``. Returns (records, report)."""
+def run_stage1(data: str, base_model: str, train: TrainConfig, opts: ModelOptions, instruction: str | None = None,
+               held_out: HeldOut | None = None):
+    """Information compression from ``base_model``; writes ``<output_dir>/model``. Returns (records, report).
+    ``held_out``: rows for the held-out loss (and triplets for triplet accuracy) every ``train.eval_steps``."""
     rows, report = load_stage1(data, instruction)
     if not rows:
         raise ValueError(f"data: no usable stage-1 row in {data!r} ({report.summary()})")
-    device, _, _ = setup_distributed()
+    held_out = held_out or HeldOut()
+    rows, eval_rows = held_out.split(rows, lambda path: load_stage1(path, instruction), train.seed)
+    triplets = load_triplets(held_out.triplets, instruction) if held_out.triplets else None
+    device, _, _ = setup_distributed(train.device)
     compressor, decoder = build_models(base_model, base_model, opts, device)
     items = stage1_items(rows, compressor, decoder, report)
     _say(report.summary())
-    records = Trainer(Stage1Model(compressor, decoder, opts.backend), items, train).train()
+    objective = Stage1Model(compressor, decoder, opts.backend)
+    evaluator = stage1_evaluator(objective, eval_rows, triplets, held_out.batch_size, train.seed) \
+        if eval_rows or triplets else None
+    records = Trainer(objective, items, train, evaluator).train()
     _export(compressor, os.path.join(train.output_dir, "model"))
     return records, report
 
 
 def run_reference_scores(data: str, model: str, base_model: str, output: str, num_negatives: int,
-                         opts: ModelOptions, batch_size: int = 32, instruction: str | None = None, progress=True):
+                         opts: ModelOptions, batch_size: int = 32, instruction: str | None = None, progress=True,
+                         device: str | None = None, log_interval: float = 30.0):
     """Score every stage-2 row with the stage-1 ``model`` and the frozen ``base_model``; write ``output``."""
     rows, report = load_stage2(data, num_negatives, instruction)
     if not rows:
         raise ValueError(f"data: no usable stage-2 row in {data!r} ({report.summary()})")
-    device, rank, world = setup_distributed()
+    device, rank, world = setup_distributed(device)
     compressor, decoder = build_models(model, base_model, opts, device)
     stage2_items(rows, compressor, decoder, report)  # counts truncations for the report
     _say(report.summary())
     compressor.eval()
     mine = list(range(rank, len(rows), world))  # under torchrun each process scores every world-th row
     ref_p, ref_n = compute_reference_scores(compressor, decoder, [rows[i] for i in mine], batch_size, opts.backend,
-                                            progress and rank == 0)
+                                            progress and rank == 0, log_interval)
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, (mine, ref_p, ref_n))
@@ -109,18 +119,26 @@ def run_reference_scores(data: str, model: str, base_model: str, output: str, nu
 
 def run_stage2(data: str, scores: str, model: str, base_model: str, train: TrainConfig, opts: ModelOptions,
                num_negatives: int, beta: float = 0.1, tau: float = 0.1, ref_sign: float = 1.0,
-               distance: str = "logprob", instruction: str | None = None):
-    """Conditional distribution alignment from the stage-1 ``model`` (decoder: ``base_model``)."""
+               distance: str = "logprob", instruction: str | None = None, held_out: HeldOut | None = None):
+    """Conditional distribution alignment from the stage-1 ``model`` (decoder: ``base_model``). ``held_out``:
+    rows for the held-out loss and triplet accuracy every ``train.eval_steps``."""
     rows, report = load_stage2(data, num_negatives, instruction)
     if not rows:
         raise ValueError(f"data: no usable stage-2 row in {data!r} ({report.summary()})")
+    held_out = held_out or HeldOut()
+    if held_out.triplets:
+        raise ValueError("eval_triplets: stage 2 evaluates triplet accuracy on its own held-out rows (eval_data or "
+                         "eval_fraction)")
+    rows, eval_rows = held_out.split(rows, lambda path: load_stage2(path, num_negatives, instruction), train.seed)
     by_id = load_reference_scores(scores, rows)
-    device, _, _ = setup_distributed()
+    device, _, _ = setup_distributed(train.device)
     compressor, decoder = build_models(model, base_model, opts, device)
     items = stage2_items(rows, compressor, decoder, report, by_id)
     _say(report.summary())
     objective = Stage2Model(compressor, decoder, beta=beta, tau=tau, ref_sign=ref_sign, distance=distance,
                             backend=opts.backend)
-    records = Trainer(objective, items, train).train()
+    evaluator = stage2_evaluator(objective, eval_rows, held_out.batch_size, train.seed, opts.backend) \
+        if eval_rows else None
+    records = Trainer(objective, items, train, evaluator).train()
     _export(compressor, os.path.join(train.output_dir, "model"))
     return records, report
