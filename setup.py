@@ -51,11 +51,12 @@ setup(
         "ninja",  # the just-in-time build of the optional native epilogues
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "pyarrow", "peft"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pyarrow", "peft", "tensorboard"],
         "parquet": ["pyarrow"],
         "lora": ["peft"],
         "bench": ["pytest-benchmark>=4", "liger-kernel", "cut-cross-entropy"],
         "flash": ["flash-attn"],
+        "tensorboard": ["tensorboard"],  # event files of training runs (without it, loss.jsonl only)
     },
     entry_points={"console_scripts": ["are-fast=are_fast.cli:main"]},
     **native_build(),

@@ -65,7 +65,7 @@ def plot_main_job(losses: dict, evals: dict, out: str) -> None:
     ax.set_xlabel("optimizer step (stage 1, then stage 2)")
     ax.set_ylabel("cos(q, pos) > cos(q, neg)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
