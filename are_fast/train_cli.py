@@ -42,9 +42,9 @@ def _runtime_options(p, threads: int | None = None, log_interval: float = 30.0) 
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available; under torchrun "
                    "each process takes cuda:LOCAL_RANK)")
+    default = threads or "torch's choice, usually all cores"
     g.add_argument("--threads", type=int, default=threads,
-                   help=f"torch CPU threads (default {threads or 'torch: all cores'}); "
-                   "fewer when other processes share the cores")
+                   help=f"torch CPU threads (default {default}); give fewer when other processes share the cores")
     g.add_argument("--log-interval", type=float, default=log_interval,
                    help=f"seconds between two progress lines when the output is not a terminal (default {log_interval:g})")
 
