@@ -3,19 +3,14 @@ held-out triplet accuracy through stage 1 and stage 2 against hard and random ne
 from __future__ import annotations
 
 
-def smooth(values, weight: float) -> list[float]:
-    """TensorBoard's smoothing: an exponential moving average, debiased so that the first points are not pulled
-    toward 0. ``weight`` in [0, 1): 0 keeps ``values``; 0.9 averages over about the last 10 points."""
-    out, average = [], 0.0
-    for i, value in enumerate(values, 1):
-        average = weight * average + (1 - weight) * value
-        out.append(average / (1 - weight ** i))
+def smooth(values, window: int) -> list[float]:
+    """A centered moving average over ``window`` points (fewer at the ends): no lag behind a falling loss,
+    unlike an exponential average. ``window`` 1 keeps ``values``."""
+    half, out = window // 2, []
+    for i in range(len(values)):
+        part = values[max(0, i - half): i + half + 1]
+        out.append(sum(part) / len(part))
     return out
-
-
-def _weight(count: int) -> float:
-    """A smoothing weight that averages over about 1/15 of a curve's points."""
-    return max(0.0, 1.0 - 15.0 / count) if count > 15 else 0.0
 
 
 def plot_main_job(losses: dict, evals: dict, out: str) -> None:
@@ -34,7 +29,7 @@ def plot_main_job(losses: dict, evals: dict, out: str) -> None:
     for ax, (title, (train, held)) in zip(axes, losses.items()):
         steps, values = [r["step"] for r in train], [r["loss"] for r in train]
         ax.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=0.8, label="training loss")
-        ax.plot(steps, smooth(values, _weight(len(values))), color="tab:blue", linewidth=2, label="smoothed")
+        ax.plot(steps, smooth(values, max(1, len(values) // 15)), color="tab:blue", linewidth=2, label="smoothed")
         held = [r for r in held if "eval_loss" in r]
         if held:
             ax.plot([r["step"] for r in held], [r["eval_loss"] for r in held], "o-", color="tab:orange",
@@ -57,7 +52,7 @@ def plot_main_job(losses: dict, evals: dict, out: str) -> None:
     start = 0
     for end, name in ends:
         ax.axvline(end, color="gray", linewidth=0.8)
-        ax.text((start + end) / 2, 0.02, name, ha="center", fontsize=9)
+        ax.text((start + end) / 2, 0.03, name, ha="center", fontsize=9)
         start = end
     ax.axhline(0.5, color="gray", linestyle="--", linewidth=0.8, label="chance")
     ax.set_ylim(0, 1.02)
@@ -65,7 +60,7 @@ def plot_main_job(losses: dict, evals: dict, out: str) -> None:
     ax.set_xlabel("optimizer step (stage 1, then stage 2)")
     ax.set_ylabel("cos(q, pos) > cos(q, neg)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 0.08))
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -39,8 +39,8 @@ def test_main_job_runs_every_step(tmp_path, capsys):
         assert json.load(f)["triplet_accuracy"] == acc
 
 
-def test_smoothing_is_a_debiased_moving_average():
-    assert smooth([3.0, 1.0, 2.0], 0.0) == [3.0, 1.0, 2.0]
-    assert smooth([2.0] * 5, 0.9) == [pytest.approx(2.0)] * 5  # no pull toward 0 at the start
-    values = smooth([0.0] * 10 + [1.0] * 10, 0.8)
-    assert values[9] == 0.0 and 0.0 < values[10] < values[19] < 1.0  # lags a step, then follows
+def test_smoothing_is_a_centered_moving_average():
+    assert smooth([3.0, 1.0, 2.0], 1) == [3.0, 1.0, 2.0]
+    assert smooth([3.0, 1.0, 2.0, 6.0], 3) == [2.0, 2.0, 3.0, 4.0]  # fewer points at the ends
+    values = smooth([float(i) for i in range(10)], 5)
+    assert values[2:8] == [2.0, 3.0, 4.0, 5.0, 6.0, 7.0]  # no lag on a trend
