@@ -39,12 +39,12 @@ class MainJobConfig:
     stage2_rows: int = 1000
     eval_rows: int = 200
     num_negatives: int = 2
-    pretrain_steps: int = 200
+    pretrain_steps: int = 500  # the LM must learn the restatements well before stage 1 can use them
     stage1_steps: int = 250
     stage2_steps: int = 300
     batch_size: int = 32
     stage1_lr: float = 5e-3
-    stage2_lr: float = 4e-3
+    stage2_lr: float = 1e-3
     beta: float = 0.1
     tau: float = 0.1
     eval_steps: int = 100  # held-out evaluation every N steps of stages 1 and 2 (and before, and at the end)
