@@ -2,11 +2,11 @@
 
 A tiny Llama (from a config), transformers' ByT5Tokenizer (bytes, no files) and the generated paraphrase
 data of ``are_fast.toy``. AutoRegEmbed starts from a pretrained LM, so step 0 pretrains the tiny LM on the
-toy restatement pairs "context = output" (causal-LM loss through the fused ``compression_loss``, trainable head); then stage 1
-(information compression) -> reference scores -> stage 2 (conditional distribution alignment). Both stages
-evaluate held-out rows every ``eval_steps`` (and before and at the end): the stage's loss and triplet accuracy
-against two kinds of negatives: hard ones (the query's words with one slot's meaning changed) and random ones
-(other held-out rows' texts). Writes the models, data, scores, ``loss.jsonl`` per stage, ``loss_curves.png``
+toy restatement pairs "context = output" (causal-LM loss through the fused ``compression_loss``, trainable
+head); then stage 1 (information compression) -> reference scores -> stage 2 (conditional distribution
+alignment). Both stages evaluate held-out rows every ``eval_steps`` (and before and at the end): the stage's
+loss and triplet accuracy against two kinds of negatives: hard ones (the query's words with one slot's meaning
+changed) and random ones (other held-out rows' texts). Writes the models, data, scores, ``loss.jsonl`` per stage, ``loss_curves.png``
 (``are_fast.plots``) and ``summary.json`` under the output directory, and prints a summary. A rerun resumes
 from the checkpoints it finds there.
 """
