@@ -52,13 +52,15 @@ setup(
     ],
     extras_require={
         # The test extra holds every optional integration, so CI tests them all (none is skipped).
-        "test": ["pytest>=8", "pytest-benchmark>=4", "pyarrow", "peft", "sentence-transformers>=6,<7", "mteb>=2,<3"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pyarrow", "peft", "sentence-transformers>=6,<7", "mteb>=2,<3",
+                 "tensorboard"],
         "parquet": ["pyarrow"],
         "st": ["sentence-transformers>=6,<7"],  # SentenceTransformer(path); 6.x passes the prompt to our module
         "mteb": ["mteb>=2,<3"],  # mteb.evaluate(encoder.for_mteb(...), tasks)
         "lora": ["peft"],
         "bench": ["pytest-benchmark>=4", "liger-kernel", "cut-cross-entropy"],
         "flash": ["flash-attn"],
+        "tensorboard": ["tensorboard"],  # event files of training runs (without it, loss.jsonl only)
     },
     entry_points={"console_scripts": ["are-fast=are_fast.cli:main"]},
     **native_build(),

@@ -53,6 +53,8 @@ def _add_encode(subparsers) -> None:
                      help="token budget per batch (default 32768 on CUDA, 8192 on CPU)")
     enc.add_argument("--batch-size", type=POSITIVE_INT, default=None, help="cap on texts per batch (default: none)")
     enc.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    enc.add_argument("--threads", type=POSITIVE_INT, default=None,
+                     help="torch CPU threads (default: torch's choice, all cores); give 1-2 when other processes share the cores")
     enc.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                      help="model dtype (default bfloat16 on CUDA, float32 on CPU); embeddings are saved in float32")
     enc.add_argument("--no-normalize", dest="normalize", action="store_false", help="keep embeddings unnormalized")
@@ -92,6 +94,10 @@ def main(argv=None) -> int:
                      args.repeats)
 
         return run_guarded("demo", demo)
+    import torch
+
     from .encoding.encode_job import JobConfig, run_job
 
-    return run_job(JobConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return run_job(JobConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "threads")}))

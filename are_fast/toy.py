@@ -2,9 +2,11 @@
 generated paraphrase dataset. It drives the main job, the tests and the CPU benchmarks.
 
 The data: each meaning is (size, animal, action, place); every slot has three synonyms ("big", "large",
-"huge"). A query and its positive state one meaning with different synonyms; a hard negative reuses the
-query's exact words but changes one slot's meaning. Surface overlap therefore favours the negative, and only a
-model that learned the synonyms ranks the positive first.
+"huge"). A stage-1 row restates its context with other synonyms in every slot. A stage-2 positive is a
+paraphrase of the query that keeps its content: one slot's word replaced by a synonym. A hard negative keeps
+the query's words but changes one slot's meaning (another animal, action, ...). Both differ from the query in
+exactly one word, so wording alone cannot rank them (the base model is near chance); a model that learned
+which words are synonyms can, and a small one does within the main job's few minutes.
 """
 from __future__ import annotations
 
@@ -52,8 +54,17 @@ def _other_choice(rng, choice):
     return [rng.choice([c for c in range(3) if c != old]) for old in choice]
 
 
+def _one_synonym_changed(rng, choice):
+    """``choice`` with one random slot's synonym replaced by another."""
+    slot = rng.randrange(len(choice))
+    return choice[:slot] + [rng.choice([c for c in range(3) if c != choice[slot]])] + choice[slot + 1:]
+
+
 def triplet_rows(count: int, num_negatives: int = 2, seed: int = 0) -> list[dict]:
-    """Stage-2 rows {id, query, pos, neg: [num_negatives], instruction}: hard negatives change one slot."""
+    """Stage-2 rows {id, query, pos, neg: [num_negatives], instruction}: the positive swaps one word for a
+    synonym; each hard negative changes a different slot's meaning, keeping the query's words elsewhere."""
+    if not 1 <= num_negatives <= len(SLOTS):
+        raise ValueError(f"num_negatives: expected 1 to {len(SLOTS)} (one changed slot each), got {num_negatives}")
     rng = random.Random(seed)
     rows = []
     for i in range(count):
@@ -65,20 +76,9 @@ def triplet_rows(count: int, num_negatives: int = 2, seed: int = 0) -> list[dict
             changed[slot] = rng.choice([m for m in range(len(SLOTS[slot])) if m != meaning[slot]])
             negs.append(_render(changed, choice))
         rows.append({"id": f"t{seed}-{i}", "query": _render(meaning, choice),
-                     "pos": _render(meaning, _other_choice(rng, choice)), "neg": negs,
+                     "pos": _render(meaning, _one_synonym_changed(rng, choice)), "neg": negs,
                      "instruction": STAGE2_INSTRUCTION})
     return rows
-
-
-def with_random_negatives(rows: list[dict], seed: int = 0) -> list[dict]:
-    """The same rows with each negative replaced by another row's query or positive (an easy negative)."""
-    rng = random.Random(seed)
-    out = []
-    for i, row in enumerate(rows):
-        others = [j for j in range(len(rows)) if j != i]
-        negs = [rows[j][rng.choice(("query", "pos"))] for j in rng.sample(others, len(row["neg"]))]
-        out.append({**row, "neg": negs})
-    return out
 
 
 def compression_rows(count: int, seed: int = 0) -> list[dict]:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import time
 
 from .data import DEFAULT_MAX_BAD_FRACTION
 from .errors import run_guarded
@@ -74,10 +75,43 @@ def _model_options(p) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of initialization and data order (default 0)")
 
 
+def _runtime_options(p, threads: int | None = None, log_interval: float = 30.0) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available; under torchrun "
+                   "each process takes cuda:LOCAL_RANK)")
+    default = threads or "torch's choice, usually all cores"
+    g.add_argument("--threads", type=POSITIVE_INT, default=threads,
+                   help=f"torch CPU threads (default {default}); give fewer when other processes share the cores")
+    g.add_argument("--log-interval", type=NONNEGATIVE, default=log_interval,
+                   help=f"seconds between two progress lines when the output is not a terminal (default {log_interval:g})")
+
+
+def _eval_options(p, stage2: bool) -> None:
+    g = p.add_argument_group("held-out evaluation")
+    kind = "stage-2 rows: alignment loss and triplet accuracy" if stage2 else "stage-1 rows: compression loss"
+    g.add_argument("--eval-data", default=None, help=f"held-out file in the --data format ({kind})")
+    g.add_argument("--eval-fraction", type=FRACTION, default=0.0,
+                   help="else hold out this fraction of --data (chosen with --seed); 0: none (default)")
+    if not stage2:
+        g.add_argument("--eval-triplets", default=None,
+                       help="stage-2 rows {query, pos, neg, instruction}: also track triplet accuracy during stage 1")
+    g.add_argument("--eval-steps", type=COUNT, default=0,
+                   help="evaluate every N steps; 0: before training and at the end only (default 0)")
+    g.add_argument("--eval-batch-size", type=POSITIVE_INT, default=32, help="rows per evaluation batch (default 32)")
+    g.add_argument("--best-metric", default=None, choices=["eval_loss", "eval_acc_hard", "eval_acc_random"],
+                   help="keep the best evaluation's weights in <output-dir>/best and export them as model/ "
+                   "(default: export the last step)")
+    g.add_argument("--tensorboard", dest="tensorboard", action="store_true", default=None,
+                   help="write TensorBoard events to <output-dir>/tensorboard (default: when tensorboard is installed)")
+    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard events")
+
+
 def _train_options(p) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--output-dir", default=None, help="run directory: checkpoints, loss.jsonl, model/ (required)")
-    g.add_argument("--max-steps", type=POSITIVE_INT, default=100, help="optimizer steps (default 100)")
+    g.add_argument("--max-steps", type=POSITIVE_INT, default=None, help="optimizer steps (default 100 unless --epochs)")
+    g.add_argument("--epochs", type=POSITIVE, default=None,
+                   help="passes over the data instead of --max-steps (fractions allowed); not with --max-steps")
     g.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="rows per micro-batch per process (default 8)")
     g.add_argument("--grad-accum", type=POSITIVE_INT, default=1, help="micro-batches per optimizer step (default 1)")
     g.add_argument("--lr", type=POSITIVE, default=1e-4, help="peak learning rate of AdamW (default 1e-4)")
@@ -93,7 +127,8 @@ def _train_options(p) -> None:
     g.add_argument("--no-bf16", dest="bf16", action="store_false", help="no bf16 autocast")
     g.add_argument("--bucket-window", type=POSITIVE_INT, default=32, help="batches per length-sorted window (default 32)")
     g.add_argument("--fsdp", action="store_true", help="shard the models with FSDP2 under torchrun (NCCL on GPU, gloo on CPU)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress (default: a bar on a terminal, else a line every --log-interval seconds)")
 
 
 def _data_options(p, stage2: bool) -> None:
@@ -115,7 +150,7 @@ def add_training_commands(subparsers) -> None:
                               description="Train the compressor to let the frozen base LM reconstruct each row's output.")
     p.add_argument("--config", default=None, help=config_help)
     p.add_argument("--base-model", default=None, help="base causal LM directory: compressor start and frozen decoder (required)")
-    _data_options(p, False), _model_options(p), _train_options(p)
+    _data_options(p, False), _model_options(p), _train_options(p), _eval_options(p, False), _runtime_options(p)
     _PARSERS["stage1"] = p
 
     p = subparsers.add_parser("ref-scores", help="reference scores of stage-2 rows under the stage-1 model",
@@ -125,8 +160,9 @@ def add_training_commands(subparsers) -> None:
     p.add_argument("--base-model", default=None, help="base causal LM directory, the frozen decoder (required)")
     p.add_argument("--output", default=None, help="score file to write (.safetensors) (required)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="rows per batch (default 32)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    _data_options(p, True), _model_options(p)
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress (default: a bar on a terminal, else a line every --log-interval seconds)")
+    _data_options(p, True), _model_options(p), _runtime_options(p)
     _PARSERS["ref-scores"] = p
 
     p = subparsers.add_parser("stage2", help="stage 2: conditional distribution alignment",
@@ -141,15 +177,16 @@ def add_training_commands(subparsers) -> None:
                    help="+1 adds the reference margin as released (default); -1 subtracts it (DPO-consistent)")
     p.add_argument("--distance", default="logprob", choices=["logprob", "kl"],
                    help="logprob: |log p(pos|c(q)) - log p(pos|c(pos))| as released (default); kl: conditional KL")
-    _data_options(p, True), _model_options(p), _train_options(p)
+    _data_options(p, True), _model_options(p), _train_options(p), _eval_options(p, True), _runtime_options(p)
     _PARSERS["stage2"] = p
 
     from .main_job import MainJobConfig
 
     d = MainJobConfig()
     p = subparsers.add_parser("main", help="the main job on the embedded default (tiny Llama, ByT5 bytes, toy data)",
-                              description="Pretrain a tiny Llama on generated sentences, then stage 1 -> reference "
-                              "scores -> stage 2, with triplet accuracy before and after. No download; about 1.5 minutes on 2 CPU cores.")
+                              description="Pretrain a tiny Llama on generated restatements, then stage 1 -> "
+                              "reference scores -> stage 2, with held-out triplet accuracy through both. No download; "
+                              "about 3 minutes on 2 CPU cores.")
     p.add_argument("--config", default=None, help=config_help)
     p.add_argument("--output-dir", default=d.output_dir, help=f"where everything goes (default {d.output_dir})")
     for name, help_text in (("hidden_size", "hidden size of the tiny Llama"), ("layers", "its layers"),
@@ -157,16 +194,19 @@ def add_training_commands(subparsers) -> None:
                             ("stage2_rows", "generated stage-2 rows"), ("eval_rows", "held-out evaluation rows"),
                             ("num_negatives", "negatives per stage-2 row"), ("pretrain_steps", "LM pretraining steps"),
                             ("stage1_steps", "stage-1 steps"), ("stage2_steps", "stage-2 steps"),
-                            ("batch_size", "rows per batch"), ("seed", "seed"), ("threads", "torch CPU threads")):
-        p.add_argument("--" + name.replace("_", "-"), type=int if name == "seed" else POSITIVE_INT, default=getattr(d, name),
+                            ("eval_steps", "held-out evaluation every N steps of stages 1 and 2"),
+                            ("batch_size", "rows per batch"), ("seed", "seed")):
+        kind = int if name == "seed" else COUNT if name == "eval_steps" else POSITIVE_INT
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
                        help=f"{help_text} (default {getattr(d, name)})")
     for name, help_text in (("stage1_lr", "stage-1 learning rate"), ("stage2_lr", "stage-2 learning rate"),
                             ("beta", "alignment beta"), ("tau", "alignment tau")):
         p.add_argument("--" + name.replace("_", "-"), type=POSITIVE, default=getattr(d, name),
                        help=f"{help_text} (default {getattr(d, name)})")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars or lines")
     p.add_argument("--restart", dest="resume", action="store_false",
                    help="start every step over (default: resume; a step whose settings changed starts over by itself)")
+    _runtime_options(p, threads=d.threads, log_interval=d.log_interval)
     _PARSERS["main"] = p
 
 
@@ -222,6 +262,11 @@ def parse_training_args(command: str, argv) -> argparse.Namespace:
     missing = [name for name in _REQUIRED[command] if getattr(args, name) is None]
     if missing:
         parser.error("missing " + ", ".join("--" + m.replace("_", "-") for m in missing) + " (a flag or a --config key)")
+    if command in ("stage1", "stage2"):
+        if args.epochs is not None and args.max_steps is not None:
+            parser.error("--epochs and --max-steps: give one of them (the number of steps follows from --epochs)")
+        if args.max_steps is None:
+            args.max_steps = 100
     return args
 
 
@@ -240,13 +285,18 @@ def run_training_command(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> None:
+    import torch
     import transformers
 
     from .training.jobs import ModelOptions, run_reference_scores, run_stage1, run_stage2
+    from .training.reporting import run_summary
     from .training.trainer import TrainConfig
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    start = time.perf_counter()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.command == "main":
         from .main_job import MainJobConfig, run_main_job
 
@@ -254,14 +304,28 @@ def _run(args: argparse.Namespace) -> None:
         return
     opts = _pick(ModelOptions, args)
     if args.command == "stage1":
-        run_stage1(args.data, args.base_model, _pick(TrainConfig, args), opts, args.instruction, args.max_bad_fraction)
+        run_stage1(args.data, args.base_model, _pick(TrainConfig, args), opts, args.instruction, args.max_bad_fraction,
+                   _held_out(args))
     elif args.command == "ref-scores":
-        run_reference_scores(args.data, args.model, args.base_model, args.output, args.num_negatives, opts,
-                             args.batch_size, args.instruction, args.progress, args.max_bad_fraction)
+        ref_p, _, _ = run_reference_scores(args.data, args.model, args.base_model, args.output, args.num_negatives,
+                                           opts, args.batch_size, args.instruction, args.progress,
+                                           args.max_bad_fraction, args.device, args.log_interval)
     else:
         run_stage2(args.data, args.scores, args.model, args.base_model, _pick(TrainConfig, args), opts,
                    args.num_negatives, args.beta, args.tau, args.ref_sign, args.distance, args.instruction,
-                   args.max_bad_fraction)
+                   args.max_bad_fraction, _held_out(args))
     if os.environ.get("RANK", "0") == "0":
-        written = args.output if args.command == "ref-scores" else os.path.join(args.output_dir, "model")
-        print(f"{'scores' if args.command == 'ref-scores' else 'model'} written to {written}")
+        if args.command == "ref-scores":
+            seconds = time.perf_counter() - start
+            print(f"are-fast ref-scores: done - {len(ref_p)} rows scored in {seconds:.0f} s "
+                  f"({len(ref_p) / seconds:.0f} rows/s)\n  {'scores':<15} {os.path.abspath(args.output)}")
+        else:
+            print(run_summary(f"are-fast {args.command}", args.output_dir,
+                              {"model": os.path.join(args.output_dir, "model")}))
+
+
+def _held_out(args):
+    from .training.evaluate import HeldOut
+
+    return _pick(HeldOut, args, data="eval_data", fraction="eval_fraction", triplets="eval_triplets",
+                 batch_size="eval_batch_size")

@@ -19,6 +19,7 @@ from ..model import Compressor, FrozenDecoder, Stage1Model, Stage2Model
 from ..model.directory import inspect_model_dir, resolve_num_embed_tokens
 from ..model.layout import flash_attention_available
 from ..model.st_files import instruction_prompts, write_sentence_transformers_files
+from .evaluate import HeldOut, load_triplets, stage1_evaluator, stage2_evaluator
 from .refscores import compute_reference_scores, load_reference_scores, save_reference_scores, scored_with
 from .trainer import Trainer, TrainConfig, setup_distributed
 
@@ -99,31 +100,40 @@ def _say(message: str) -> None:
 
 
 def run_stage1(data: str, base_model: str, train: TrainConfig, opts: ModelOptions, instruction: str | None = None,
-               max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
-    """Information compression from ``base_model``; writes ``<output_dir>/model``. Returns (records, report)."""
+               max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION, held_out: HeldOut | None = None):
+    """Information compression from ``base_model``; writes ``<output_dir>/model``. Returns (records, report).
+    ``held_out``: rows for the held-out loss (and triplets for triplet accuracy) every ``train.eval_steps``."""
     check_writable(train.output_dir, "output-dir")
     rows, report = load_stage1(data, instruction)
     check_usable(rows, report, max_bad_fraction, "stage-1 ")
+    held_out = held_out or HeldOut()
+    rows, eval_rows = held_out.split(rows, lambda path: load_stage1(path, instruction), train.seed)
+    triplets = load_triplets(held_out.triplets, instruction) if held_out.triplets else None
     opts, identity = _checked_models(opts, (base_model, "base-model"), (base_model, "base-model"), default_k=5)
-    device, _, _ = setup_distributed()
+    device, _, _ = setup_distributed(train.device)
     compressor, decoder = build_models(base_model, base_model, opts, device)
     items = stage1_items(rows, compressor, decoder, report)
     _say(report.summary())
-    identity.update(job="stage1", data_sha256=report.sha256, instruction=instruction)
-    records = Trainer(Stage1Model(compressor, decoder, opts.backend), items, train, identity).train()
+    objective = Stage1Model(compressor, decoder, opts.backend)
+    evaluator = stage1_evaluator(objective, eval_rows, triplets, held_out.batch_size, train.seed) \
+        if eval_rows or triplets else None
+    identity.update(job="stage1", data_sha256=report.sha256, instruction=instruction,
+                    eval_data=held_out.data, eval_fraction=held_out.fraction)
+    records = Trainer(objective, items, train, identity, evaluator).train()
     _export(compressor, os.path.join(train.output_dir, "model"), rows)
     return records, report
 
 
 def run_reference_scores(data: str, model: str, base_model: str, output: str, num_negatives: int,
                          opts: ModelOptions, batch_size: int = 32, instruction: str | None = None, progress=True,
-                         max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
+                         max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION, device: str | None = None,
+                         log_interval: float = 30.0):
     """Score every stage-2 row with the stage-1 ``model`` and the frozen ``base_model``; write ``output``."""
     check_writable(os.path.dirname(os.path.abspath(output)), "output")
     rows, report = load_stage2(data, num_negatives, instruction)
     check_usable(rows, report, max_bad_fraction, "stage-2 ")
     opts, identity = _checked_models(opts, (model, "model"), (base_model, "base-model"), default_k=None)
-    device, rank, world = setup_distributed()
+    device, rank, world = setup_distributed(device)
     compressor, decoder = build_models(model, base_model, opts, device)
     stage2_items(rows, compressor, decoder, report)  # counts truncations for the report
     _say(report.summary())
@@ -131,7 +141,7 @@ def run_reference_scores(data: str, model: str, base_model: str, output: str, nu
     mine = list(range(rank, len(rows), world))  # under torchrun each process scores every world-th row
     with StopSignals() as stop:
         ref_p, ref_n = compute_reference_scores(compressor, decoder, [rows[i] for i in mine], batch_size, opts.backend,
-                                                progress and rank == 0, stop)
+                                                progress and rank == 0, stop, log_interval)
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, (mine, ref_p, ref_n))
@@ -151,25 +161,34 @@ def run_reference_scores(data: str, model: str, base_model: str, output: str, nu
 def run_stage2(data: str, scores: str, model: str, base_model: str, train: TrainConfig, opts: ModelOptions,
                num_negatives: int, beta: float = 0.1, tau: float = 0.1, ref_sign: float = 1.0,
                distance: str = "logprob", instruction: str | None = None,
-               max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
-    """Conditional distribution alignment from the stage-1 ``model`` (decoder: ``base_model``)."""
+               max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION, held_out: HeldOut | None = None):
+    """Conditional distribution alignment from the stage-1 ``model`` (decoder: ``base_model``). ``held_out``:
+    rows for the held-out loss and triplet accuracy every ``train.eval_steps``."""
     check_writable(train.output_dir, "output-dir")
     rows, report = load_stage2(data, num_negatives, instruction)
     check_usable(rows, report, max_bad_fraction, "stage-2 ")
+    held_out = held_out or HeldOut()
+    if held_out.triplets:
+        raise ValueError("eval_triplets: stage 2 evaluates triplet accuracy on its own held-out rows (eval_data or "
+                         "eval_fraction)")
+    rows, eval_rows = held_out.split(rows, lambda path: load_stage2(path, num_negatives, instruction), train.seed)
     opts, identity = _checked_models(opts, (model, "model"), (base_model, "base-model"), default_k=None)
     by_id = load_reference_scores(scores, rows)
     scores_model = scored_with(scores).get("model")
     if scores_model not in (None, identity["model"]):
         raise ValueError(f"scores: {scores!r} were computed with another --model than {model!r}; rerun ref-scores "
                          "with this model")
-    device, _, _ = setup_distributed()
+    device, _, _ = setup_distributed(train.device)
     compressor, decoder = build_models(model, base_model, opts, device)
     items = stage2_items(rows, compressor, decoder, report, by_id)
     _say(report.summary())
     objective = Stage2Model(compressor, decoder, beta=beta, tau=tau, ref_sign=ref_sign, distance=distance,
                             backend=opts.backend)
+    evaluator = stage2_evaluator(objective, eval_rows, held_out.batch_size, train.seed, opts.backend) \
+        if eval_rows else None
     identity.update(job="stage2", data_sha256=report.sha256, instruction=instruction, num_negatives=num_negatives,
-                    beta=beta, tau=tau, ref_sign=ref_sign, distance=distance, scores_model=scores_model)
-    records = Trainer(objective, items, train, identity).train()
+                    beta=beta, tau=tau, ref_sign=ref_sign, distance=distance, scores_model=scores_model,
+                    eval_data=held_out.data, eval_fraction=held_out.fraction)
+    records = Trainer(objective, items, train, identity, evaluator).train()
     _export(compressor, os.path.join(train.output_dir, "model"), rows)
     return records, report

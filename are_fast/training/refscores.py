@@ -16,32 +16,36 @@ import os
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
-
 from ..data import fingerprint, stage2_items
 from ..model import reference_scores
+from .progress import Progress
 
 FORMAT = "are_fast.reference_scores/1"
 
 
 def compute_reference_scores(compressor, decoder, rows, batch_size: int = 32, backend=None, progress=True,
-                             stop=None):
+                             stop=None, log_interval: float = 30.0):
     """Scores of ``rows`` (dicts from ``load_stage2``) in their order: (ref_p [N], ref_n [N, n]) float32 on CPU.
 
     Rows are batched by length (fewer padded tokens); results return to input order. ``stop``: an
-    ``errors.StopSignals``; after a signal the current batch ends the job with ``Interrupted``.
+    ``errors.StopSignals``; after a signal the current batch ends the job with ``Interrupted``. ``progress``: a
+    bar on a terminal, else a line every ``log_interval`` seconds.
     """
     items = stage2_items(rows, compressor, decoder)
     order = sorted(range(len(items)), key=lambda i: items[i].length)
     n = len(rows[0]["neg"]) if rows else 0
     ref_p, ref_n = torch.empty(len(items)), torch.empty(len(items), n)
-    for start in tqdm(range(0, len(order), batch_size), desc="reference scores", disable=not progress):
+    bar = Progress(len(items), "reference scores", progress, interval_s=log_interval, unit="row")
+    for start in range(0, len(order), batch_size):
         index = order[start: start + batch_size]
         p, neg = reference_scores(compressor, decoder, [items[i] for i in index], backend)
         ref_p[index], ref_n[index] = p.cpu(), neg.cpu()
+        bar.update(len(index))
         if stop is not None and stop.requested and start + batch_size < len(order):
+            bar.close()
             raise stop.interrupted(f"after {start + len(index)} of {len(order)} rows; nothing was written",
                                    "rerun the same command")
+    bar.close()
     return ref_p, ref_n
 
 

@@ -7,9 +7,11 @@ reader checks in one sitting, and it uses the field's pieces for everything else
 transformers' warmup + cosine schedule, torch.distributed (DDP, FSDP2), torch.distributed.checkpoint state
 dicts, safetensors, tqdm, peft (in the jobs).
 
-Features: gradient accumulation, clipping, bf16 autocast on CUDA, JSON-lines loss log (``loss.jsonl``),
-progress bar, checkpoints with exact and checked resume (``checkpoint.py``, ``runstate.py``: a run with other
-settings is refused by name), SIGINT/SIGTERM ending the run after the current step with a checkpoint, DDP
+Features: gradient accumulation, clipping, bf16 autocast on CUDA, ``--epochs`` or ``--max-steps``, JSON-lines
+loss log (``loss.jsonl``), held-out evaluation every ``eval_steps`` with the best model kept (``evaluate.py``),
+TensorBoard and the end-of-run summary (``reporting.py``), a progress bar on a terminal and plain lines elsewhere
+(``progress.py``), checkpoints with exact and checked resume (``checkpoint.py``, ``runstate.py``: a run with
+other settings is refused by name), SIGINT/SIGTERM ending the run after the current step with a checkpoint, DDP
 under torchrun (gloo on CPU, NCCL on GPU) and FSDP2 sharding as an option (``fsdp``: each transformer layer and
 the rest of the model sharded over the processes; NCCL on GPU, gloo on CPU).
 """
@@ -21,16 +23,18 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
-from typing import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from ..errors import StopSignals, writing
 from . import runstate
 from .checkpoint import checkpoint_dirs, load_checkpoint, read_checkpoint_state, save_checkpoint
+from .evaluate import BestModel
+from .progress import Progress
+from .reporting import TensorBoardLog
 
 
 @dataclass
@@ -39,6 +43,7 @@ class TrainConfig:
 
     output_dir: str
     max_steps: int = 100  # optimizer steps
+    epochs: float | None = None  # when set: max_steps = ceil(epochs x optimizer steps per epoch)
     batch_size: int = 8  # rows per micro-batch, per process
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-4
@@ -53,7 +58,23 @@ class TrainConfig:
     bf16: bool | None = None  # bf16 autocast; None: on for CUDA
     bucket_window: int = 32  # batches formed from windows of this many batches sorted by length
     fsdp: bool = False
-    progress: bool = True
+    progress: bool = True  # a bar on a terminal, elsewhere a line every log_interval seconds
+    log_interval: float = 30.0  # seconds between two progress lines off a terminal
+    device: str | None = None  # "cpu", "cuda", "cuda:N"; None: cuda when available (under torchrun: cuda:LOCAL_RANK)
+    threads: int | None = None  # torch CPU threads; None: torch's default
+    eval_steps: int = 0  # with an evaluator: evaluate every N steps (0: before training and at the end only)
+    best_metric: str | None = None  # keep the best model by this eval metric and export it (evaluate.METRICS)
+    tensorboard: bool | None = None  # event files in output_dir/tensorboard; None: when tensorboard is installed
+
+    def __post_init__(self):
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"epochs: expected a positive number, got {self.epochs}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads: expected at least 1, got {self.threads}")
+        if self.eval_steps < 0:
+            raise ValueError(f"eval_steps: expected 0 or more, got {self.eval_steps}")
+        if self.log_interval < 0:
+            raise ValueError(f"log_interval: expected 0 or more seconds, got {self.log_interval}")
 
 
 class BucketedBatches:
@@ -92,30 +113,59 @@ class BucketedBatches:
         return self._cache[epoch]
 
 
-def setup_distributed() -> tuple[torch.device, int, int]:
-    """(device, rank, world size); under torchrun, joins the process group (NCCL on CUDA, gloo on CPU)."""
+def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
+    """The device named by ``--device``: "cpu", "cuda" (this process's GPU: cuda:LOCAL_RANK), "cuda:N";
+    None: cuda when available. ValueError for anything else or a GPU that is not there."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device: expected cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {name!r} asked for, but torch sees no CUDA device")
+        device = torch.device("cuda", local_rank if device.index is None else device.index)
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {name!r}, but there are {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def setup_distributed(device: str | None = None) -> tuple[torch.device, int, int]:
+    """(device, rank, world size) for ``device`` (see ``resolve_device``); under torchrun, joins the process
+    group (NCCL on CUDA, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
+    chosen = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda:
-        torch.cuda.set_device(local)
-    return torch.device(f"cuda:{local}" if cuda else "cpu"), rank, (dist.get_world_size() if dist.is_initialized() else 1)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+    return chosen, rank, (dist.get_world_size() if dist.is_initialized() else 1)
 
 
 class Trainer:
     """Train ``model`` (its ``collate(items)`` makes a batch, ``forward(batch)`` returns (loss, metrics)) on items
-    that have a ``length``. Only parameters with ``requires_grad`` are optimized and checkpointed."""
+    that have a ``length``. Only parameters with ``requires_grad`` are optimized and checkpointed.
+    ``evaluator(device) -> {metric: float}`` (``evaluate.HeldOutEval``), when given, runs every ``eval_steps``."""
 
-    def __init__(self, model: torch.nn.Module, items: Sequence, config: TrainConfig, identity: dict | None = None):
+    def __init__(self, model: torch.nn.Module, items: Sequence, config: TrainConfig, identity: dict | None = None,
+                 evaluator: Callable[[torch.device], dict] | None = None):
         """identity: what else determines the run (data checksum, models, k, ...), stored in its fingerprint."""
         from transformers import get_cosine_schedule_with_warmup
 
         runstate.check_config(config)
-        self.config = config
-        self.device, self.rank, self.world_size = setup_distributed()
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        if config.best_metric is not None:
+            names = getattr(evaluator, "names", None) if evaluator is not None else ()
+            if names is not None and config.best_metric not in names:
+                raise ValueError(f"best_metric: {config.best_metric!r} is not evaluated in this run (held-out "
+                                 f"metrics: {', '.join(names) or 'none; give eval_data or eval_fraction'})")
+        self.config, self.evaluator = config, evaluator
+        self.device, self.rank, self.world_size = setup_distributed(config.device)
         self.items = items
         self.core = model.to(self.device)
         self.model = self._wrap(self.core)
@@ -123,10 +173,14 @@ class Trainer:
         if not params:
             raise ValueError("model: no parameter requires a gradient")
         self.params = params
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, config.warmup_steps, config.max_steps)
         self.batches = BucketedBatches([i.length for i in items], config.batch_size, config.seed,
                                        config.bucket_window, self.rank, self.world_size)
+        if config.epochs is not None:  # every epoch has the same number of full batches
+            per_epoch = max(1, len(self.batches.epoch(0)) // config.grad_accum)
+            config = replace(config, max_steps=math.ceil(config.epochs * per_epoch))
+        self.config = config
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, config.warmup_steps, config.max_steps)
         bf16 = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=bool(bf16))
         self.log_path = os.path.join(config.output_dir, "loss.jsonl")
@@ -183,8 +237,9 @@ class Trainer:
         return {"loss": float(loss), "grad_norm": float(norm), "lr": lr, **metrics}
 
     def train(self) -> list[dict]:
-        """Run (or resume) to ``max_steps``; return the log records of this run's steps. SIGINT/SIGTERM end the
-        run after the current step with a checkpoint and ``Interrupted``; a failed write raises ``RunFailure``."""
+        """Run (or resume) to ``max_steps``; return the log records of this run's steps. With ``best_metric``,
+        the model ends with the best evaluation's weights. SIGINT/SIGTERM end the run after the current step with
+        a checkpoint and ``Interrupted``; a failed write raises ``RunFailure``."""
         with StopSignals() as self.stop:
             return self._train()
 
@@ -205,10 +260,15 @@ class Trainer:
             self._truncate_log(step)
         self.core.train()
         records = []
-        bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not cfg.progress or self.rank != 0)
+        progress = Progress(cfg.max_steps, os.path.basename(os.path.normpath(cfg.output_dir)),
+                            cfg.progress and self.rank == 0, initial=step, interval_s=cfg.log_interval)
+        board = TensorBoardLog(cfg.output_dir, cfg.tensorboard, step, active=self.rank == 0)
+        best = BestModel(cfg.output_dir, cfg.best_metric, step) if cfg.best_metric else None
         start = time.perf_counter()
-        tokens = 0
+        tokens, eval_s = 0, 0.0
         saved = step
+        if self.evaluator is not None and step == 0:
+            eval_s += self._evaluate(0, progress, board, best, saved)
         while step < cfg.max_steps:
             micro = []
             for _ in range(cfg.grad_accum):
@@ -220,23 +280,50 @@ class Trainer:
             step += 1
             tokens += sum(b.num_tokens for b in micro) * self.world_size
             elapsed = time.perf_counter() - start
-            record.update(step=step, epoch=epoch, tokens_per_s=tokens / elapsed, elapsed_s=elapsed)
+            record.update(step=step, epoch=epoch, tokens_per_s=tokens / (elapsed - eval_s), elapsed_s=elapsed)
             records.append(record)
-            if self.rank == 0:
-                with writing(f"appending to {self.log_path}", self._kept(saved)):
-                    with open(self.log_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            self._log(record, saved)
+            board.log(record, "train")
+            progress.update(loss=record["loss"], tokens_per_s=record["tokens_per_s"])
+            if self.evaluator is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
+                eval_s += self._evaluate(step, progress, board, best, saved)
             stopping = self.stop.agreed()
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or stopping:
                 self._save(step, epoch, cursor, saved)
                 saved = step
             if stopping and step < cfg.max_steps:
-                bar.close()
+                progress.close()
+                board.close()
                 raise self.stop.interrupted(f"at step {step} of {cfg.max_steps} (checkpoint saved in {cfg.output_dir})")
-        bar.close()
+        progress.close()
+        board.close()
+        if best is not None:
+            best.restore(self.model)
         return records
+
+    def _log(self, record: dict, saved: int) -> None:
+        if self.rank == 0:
+            with writing(f"appending to {self.log_path}", self._kept(saved)):
+                with open(self.log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+
+    def _evaluate(self, step: int, progress: Progress, board: TensorBoardLog, best: BestModel | None,
+                  saved: int) -> float:
+        """Evaluate, log (loss.jsonl, TensorBoard, a progress line), keep the best; return the seconds taken."""
+        start = time.perf_counter()
+        with torch.no_grad(), torch.autocast(**self.autocast):
+            metrics = self.evaluator(self.device)
+        if self.world_size > 1:  # every rank evaluated every row; rank 0's numbers decide for all
+            shared = [metrics]
+            dist.broadcast_object_list(shared, src=0)
+            metrics = shared[0]
+        record = {"step": step, **metrics, "seconds": time.perf_counter() - start}
+        self._log(record, saved)
+        board.log(record, "eval")
+        progress.write(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if best is not None:
+            best.update(step, metrics, self.model)
+        return time.perf_counter() - start
 
     def _say(self, message: str) -> None:
         if self.rank == 0:
@@ -251,7 +338,6 @@ class Trainer:
         with writing(f"writing the checkpoint of step {step} to {cfg.output_dir}", self._kept(saved)):
             save_checkpoint(cfg.output_dir, step, self.model, self.optimizer, self.scheduler,
                             {"epoch": epoch, "cursor": cursor}, asdict(cfg), cfg.keep_checkpoints, self.fingerprint)
-
     def _resumable(self) -> str | None:
         """The checkpoint to resume from, after --restart and the fingerprint check (None: start afresh)."""
         cfg = self.config
