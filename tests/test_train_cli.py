@@ -110,15 +110,23 @@ def test_bad_runtime_options_give_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(args + ["--epochs", "1", "--max-steps", "2"])
     assert "--epochs and --max-steps: give one of them" in capsys.readouterr().err
-    for extra, message in ((["--threads", "0"], "threads: expected at least 1, got 0"),
+    def exit_code(argv):  # usage errors (argparse) exit 2 by SystemExit, input errors found later return 2
+        try:
+            return main(argv)
+        except SystemExit as stop:
+            return stop.code
+
+    for extra, message in ((["--threads", "0"], "argument --threads: expected a value >= 1, got 0"),
                            (["--device", "tpu"], "device: expected cpu, cuda or cuda:N, got 'tpu'"),
-                           (["--eval-fraction", "1.5"], "eval_fraction: expected a number in [0, 1)"),
+                           (["--eval-fraction", "1.5"], "argument --eval-fraction: expected a value >= 0 and <= 1"),
+                           (["--eval-fraction", "1"], "eval_fraction: expected a number in [0, 1)"),
                            (["--best-metric", "eval_acc_hard", "--eval-fraction", "0.5"],
                             "best_metric: 'eval_acc_hard' is not evaluated in this run (held-out metrics: eval_loss)")):
-        assert main(args + extra) == 2, extra
+        assert exit_code(args + extra) == 2, extra
         assert message in capsys.readouterr().err
     if not __import__("torch").cuda.is_available():
         assert main(args + ["--device", "cuda"]) == 2
         assert "torch sees no CUDA device" in capsys.readouterr().err
-    assert main(["encode", "--model", base, "--input", "x.txt", "--output", str(tmp_path / "e"), "--threads", "0"]) == 2
-    assert "threads: expected at least 1" in capsys.readouterr().err
+    assert exit_code(["encode", "--model", base, "--input", "x.txt", "--output", str(tmp_path / "e"),
+                      "--threads", "0"]) == 2
+    assert "argument --threads: expected a value >= 1" in capsys.readouterr().err

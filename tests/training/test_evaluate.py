@@ -38,7 +38,7 @@ def test_held_out_metrics_epochs_and_tensorboard(tiny_dir, tmp_path):
     expected_acc = triplet_accuracies(objective.compressor, triplets)
     # 24 rows / batch 4 = 6 batches per epoch = 3 steps of 2 micro-batches; 1.5 epochs -> 5 steps.
     cfg = _config(tmp_path / "run", epochs=1.5, grad_accum=2, eval_steps=2, tensorboard=True)
-    trainer = Trainer(objective, items, cfg, evaluator)
+    trainer = Trainer(objective, items, cfg, evaluator=evaluator)
     assert trainer.config.max_steps == 5
     records = trainer.train()
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and records[-1]["epoch"] == 1
@@ -82,7 +82,7 @@ def test_best_model_is_kept_and_restored(tiny_dir, tmp_path):
     items = stage1_items(compression_rows(16, seed=1), objective.compressor, objective.decoder)
     evaluator = _Scripted(objective, [0.1, 0.9, 0.3, 0.2])  # evaluations at steps 0, 2, 4, 5: best at step 2
     cfg = _config(tmp_path / "run", max_steps=5, eval_steps=2, best_metric="eval_acc_hard", tensorboard=False)
-    Trainer(objective, items, cfg, evaluator).train()
+    Trainer(objective, items, cfg, evaluator=evaluator).train()
     assert read_best(cfg.output_dir) == {"step": 2, "metric": "eval_acc_hard", "value": 0.9}
     final = {n: p for n, p in objective.named_parameters() if p.requires_grad}
     assert all(torch.equal(final[n], w) for n, w in evaluator.seen[1].items())  # the model ends as at step 2
@@ -94,7 +94,7 @@ def test_best_model_is_kept_and_restored(tiny_dir, tmp_path):
     assert read_best(cfg.output_dir) is None
 
     with pytest.raises(ValueError, match="best_metric: 'eval_loss' is not evaluated"):
-        Trainer(objective, items, _config(tmp_path / "x", best_metric="eval_loss"), evaluator)
+        Trainer(objective, items, _config(tmp_path / "x", best_metric="eval_loss"), evaluator=evaluator)
     with pytest.raises(ValueError, match="give eval_data or eval_fraction"):
         Trainer(objective, items, _config(tmp_path / "x", best_metric="eval_loss"))
 
