@@ -45,10 +45,10 @@ class MainJobConfig:
     eval_rows: int = 200
     num_negatives: int = 2
     pretrain_steps: int = 500  # the LM must learn the restatements well before stage 1 can use them
-    stage1_steps: int = 250
+    stage1_steps: int = 600
     stage2_steps: int = 300
     batch_size: int = 32
-    stage1_lr: float = 5e-3
+    stage1_lr: float = 2e-3
     stage2_lr: float = 1e-3
     beta: float = 0.1
     tau: float = 0.1

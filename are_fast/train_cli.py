@@ -186,7 +186,7 @@ def add_training_commands(subparsers) -> None:
     p = subparsers.add_parser("main", help="the main job on the embedded default (tiny Llama, ByT5 bytes, toy data)",
                               description="Pretrain a tiny Llama on generated restatements, then stage 1 -> "
                               "reference scores -> stage 2, with held-out triplet accuracy through both. No download; "
-                              "about 3 minutes on 2 CPU cores.")
+                              "about 2.5 minutes on 2 CPU cores.")
     p.add_argument("--config", default=None, help=config_help)
     p.add_argument("--output-dir", default=d.output_dir, help=f"where everything goes (default {d.output_dir})")
     for name, help_text in (("hidden_size", "hidden size of the tiny Llama"), ("layers", "its layers"),
