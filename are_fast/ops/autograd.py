@@ -30,8 +30,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import checks
-from .backends import epilogues
+from . import checks, online
+from .backends import REGISTRY, epilogues
 from .chunked import fused_linear_pass
 from .head_matmuls import autocast_operand_dtype
 
@@ -80,10 +80,17 @@ def _rows(kind: str, labels: Tensor, ignore_index: int, compact: bool) -> Tensor
 
 
 def _pass(kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows, compact, operand_dtype, **grads):
+    rows = _rows(kind, labels, ignore_index, compact)
+    if REGISTRY[backend].online and online.supported(
+        weight, bias, operand_dtype, grads.get("weight_grad", False), grads.get("bias_grad", False)
+    ):
+        return online.online_pass(
+            kind, hiddens, weight, bias, labels, ignore_index, grads.get("grad_scale"), grads.get("hidden_grads", ()),
+            rows, block_rows=chunk_rows or None,
+        )
     return fused_linear_pass(
         hiddens, weight, bias, _epilogue(kind, backend, labels, ignore_index),
-        chunk_rows=chunk_rows or None, rows=_rows(kind, labels, ignore_index, compact), operand_dtype=operand_dtype,
-        **grads,
+        chunk_rows=chunk_rows or None, rows=rows, operand_dtype=operand_dtype, **grads,
     )
 
 

@@ -3,7 +3,11 @@
 Backends (``REGISTRY``, in this order; ``BACKENDS`` is their names, which the CLIs offer as --backend choices):
 - ``reference``: the plain eager formulas (``are_fast.ops.reference``), materializing the logits: test oracle
   and naive baseline; differentiable by PyTorch autograd and traceable by torch.compile as is.
-- ``chunked``: the chunk driver with PyTorch epilogues; the default on CPU.
+- ``chunked``: the chunk driver with PyTorch epilogues.
+- ``online``: for a frozen float32/float64 head, the online sweep of ``are_fast.ops.online`` (flash-attention
+  style: no logits chunk, each block of rows meets each block of the head once); anything else (a trainable
+  head or bias, a low-precision head, autocast) the chunk driver with PyTorch epilogues, as ``chunked``. The
+  default on CPU.
 - ``triton``: the chunk driver with the Triton epilogue kernels of ``are_fast.kernels``; the default on CUDA.
   On CPU tensors it runs only under the Triton interpreter (TRITON_INTERPRET=1 set before the kernels are
   imported), which is how the tests exercise it without a GPU.
@@ -16,7 +20,7 @@ epilogue of ``EPILOGUE_KIND[op]``.
 
 Choice, first match wins: the op's ``backend=`` argument, the ``ARE_FAST_BACKEND`` environment variable,
 then the tensors' device: ``triton`` on CUDA, else ``native`` where ``are_fast.ops.native.use_by_default`` says so
-(``ARE_FAST_NATIVE``: auto, the default, means an ahead-of-time build is installed), else ``chunked``.
+(``ARE_FAST_NATIVE``: auto, the default, means an ahead-of-time build is installed), else ``online``.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ class Backend:
     fused: bool  # chunk driver + row epilogues through are_fast::linear_streams; False: the reference formulas
     epilogues: Callable[[], SimpleNamespace] | None  # -> SimpleNamespace(logprob=..., kl=...), loaded on use
     unavailable: Callable[[torch.device], "str | None"]  # why it cannot run on tensors of that device, or None
+    online: bool = False  # frozen full-precision heads take the online sweep (are_fast.ops.online)
 
 
 def _torch_epilogues() -> SimpleNamespace:
@@ -82,6 +87,7 @@ REGISTRY = {
     for b in (
         Backend("reference", False, None, lambda device: None),
         Backend("chunked", True, _torch_epilogues, lambda device: None),
+        Backend("online", True, _torch_epilogues, lambda device: None, online=True),
         Backend("triton", True, _triton_epilogues, _triton_unavailable),
         Backend("native", True, _native_epilogues, _native_unavailable),
     )
@@ -129,7 +135,7 @@ def _default_backend(device_type: str) -> str:
         return "triton"
     from . import native  # imported on use: `python -m are_fast.ops.native` must find it not yet imported
 
-    return "native" if native.use_by_default(torch.device(device_type)) else "chunked"
+    return "native" if native.use_by_default(torch.device(device_type)) else "online"
 
 
 def epilogues(name: str) -> SimpleNamespace:

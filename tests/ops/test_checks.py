@@ -94,4 +94,4 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setenv("ARE_FAST_NATIVE", "0")  # an installed ahead-of-time native build would be the default
     from are_fast.ops.backends import resolve_backend
 
-    assert resolve_backend(None, torch.device("cpu")) == "chunked"
+    assert resolve_backend(None, torch.device("cpu")) == "online"

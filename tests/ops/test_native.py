@@ -283,7 +283,7 @@ def test_fallback_to_pytorch_epilogues(unbuildable, monkeypatch):
     monkeypatch.delenv("ARE_FAST_BACKEND")
     for mode in ("auto", "1", "0"):
         monkeypatch.setenv("ARE_FAST_NATIVE", mode)
-        assert resolve_backend(None, cpu) == "chunked"
+        assert resolve_backend(None, cpu) == "online"
     monkeypatch.setenv("ARE_FAST_NATIVE", "1")
     ref, upstream, ref_grads = run_op("conditional_kl-sum", masters, torch.float64, "reference", True)
     out, _, grads = run_op("conditional_kl-sum", masters, torch.float32, None, True, upstream=upstream)
@@ -299,9 +299,9 @@ def test_default_backend_follows_are_fast_native(ops, monkeypatch):
     assert resolve_backend(None, cpu) == "native"
     assert resolve_backend("chunked", cpu) == "chunked"  # the PyTorch epilogues stay reachable
     monkeypatch.setenv("ARE_FAST_NATIVE", "0")
-    assert resolve_backend(None, cpu) == "chunked"
+    assert resolve_backend(None, cpu) == "online"
     monkeypatch.setenv("ARE_FAST_NATIVE", "auto")  # an installed ahead-of-time build, not what this process loaded
-    assert resolve_backend(None, cpu) == ("native" if native.ahead_of_time_builds() else "chunked")
+    assert resolve_backend(None, cpu) == ("native" if native.ahead_of_time_builds() else "online")
     monkeypatch.setenv("ARE_FAST_NATIVE", "yes")
     with pytest.raises(ValueError, match="ARE_FAST_NATIVE: expected one of auto, 0, 1, got 'yes'"):
         resolve_backend(None, cpu)

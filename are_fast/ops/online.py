@@ -1,0 +1,242 @@
+"""The online sweep: a frozen LM head's log-probabilities and hidden gradients without any logits chunk.
+
+For a frozen head the hidden gradient of log softmax(h W^T + b)[t] is W[t] - softmax(h W^T + b) @ W: the
+attention output of query h over keys W and values W. Like flash attention, this module computes it in one
+sweep over vocabulary blocks with an online softmax (running row maximum, rescaled running sums), so a block
+of rows meets each block of the head once, the two matmuls per block have cache-sized operands, and the only
+[rows, vocab] buffer is one block (a few MiB), whatever N and V are. The chunk driver
+(``are_fast.ops.chunked``) instead holds a [C, V] logits chunk per stream and streams the whole head through
+the cache once per chunk, which on a CPU limits the chunk size to the memory budget and the speed to the
+memory bandwidth.
+
+Scope: heads whose dtype is the compute dtype (float32, float64) and that need no gradient; the ``online``
+backend (``are_fast.ops.backends``) routes everything else to the chunk driver.
+
+Precision: every sum is relative to its row's running maximum. The target's probability is kept out of the
+running sums, so the gradient's target term (1 - p_t) W[t] is formed from the sum of the other probabilities,
+never as 1 - p_t, and a confident target's log-probability is -log1p(others / e_t), not a difference of
+nearly equal logarithms. For the KL the sums hold p (log p - log q) as the sweep ends (see ``_KLSweep``).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .chunked import PassResult
+
+# Bytes of the [rows, vocab-block] buffers of all streams together, and the rows per block.
+_BLOCK_BYTES = 2 << 20
+_BLOCK_ROWS = 512
+
+
+def supported(weight: torch.Tensor, bias: torch.Tensor | None, operand_dtype, weight_grad: bool, bias_grad: bool) -> bool:
+    """Whether the online sweep can run this pass: a frozen head in its compute dtype."""
+    full = weight.dtype in (torch.float32, torch.float64) and (bias is None or bias.dtype == weight.dtype)
+    return full and operand_dtype in (None, weight.dtype) and not weight_grad and not bias_grad
+
+
+def block_shape(active: int, vocab: int, streams: int, rows: int | None = None) -> tuple[int, int]:
+    """(rows, vocabulary entries) per block: ``rows`` (default 512) rows, and as many vocabulary entries as
+    keep the float32 blocks of all streams (the KL keeps three) within 2 MiB (ARE_FAST_BLOCK_BYTES overrides)."""
+    budget = int(os.environ.get("ARE_FAST_BLOCK_BYTES", _BLOCK_BYTES))
+    block_rows = max(1, min(rows or _BLOCK_ROWS, active))
+    slots = 3 if streams == 2 else 1
+    block_vocab = max(16, budget // (4 * slots * block_rows))
+    block_vocab -= block_vocab % 16
+    return block_rows, min(block_vocab, vocab)
+
+
+def online_pass(
+    kind: str,
+    hiddens: list,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    ignore_index: int,
+    grad_scale: torch.Tensor | None = None,
+    hidden_grads=(),
+    rows: torch.Tensor | None = None,
+    block_rows: int | None = None,
+) -> PassResult:
+    """Values [N] and, with ``grad_scale`` [N], the hidden gradients of sum(grad_scale * values).
+
+    kind "logprob": hiddens [h] with h [N, H], labels int64 targets [N]; values log p(target), 0 where the
+    target is ignore_index, NaN where it is otherwise outside [0, V). kind "kl": hiddens [h_p, h_q], labels
+    bool valid [N]; values KL(softmax(h_p W^T + b) || softmax(h_q W^T + b)), 0 on rows that are not valid.
+    rows: optional int64 [M] rows that count (the others get value 0 and zero gradients); block_rows: rows per
+    block (tests use small blocks to reach every edge). Same contract as ``chunked.fused_linear_pass`` for a
+    frozen head.
+    """
+    n_rows, hidden_size = hiddens[0].shape
+    vocab, dtype, device = weight.shape[0], weight.dtype, weight.device
+    want_grad = grad_scale is not None
+    compact = rows is not None
+    active = rows.numel() if compact else n_rows
+    new = torch.zeros if compact else torch.empty
+    values = new(n_rows, dtype=dtype, device=device)
+    needs = list(hidden_grads) + [False] * (len(hiddens) - len(hidden_grads))
+    dh = [new(h.shape, dtype=h.dtype, device=device) if want_grad and need else None for h, need in zip(hiddens, needs)]
+    if active == 0:
+        return PassResult(values, dh, None, None)
+    step, block_vocab = block_shape(active, vocab, len(hiddens), block_rows)
+    sweep = _LogprobSweep if kind == "logprob" else _KLSweep
+    state = sweep(step, hidden_size, block_vocab, dtype, device, want_grad, [g is not None for g in dh])
+    for start in range(0, active, step):
+        stop = min(start + step, active)
+        sel = rows[start:stop] if compact else slice(start, stop)
+        chunk = [h[sel].to(dtype) for h in hiddens]
+        scale = None if grad_scale is None else grad_scale[sel].to(dtype)
+        chunk_values, chunk_grads = state.run(chunk, weight, bias, labels[sel], ignore_index, scale)
+        values[sel] = chunk_values
+        for stream, grad in enumerate(chunk_grads):
+            if dh[stream] is not None:
+                if compact:
+                    dh[stream].index_copy_(0, sel, grad.to(dh[stream].dtype))
+                else:
+                    dh[stream][sel] = grad
+    return PassResult(values, dh, None, None)
+
+
+def _vocab_blocks(vocab: int, block_vocab: int):
+    return ((start, min(start + block_vocab, vocab)) for start in range(0, vocab, block_vocab))
+
+
+def _logits_block(hidden: torch.Tensor, weight_block: torch.Tensor, bias_block, out: torch.Tensor) -> torch.Tensor:
+    if bias_block is None:
+        return torch.mm(hidden, weight_block.T, out=out)
+    return torch.addmm(bias_block, hidden, weight_block.T, out=out)
+
+
+def _rescale(running_max: torch.Tensor, block_max: torch.Tensor) -> torch.Tensor:
+    """Updates running_max [C] in place to max(running_max, block_max); returns exp(old - new) [C]."""
+    new_max = torch.maximum(running_max, block_max)
+    factor = torch.exp(running_max - new_max)
+    running_max.copy_(new_max)
+    return factor
+
+
+class _LogprobSweep:
+    """log p(target) and its unit hidden gradient (1 - p_t) W[t] - sum_{v != t} p_v W_v, scaled per row."""
+
+    def __init__(self, rows, hidden_size, block_vocab, dtype, device, want_grad, need):
+        self.want_grad = want_grad and need[0]
+        self.block = torch.empty(rows, block_vocab, dtype=dtype, device=device)
+        self.acc = torch.empty(rows, hidden_size, dtype=dtype, device=device) if self.want_grad else None
+
+    def run(self, chunk, weight, bias, targets, ignore_index, scale):
+        hidden = chunk[0]
+        size = hidden.shape[0]
+        vocab = weight.shape[0]
+        valid = targets != ignore_index
+        in_range = (targets >= 0) & (targets < vocab)
+        running_max = torch.full((size,), -torch.inf, dtype=hidden.dtype, device=hidden.device)
+        others = torch.zeros(size, dtype=hidden.dtype, device=hidden.device)  # sum_{v != t} exp(l_v - max)
+        target_logit = torch.zeros(size, dtype=hidden.dtype, device=hidden.device)
+        acc = self.acc[:size] if self.want_grad else None
+        if acc is not None:
+            acc.zero_()
+        for first, last in _vocab_blocks(vocab, self.block.shape[1]):
+            width = last - first
+            logits = _logits_block(hidden, weight[first:last], None if bias is None else bias[first:last], self.block[:size, :width])
+            local = targets - first
+            here = in_range & (local >= 0) & (local < width)
+            index = local.clamp(0, width - 1).unsqueeze(1)
+            target_logit = torch.where(here, logits.gather(1, index).squeeze(1), target_logit)
+            factor = _rescale(running_max, logits.amax(1))
+            probs = logits.sub_(running_max.unsqueeze(1)).exp_()  # exp(l - running max), in place
+            probs.scatter_(1, index, torch.where(here, 0.0, probs.gather(1, index).squeeze(1)).unsqueeze(1))
+            others.mul_(factor).add_(probs.sum(1))
+            if acc is not None:
+                acc.mul_(factor.unsqueeze(1)).addmm_(probs, weight[first:last])
+        target_term = torch.exp(target_logit - running_max)
+        total = others + target_term
+        # log p_t = -log1p(others / e_t): exact for a confident target, where (l_t - max) - log(total) would
+        # lose log(1 + tiny) to rounding; the plain form elsewhere (e_t may underflow there).
+        confident = others < target_term
+        logp = torch.where(confident, -torch.log1p(others / target_term), target_logit - running_max - torch.log(total))
+        logp = torch.where(valid, torch.where(in_range, logp, torch.nan), 0.0)
+        if acc is None:
+            return logp, [None]
+        coef = torch.where(valid & in_range, scale / total, 0.0)
+        safe = torch.where(in_range, targets, 0)
+        # g (others / total) W[t] - (g / total) acc
+        grad = acc.mul_(-coef.unsqueeze(1)).addcmul_(weight.index_select(0, safe), (coef * others).unsqueeze(1))
+        return logp, [grad]
+
+
+class _KLSweep:
+    """KL(p || q) with p = softmax(a), q = softmax(b), a = h_p W^T + b, b = h_q W^T + b, and its hidden
+    gradients sum_v p_v (d_v - E_p[d]) W_v (stream p, d = a - b) and sum_v (q_v - p_v) W_v (stream q).
+
+    The log-ratio is summed as d - shift with shift the running lse_a - lse_b (re-based as it moves), so at the
+    end the sums hold p (log p - log q) itself: a small KL is not the difference of two large terms."""
+
+    def __init__(self, rows, hidden_size, block_vocab, dtype, device, want_grad, need):
+        self.want_grad = want_grad
+        # Slots: 0 exp(a - max_a), 1 exp(b - max_b), 2 exp(a - max_a) * (d - shift); one matmul serves all.
+        self.blocks = torch.empty(3, rows, block_vocab, dtype=dtype, device=device)
+        self.stacked = torch.empty(2 * rows, hidden_size, dtype=dtype, device=device)
+        # Accumulators, same slots: sum e_a W, sum e_b W, sum e_a (d - shift) W.
+        self.acc = torch.empty(3, rows, hidden_size, dtype=dtype, device=device) if want_grad else None
+
+    def run(self, chunk, weight, bias, valid, ignore_index, scale):
+        size = chunk[0].shape[0]
+        vocab = weight.shape[0]
+        width_max = self.blocks.shape[2]
+        stacked = self.stacked[: 2 * size]
+        stacked[:size], stacked[size:] = chunk[0], chunk[1]
+        kw = dict(dtype=stacked.dtype, device=stacked.device)
+        max_a, max_b = torch.full((size,), -torch.inf, **kw), torch.full((size,), -torch.inf, **kw)
+        sum_a, sum_b, sum_ad = torch.zeros(size, **kw), torch.zeros(size, **kw), torch.zeros(size, **kw)
+        shift = None  # the running lse_a - lse_b, so that the sums hold p (log p - log q) as the sweep ends
+        acc = None
+        if self.acc is not None:
+            acc = self.acc.view(-1)[: 3 * size * self.acc.shape[2]].view(3, size, -1)  # packed, like the blocks
+            acc.zero_()
+        for first, last in _vocab_blocks(vocab, width_max):
+            width = last - first
+            # Logits of both streams in one matmul: the buffer's first two slots, rows [a; b].
+            pair = self.blocks.view(-1)[: 2 * size * width].view(2 * size, width)
+            _logits_block(stacked, weight[first:last], None if bias is None else bias[first:last], pair)
+            logits_a, logits_b = pair[:size], pair[size:]
+            ratio = torch.sub(logits_a, logits_b, out=_slot(self.blocks, 2, size, width))  # d = a - b
+            factor_a, factor_b = _rescale(max_a, logits_a.amax(1)), _rescale(max_b, logits_b.amax(1))
+            exp_a = logits_a.sub_(max_a.unsqueeze(1)).exp_()
+            exp_b = logits_b.sub_(max_b.unsqueeze(1)).exp_()
+            sum_ad.mul_(factor_a)
+            earlier_a = sum_a.mul_(factor_a).clone()  # the earlier blocks' mass, in this block's scale
+            sum_a.add_(exp_a.sum(1))
+            sum_b.mul_(factor_b).add_(exp_b.sum(1))
+            if acc is not None:
+                acc[0].mul_(factor_a.unsqueeze(1))
+                acc[1].mul_(factor_b.unsqueeze(1))
+                acc[2].mul_(factor_a.unsqueeze(1))
+            # lse_a - lse_b as (max_a - max_b) + log(sum_a / sum_b): no rounding of a common logit offset
+            new_shift = (max_a - max_b) + (torch.log(sum_a) - torch.log(sum_b))
+            if shift is not None:  # re-base the earlier blocks' sums on the new shift
+                moved = new_shift - shift
+                sum_ad.sub_(moved * earlier_a)
+                if acc is not None:
+                    acc[2].sub_(acc[0] * moved.unsqueeze(1))
+            shift = new_shift
+            ratio.sub_(shift.unsqueeze(1)).mul_(exp_a)
+            sum_ad.add_(ratio.sum(1))
+            if acc is not None:
+                everything = self.blocks.view(-1)[: 3 * size * width].view(3 * size, width)
+                acc.view(3 * size, -1).addmm_(everything, weight[first:last])
+        # KL = E_p[d] - (lse_a - lse_b) = E_p[d - shift], the shift being lse_a - lse_b of the whole row
+        mean_ratio = sum_ad / sum_a
+        values = torch.where(valid, mean_ratio, 0.0)
+        if acc is None:
+            return values, [None, None]
+        coef = torch.where(valid, scale, 0.0)
+        coef_a, coef_b = (coef / sum_a).unsqueeze(1), (coef / sum_b).unsqueeze(1)
+        grad_p = acc[2].sub_(acc[0] * mean_ratio.unsqueeze(1)).mul_(coef_a)
+        grad_q = acc[1].mul_(coef_b).sub_(acc[0].mul_(coef_a))
+        return values, [grad_p, grad_q]
+
+
+def _slot(blocks: torch.Tensor, slot: int, size: int, width: int) -> torch.Tensor:
+    """The contiguous [size, width] view of slot ``slot`` when the slots are packed as [3, size, width]."""
+    return blocks.view(-1)[slot * size * width : (slot + 1) * size * width].view(size, width)

@@ -1,0 +1,168 @@
+"""The online sweep (``are_fast.ops.online``, the ``online`` backend's path for frozen full-precision heads)
+against the float64 reference, row by row, on logits cornered like the kernels' (tests/ops/test_kernels.py).
+
+With an identity head (W = I, H = V) the hidden states are the logits, so each row's maximum can be put in the
+first, a middle, the last full or the ragged tail vocabulary block, rise with every block or fall steeply, with
+and without a common offset of 1e4. Blocks of 16 vocabulary entries (ARE_FAST_BLOCK_BYTES) and of 3 rows
+(chunk_rows) make a short row span many blocks: a sweep that forgets a rescale, lets its running maximum fall,
+mixes the target into the sums or lets a ragged block's padding in fails here. Everything else (bias, ignored
+rows, compaction, every op, gradients, NaN-poisoned outputs) runs through the ``online`` backend in the
+backend-parametrized tests of test_functional.py, test_compaction.py and test_head_matmuls.py.
+"""
+import pytest
+import torch
+
+import are_fast
+from are_fast.ops import online
+from are_fast.ops.head_matmuls import use_mode
+from _helpers import TOLERANCE, leaf, rel_error
+
+IGNORE = -100
+BLOCK = 16
+VOCAB = 5 * BLOCK + 3  # four full blocks after the first, then a ragged tail of 3
+PEAKS = {"first": 3, "middle": 2 * BLOCK + 5, "last-full": 4 * BLOCK + 7, "tail": VOCAB - 1}
+
+
+def cornered(base: torch.Tensor, peaks: list, offset: float) -> torch.Tensor:
+    """base [len(peaks) + 3, V] float64 logits: row i has its maximum 4 above the rest at peaks[i]; then a row
+    rising by 12 over its length, one falling by 200 (exp(first max - block max) overflows float32) and one
+    whose target (column 40) is 14 above the rest (p_t = 1 - 1e-5: the gradient's target term must not be
+    formed as 1 - p_t). All shifted by ``offset`` and rounded to float32."""
+    rows = base.clone()
+    for row, column in enumerate(peaks):
+        rows[row, column] = rows[row].max() + 4
+    rows[-3] += torch.linspace(0, 12, rows.shape[1], dtype=torch.float64)
+    rows[-2] += torch.linspace(0, -200, rows.shape[1], dtype=torch.float64)
+    rows[-1, 40] = rows[-1].max() + 14
+    return (rows + offset).float().double()
+
+
+def assert_rows_close(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    """Each row within the float32 tolerance of its own float64 reference (a row with small values is not
+    hidden behind one with large values)."""
+    assert out.shape == ref.shape, what
+    for row in range(len(ref)):
+        error = rel_error(out[row], ref[row])
+        assert error <= TOLERANCE[torch.float32], f"{what}, row {row}: relative error {error:.2e}"
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of BLOCK vocabulary entries for blocks of 3 rows (the KL holds three slots per block)."""
+    def use(slots: int) -> None:
+        monkeypatch.setenv("ARE_FAST_BLOCK_BYTES", str(4 * slots * 3 * BLOCK))
+    return use
+
+
+def _run(op, logits, targets_or_q, upstream, backend, dtype, device):
+    """Values and hidden gradients of sum(upstream * values) with an identity head (logits = hidden)."""
+    head = leaf(torch.eye(VOCAB, dtype=torch.float64), dtype, False, device)
+    kwargs = dict(backend=backend, chunk_rows=3) if backend != "reference" else dict(backend=backend)
+    if op == "token_logprobs":
+        hidden = leaf(logits, dtype, True, device)
+        values = are_fast.token_logprobs(hidden, head, targets_or_q.to(device), **kwargs)
+        (values * upstream.to(device, dtype)).sum().backward()
+        return values, [hidden.grad]
+    hidden_p = leaf(logits.unsqueeze(0), dtype, True, device)
+    hidden_q = leaf(targets_or_q.unsqueeze(0), dtype, True, device)
+    labels = torch.zeros(1, logits.shape[0], dtype=torch.int64, device=device)
+    labels[0, -1] = IGNORE  # the KL counts the rows whose label is a target: all but the last
+    values = are_fast.conditional_kl(hidden_p, hidden_q, head, labels, reduction="none", **kwargs)
+    (values * upstream.to(device, dtype).unsqueeze(0)).sum().backward()
+    return values[0], [hidden_p.grad[0], hidden_q.grad[0]]
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4], ids=["offset0", "offset1e4"])
+def test_logprobs_over_many_vocabulary_blocks(offset, small_blocks, device):
+    small_blocks(1)
+    logits = cornered(torch.randn(len(PEAKS) + 3, VOCAB, dtype=torch.float64) * 3, list(PEAKS.values()), offset)
+    # targets: at a peak, beside one, in the first block, the ragged tail, ignored, and the confident row's peak
+    targets = torch.tensor([3, 2 * BLOCK + 6, 0, VOCAB - 1, VOCAB - 2, IGNORE, 40])
+    upstream = torch.randn(len(targets), dtype=torch.float64)
+    ref, (ref_grad,) = _run("token_logprobs", logits, targets, upstream, "reference", torch.float64, "cpu")
+    out, (grad,) = _run("token_logprobs", logits, targets, upstream, "online", torch.float32, device)
+    assert_rows_close(out.cpu(), ref, "log-probs")
+    assert_rows_close(grad.cpu(), ref_grad, "d/dhidden")
+    assert out[5] == 0 and (grad[5] == 0).all(), "an ignored row has a value or a gradient"
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4], ids=["offset0", "offset1e4"])
+def test_kl_over_many_vocabulary_blocks(offset, small_blocks, device):
+    """p's and q's maxima in different blocks, rows that rise or fall, p close to q, and a common offset."""
+    small_blocks(3)
+    pairs = [(3, 4 * BLOCK + 7), (2 * BLOCK + 5, 1), (VOCAB - 1, 2 * BLOCK), (4 * BLOCK + 7, VOCAB - 2)]
+    base_a = torch.randn(len(pairs) + 3, VOCAB, dtype=torch.float64) * 3
+    base_b = base_a + 0.3 * torch.randn_like(base_a)  # close distributions: a small KL
+    base_b[0] = torch.randn(VOCAB, dtype=torch.float64) * 3  # and one independent row
+    a = cornered(base_a, [p for p, _ in pairs], offset)
+    b = cornered(base_b, [q for _, q in pairs], offset)
+    upstream = torch.randn(a.shape[0], dtype=torch.float64)
+    ref, ref_grads = _run("conditional_kl", a, b, upstream, "reference", torch.float64, "cpu")
+    out, grads = _run("conditional_kl", a, b, upstream, "online", torch.float32, device)
+    # float32's own floor for these sums of terms of either sign: the KL is sum_v p_v (log p_v - log q_v), its
+    # error relative to E_p |log p - log q| (two close rows: 100x their KL); the gradients (identity head)
+    # g p_v (log p_v - log q_v - KL) and g (q_v - p_v), relative to g p_v (|log p_v - log q_v| + KL) and
+    # g (q_v + p_v). A sweep that forgets a rescale or a re-basing is off by far more.
+    p, q = torch.softmax(a, 1), torch.softmax(b, 1)
+    log_ratio = (torch.log_softmax(a, 1) - torch.log_softmax(b, 1)).abs()
+    scales = [
+        torch.maximum(ref.abs(), (p * log_ratio).sum(1)),
+        (upstream.unsqueeze(1) * p * (log_ratio + ref.abs().unsqueeze(1))).norm(dim=1),
+        (upstream.unsqueeze(1) * (p + q)).norm(dim=1),
+    ]
+    results = [(out, ref, "KL")] + [(g, r, f"d/dhidden of stream {i}") for i, (g, r) in enumerate(zip(grads, ref_grads))]
+    for (got, want, what), scale in zip(results, scales):
+        error = (got.cpu().double() - want).reshape(len(want), -1).norm(dim=1)[:-1]
+        bound = TOLERANCE[torch.float32] * scale[:-1]
+        assert (error <= bound).all(), f"{what}: row errors {error.tolist()} > bounds {bound.tolist()}"
+    assert out[-1] == 0 and (grads[0][-1] == 0).all() and (grads[1][-1] == 0).all(), "a row that is not valid counts"
+
+
+def test_frozen_full_precision_heads_take_the_sweep(device):
+    """The online backend runs the sweep for a frozen float32 head, and the chunk driver (which makes a
+    HeadMatmuls) for a trainable head, a low-precision head and under autocast."""
+    hidden = torch.randn(6, 8, device=device)
+    weight = torch.randn(11, 8, device=device)
+    targets = torch.randint(0, 11, (6,), device=device)
+    cases = {
+        "frozen": (hidden, weight, 0),
+        "trainable": (hidden, weight.clone().requires_grad_(), 1),
+        "bfloat16": (hidden.bfloat16(), weight.bfloat16(), 1),
+    }
+    for name, (h, w, drivers) in cases.items():
+        with use_mode() as made:
+            are_fast.token_logprobs(h.clone().requires_grad_(), w, targets, backend="online").sum().backward()
+        assert len(made) == drivers, name  # trainable: the forward sweeps, the backward recomputes in the driver
+    with use_mode() as made, torch.autocast(device.type, dtype=torch.bfloat16):
+        are_fast.token_logprobs(hidden.clone().requires_grad_(), weight, targets, backend="online").sum().backward()
+    assert made and made[0].operand_dtype == torch.bfloat16
+
+
+def test_only_target_rows_reach_the_sweep(monkeypatch):
+    """With ignored rows left out (compaction, on CPU) the sweep multiplies only the target rows."""
+    weight = torch.randn(11, 8)
+    seen = []
+    logits_block = online._logits_block
+
+    def counting(hidden, weight_block, bias_block, out):
+        if weight_block.data_ptr() == weight.data_ptr():  # the first vocabulary block of a block of rows
+            seen.append(hidden.shape[0])
+        return logits_block(hidden, weight_block, bias_block, out)
+
+    monkeypatch.setattr(online, "_logits_block", counting)
+    labels = torch.full((40,), IGNORE)
+    labels[[2, 9, 17, 30]] = torch.tensor([1, 5, 0, 10])
+    hidden = torch.randn(40, 8, requires_grad=True)
+    out = are_fast.token_logprobs(hidden, weight, labels, backend="online")
+    out.sum().backward()
+    assert seen == [4]
+    assert (out[labels == IGNORE] == 0).all() and (hidden.grad[labels == IGNORE] == 0).all()
+
+
+def test_block_shape_keeps_the_budget(monkeypatch):
+    monkeypatch.delenv("ARE_FAST_BLOCK_BYTES", raising=False)
+    rows, vocab = online.block_shape(4096, 32000, 1)
+    assert rows * vocab * 4 <= 2 << 20 and vocab % 16 == 0
+    rows, vocab = online.block_shape(4096, 32000, 2)
+    assert 3 * rows * vocab * 4 <= 2 << 20
+    assert online.block_shape(5, 40, 1) == (5, 40)  # never wider than the vocabulary, never more rows than there are
