@@ -1,7 +1,7 @@
 """The CPU target table of the op layer: are_fast against PyTorch's chunked linear cross-entropy and the naive
 formulas, time and peak extra RSS, measured side by side.
 
-    python -m benchmarks.side_by_side --rounds 3 [--impls chunked torch-chunked reference] [--out table.md]
+    python -m benchmarks.side_by_side --rounds 3 [--impls online chunked torch-chunked reference] [--out table.md]
 
 Every (case, implementation) runs in a fresh process (``benchmarks.rss.probe``: the first forward+backward
 gives the peak extra RSS, then ``--calls`` timed calls); the rounds go round-robin over all cases and
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=1,
                         help="timed calls per process after the RSS call (0: time the RSS call itself)")
     parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--impls", nargs="+", default=["chunked", "torch-chunked", "reference"])
+    parser.add_argument("--impls", nargs="+", default=["online", "chunked", "torch-chunked", "reference"])
     parser.add_argument("--ops", nargs="+", default=None, help="only these ops")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)

@@ -219,6 +219,9 @@ def _setup_context(ctx, inputs, output):
     ctx.hidden_grads, ctx.weight_grad, ctx.bias_grad = list(hidden_grads), weight_grad, bias_grad and bias is not None
     ctx.options = (kind, ignore_index, backend, chunk_rows, compact, operand_dtype)
     ctx.in_place, ctx.done = not _retain_graph[0], False
+    # The gradient outputs (dh, dw, db) never receive a gradient: without this autograd would hand the backward
+    # a zero tensor of each one's shape (one more [N, H] per stream, and [V, H]).
+    ctx.set_materialize_grads(False)
     if mode in ("rescale", "scalar"):
         ctx.save_for_backward(*dh, dw, db)
     elif mode == "recompute":
@@ -228,7 +231,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_values, grad_total, *unused):
     nones = [None] * 16  # one per input of linear_streams
     hidden_slot, weight_slot, bias_slot = 1, 2, 3
-    if ctx.mode == "values":
+    nones[hidden_slot] = [None] * ctx.streams  # the hiddens input is a list: its gradient is one too
+    upstream = grad_total if ctx.mode == "scalar" else grad_values
+    if ctx.mode == "values" or upstream is None:  # None: the output was not used, so no gradient flows
         return tuple(nones)
     if ctx.mode in ("rescale", "scalar"):
         if ctx.done:
@@ -238,7 +243,7 @@ def _backward(ctx, grad_values, grad_total, *unused):
             )
         ctx.done = ctx.in_place
         *dh, dw, db = ctx.saved_tensors
-        scale = grad_values if ctx.mode == "rescale" else grad_total
+        scale = upstream
 
         def scaled(grad):
             grad = grad if ctx.in_place else grad.clone()

@@ -121,7 +121,10 @@ class _LogprobSweep:
 
     def __init__(self, rows, hidden_size, block_vocab, dtype, device, want_grad, need):
         self.want_grad = want_grad and need[0]
-        self.block = torch.empty(rows, block_vocab, dtype=dtype, device=device)
+        # One buffer: a block of logits during the sweep, the rows W[t] of the targets after it.
+        width = max(block_vocab, hidden_size) if self.want_grad else block_vocab
+        self.buffer = torch.empty(rows * width, dtype=dtype, device=device)
+        self.block_vocab = block_vocab
         self.acc = torch.empty(rows, hidden_size, dtype=dtype, device=device) if self.want_grad else None
 
     def run(self, chunk, weight, bias, targets, ignore_index, scale):
@@ -136,9 +139,10 @@ class _LogprobSweep:
         acc = self.acc[:size] if self.want_grad else None
         if acc is not None:
             acc.zero_()
-        for first, last in _vocab_blocks(vocab, self.block.shape[1]):
+        for first, last in _vocab_blocks(vocab, self.block_vocab):
             width = last - first
-            logits = _logits_block(hidden, weight[first:last], None if bias is None else bias[first:last], self.block[:size, :width])
+            block = self.buffer[: size * width].view(size, width)
+            logits = _logits_block(hidden, weight[first:last], None if bias is None else bias[first:last], block)
             local = targets - first
             here = in_range & (local >= 0) & (local < width)
             index = local.clamp(0, width - 1).unsqueeze(1)
@@ -161,7 +165,8 @@ class _LogprobSweep:
         coef = torch.where(valid & in_range, scale / total, 0.0)
         safe = torch.where(in_range, targets, 0)
         # g (others / total) W[t] - (g / total) acc
-        grad = acc.mul_(-coef.unsqueeze(1)).addcmul_(weight.index_select(0, safe), (coef * others).unsqueeze(1))
+        target_rows = torch.index_select(weight, 0, safe, out=self.buffer[: size * weight.shape[1]].view(size, -1))
+        grad = acc.mul_(-coef.unsqueeze(1)).addcmul_(target_rows, (coef * others).unsqueeze(1))
         return logp, [grad]
 
 
@@ -218,7 +223,7 @@ class _KLSweep:
                 moved = new_shift - shift
                 sum_ad.sub_(moved * earlier_a)
                 if acc is not None:
-                    acc[2].sub_(acc[0] * moved.unsqueeze(1))
+                    acc[2].addcmul_(acc[0], moved.unsqueeze(1), value=-1)
             shift = new_shift
             ratio.sub_(shift.unsqueeze(1)).mul_(exp_a)
             sum_ad.add_(ratio.sum(1))
@@ -232,7 +237,7 @@ class _KLSweep:
             return values, [None, None]
         coef = torch.where(valid, scale, 0.0)
         coef_a, coef_b = (coef / sum_a).unsqueeze(1), (coef / sum_b).unsqueeze(1)
-        grad_p = acc[2].sub_(acc[0] * mean_ratio.unsqueeze(1)).mul_(coef_a)
+        grad_p = acc[2].addcmul_(acc[0], mean_ratio.unsqueeze(1), value=-1).mul_(coef_a)
         grad_q = acc[1].mul_(coef_b).sub_(acc[0].mul_(coef_a))
         return values, [grad_p, grad_q]
 
