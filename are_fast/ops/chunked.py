@@ -23,21 +23,23 @@ from .head_matmuls import HeadMatmuls, autocast_off
 # gradient outputs per stream (None: over the logits)) -> values [C].
 Epilogue = Callable[[list, "slice | torch.Tensor", "torch.Tensor | None", list], torch.Tensor]
 
-# Logits bytes per chunk, all streams together. On CPU the budget follows the hidden gradient the op holds
-# anyway ([N, H] per stream): chunks no larger than it keep the peak extra RSS near that floor (the chunk
-# buffers and the epilogue's temporaries are reused from the allocator's free lists), between 8 MiB (smaller
-# chunks spend their time in per-chunk overhead and in streaming the head once more per chunk) and 32 MiB.
-_CHUNK_BYTES = {"cuda": (256 << 20, 256 << 20), "cpu": (8 << 20, 32 << 20)}
+# Logits bytes per chunk, all streams together. On CPU the budget follows the gradients the op holds anyway
+# (the hidden gradients, [N, H] per stream, and half of a trainable head's [V, H] weight gradient): chunks no
+# larger keep the peak extra RSS near that floor (the chunk buffers and the epilogue's temporaries are reused
+# from the allocator's free lists), between 8 MiB (smaller chunks spend their time in per-chunk overhead and in
+# streaming the head once more per chunk) and 64 MiB. A trainable head gains most from large chunks: each
+# chunk reads and writes the whole weight-gradient accumulator once.
+_CHUNK_BYTES = {"cuda": (256 << 20, 256 << 20), "cpu": (8 << 20, 64 << 20)}
 
 
-def chunk_rows_for(n_rows: int, vocab: int, streams: int, device: torch.device, hidden_bytes: int = 0) -> int:
+def chunk_rows_for(n_rows: int, vocab: int, streams: int, device: torch.device, held_bytes: int = 0) -> int:
     """Rows per chunk so that the float32 logits of all streams stay within a byte budget.
 
-    The budget is 256 MiB on CUDA; elsewhere ``hidden_bytes`` (the bytes of the hidden states of all streams)
-    clamped to [8 MiB, 32 MiB]. The environment variable ARE_FAST_CHUNK_BYTES overrides it.
+    The budget is 256 MiB on CUDA; elsewhere ``held_bytes`` (the bytes of the hidden gradients plus half the
+    weight gradient's) clamped to [8 MiB, 64 MiB]. The environment variable ARE_FAST_CHUNK_BYTES overrides it.
     """
     low, high = _CHUNK_BYTES.get(device.type, _CHUNK_BYTES["cpu"])
-    budget = int(os.environ.get("ARE_FAST_CHUNK_BYTES", min(max(hidden_bytes, low), high)))
+    budget = int(os.environ.get("ARE_FAST_CHUNK_BYTES", min(max(held_bytes, low), high)))
     rows = max(1, budget // (vocab * 4 * streams))
     if rows > 16:
         rows -= rows % 16  # matmul-friendly row counts
@@ -86,8 +88,10 @@ def fused_linear_pass(
     dw = torch.zeros(vocab, hidden_size, dtype=matmuls.compute_dtype, device=device) if want_grad and weight_grad else None
     db = torch.zeros(vocab, dtype=matmuls.compute_dtype, device=device) if want_grad and bias_grad else None
 
-    hidden_bytes = sum(h.numel() * h.element_size() for h in hiddens)
-    rows_per_chunk = chunk_rows or chunk_rows_for(active, vocab, len(hiddens), device, hidden_bytes)
+    held_bytes = sum(h.numel() * h.element_size() for h in hiddens)
+    if dw is not None:
+        held_bytes += dw.numel() * dw.element_size() // 2
+    rows_per_chunk = chunk_rows or chunk_rows_for(active, vocab, len(hiddens), device, held_bytes)
     size_max = max(1, min(rows_per_chunk, active))
     # Buffers reused by every chunk: logits per stream, and with compaction the gathered rows and their gradient.
     buffers = [torch.empty(size_max, vocab, dtype=matmuls.compute_dtype, device=device) for _ in hiddens]
