@@ -35,15 +35,16 @@ def logits_with_entropy(prior: torch.Tensor, noise: torch.Tensor, entropy: float
     return base / math.sqrt(low * high)
 
 
-def skip_report(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> list[dict]:
-    """Per tile shape: share of tiles with every probability < THRESHOLD (the target's entry excluded: its
-    one-hot term is added apart), and the relative error of the hidden gradient with them skipped."""
+def skip_report(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, tiles=TILES) -> list[dict]:
+    """Per tile shape (rows, vocabulary entries) that fits the logits: share of tiles with every probability
+    < THRESHOLD (the target's entry excluded: its one-hot term is added apart), and the norm-wise relative
+    error of the hidden gradient with them skipped. logits [N, V] float64, targets [N], weight [V, H]."""
     p = torch.softmax(logits, 1)
     exact = -p @ weight
     exact += weight[targets]
     reports = []
     rows, vocab = p.shape
-    for tile_rows, tile_vocab in TILES:
+    for tile_rows, tile_vocab in [t for t in tiles if t[0] <= rows and t[1] <= vocab]:
         masked = p.clone()
         masked[torch.arange(rows), targets] = 0.0
         r, v = rows // tile_rows * tile_rows, vocab // tile_vocab * tile_vocab
@@ -79,7 +80,7 @@ def main(argv=None) -> None:
             targets = torch.multinomial(torch.softmax(logits, 1), 1, generator=generator).squeeze(1)
             top1 = torch.softmax(logits, 1).amax(1).mean().item()
             for report in skip_report(logits, targets, weight):
-                print(f"| {name} | {entropy:.0f} | {top1:.2f} | {report['tile']} | {report['skipped']:.1%} | "
+                print(f"| {name} | {entropy:.0f} | {top1:.2f} | {report['tile']} | {report['skipped']:.2%} | "
                       f"{report['error']:.1e} |", flush=True)
 
 
