@@ -11,7 +11,9 @@ the caller picks from what needs a gradient:
 - "scalar" (a loss whose per-row scale ``row_scale`` is known in the forward, e.g. compression_loss): every
   gradient of ``total = sum(row_scale * values)``, the head's included, is computed in the forward, so a
   trainable head costs 3 matmuls per chunk; the backward scales them in place by d loss / d total;
-- "recompute" (trainable head, per-row output): the backward recomputes the logits chunk by chunk.
+- "recompute" (trainable head, per-row output): the backward recomputes the logits, block by block with the
+  per-row log-sum-exp the online sweep's forward saved (log-probabilities on the ``online`` backend), else chunk
+  by chunk.
 
 The in-place scaling means one backward per forward: a second one (``retain_graph=True``, gradcheck) raises,
 saying so, unless the forward ran under ``allow_retain_graph()`` (then the backward scales a copy, one more
@@ -79,6 +81,12 @@ def _rows(kind: str, labels: Tensor, ignore_index: int, compact: bool) -> Tensor
     return None if rows.numel() == labels.numel() else rows
 
 
+def _online_log_norms(kind, backend, weight, bias, operand_dtype) -> bool:
+    """Whether a "recompute" forward runs the online logprob sweep, which also returns each row's log-sum-exp
+    (saved, so that the backward sweeps with the final probabilities: ``online.online_weight_pass``)."""
+    return kind == "logprob" and REGISTRY[backend].online and online.supported(weight, bias, operand_dtype, False, False)
+
+
 def _pass(kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows, compact, operand_dtype, **grads):
     rows = _rows(kind, labels, ignore_index, compact)
     if REGISTRY[backend].online and online.supported(
@@ -116,10 +124,11 @@ def linear_streams(
     bias_grad: bool,
     check_labels: bool,
     operand_dtype: Optional[torch.dtype],
-) -> tuple[Tensor, Tensor, list[Tensor], Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, list[Tensor], Tensor, Tensor, Tensor]:
     """-> values [N] (compute dtype), total (scalar: sum(row_scale * values), 0 without row_scale),
     hidden gradients (one per stream, [N, H]; shape [0] where not computed), weight gradient [V, H] and bias
-    gradient [V] (shape [0] where not computed). Gradients are computed in the forward only in the "rescale"
+    gradient [V] (shape [0] where not computed), and in "recompute" mode on the online sweep each row's
+    log-sum-exp [N] (shape [0] otherwise). Gradients are computed in the forward only in the "rescale"
     (unit scale) and "scalar" (scale ``row_scale`` [N]) modes. operand_dtype: the matmuls' operand dtype
     (autocast's, read by the caller outside the op; None: the head's)."""
     if mode not in MODES:
@@ -142,7 +151,9 @@ def linear_streams(
     dh = [g if g is not None else _placeholder(h) for g, h in zip(result.hidden_grads or [None] * len(hiddens), hiddens)]
     dw = result.weight_grad if result.weight_grad is not None else _placeholder(weight)
     db = result.bias_grad if result.bias_grad is not None else _placeholder(weight)
-    return values, total, dh, dw, db
+    keep_norms = mode == "recompute" and _online_log_norms(kind, backend, weight, bias, operand_dtype)
+    log_norms = result.log_norms if keep_norms else _placeholder(values)
+    return values, total, dh, dw, db, log_norms
 
 
 @linear_streams.register_fake
@@ -158,7 +169,8 @@ def _(kind, hiddens, weight, bias, labels, row_scale, ignore_index, backend, chu
     db = weight.new_empty((weight.shape[0],) if scalar and bias_grad and bias is not None else _NONE)
     if bias is not None:
         db = db.to(bias.dtype)
-    return values, values.new_empty(()), dh, dw, db
+    keep_norms = mode == "recompute" and _online_log_norms(kind, backend, weight, bias, operand_dtype)
+    return values, values.new_empty(()), dh, dw, db, values.new_empty((n,) if keep_norms else _NONE)
 
 
 @torch.library.custom_op("are_fast::linear_streams_backward", mutates_args=())
@@ -169,6 +181,7 @@ def linear_streams_backward(
     bias: Optional[Tensor],
     labels: Tensor,
     grad_values: Tensor,
+    log_norms: Tensor,
     ignore_index: int,
     backend: str,
     chunk_rows: int,
@@ -178,12 +191,19 @@ def linear_streams_backward(
     bias_grad: bool,
     operand_dtype: Optional[torch.dtype],
 ) -> tuple[list[Tensor], Tensor, Tensor]:
-    """The "recompute" backward: gradients of sum(grad_values * values), recomputing the logits chunk by chunk."""
-    result = _pass(
-        kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows, compact, operand_dtype,
-        grad_scale=grad_values.contiguous(), hidden_grads=hidden_grads, weight_grad=weight_grad,
-        bias_grad=bias_grad and bias is not None,
-    )
+    """The "recompute" backward: gradients of sum(grad_values * values), recomputing the logits block by block
+    with the forward's per-row log-sum-exp (``log_norms`` [N], the online sweep) or chunk by chunk (shape [0])."""
+    if log_norms.numel():
+        result = online.online_weight_pass(
+            hiddens[0], weight, bias, labels, ignore_index, grad_values.contiguous(), log_norms, hidden_grads[0],
+            weight_grad, bias_grad and bias is not None, _rows(kind, labels, ignore_index, compact), chunk_rows or None,
+        )
+    else:
+        result = _pass(
+            kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows, compact, operand_dtype,
+            grad_scale=grad_values.contiguous(), hidden_grads=hidden_grads, weight_grad=weight_grad,
+            bias_grad=bias_grad and bias is not None,
+        )
     dh = [g if g is not None else _placeholder(h) for g, h in zip(result.hidden_grads, hiddens)]
     dw = result.weight_grad if result.weight_grad is not None else _placeholder(weight)
     db = result.bias_grad if result.bias_grad is not None else _placeholder(weight)
@@ -191,8 +211,8 @@ def linear_streams_backward(
 
 
 @linear_streams_backward.register_fake
-def _(kind, hiddens, weight, bias, labels, grad_values, ignore_index, backend, chunk_rows, compact, hidden_grads,
-      weight_grad, bias_grad, operand_dtype):
+def _(kind, hiddens, weight, bias, labels, grad_values, log_norms, ignore_index, backend, chunk_rows, compact,
+      hidden_grads, weight_grad, bias_grad, operand_dtype):
     dh = [h.new_empty(h.shape if need else _NONE) for h, need in zip(hiddens, hidden_grads)]
     dw = weight.new_empty(weight.shape if weight_grad else _NONE)
     db = weight.new_empty((weight.shape[0],) if bias_grad and bias is not None else _NONE)
@@ -214,7 +234,7 @@ def _(grad, scale):
 def _setup_context(ctx, inputs, output):
     (kind, hiddens, weight, bias, labels, row_scale, ignore_index, backend, chunk_rows, compact, mode,
      hidden_grads, weight_grad, bias_grad, _, operand_dtype) = inputs
-    values, total, dh, dw, db = output
+    values, total, dh, dw, db, log_norms = output
     ctx.mode, ctx.streams = mode, len(hiddens)
     ctx.hidden_grads, ctx.weight_grad, ctx.bias_grad = list(hidden_grads), weight_grad, bias_grad and bias is not None
     ctx.options = (kind, ignore_index, backend, chunk_rows, compact, operand_dtype)
@@ -225,7 +245,7 @@ def _setup_context(ctx, inputs, output):
     if mode in ("rescale", "scalar"):
         ctx.save_for_backward(*dh, dw, db)
     elif mode == "recompute":
-        ctx.save_for_backward(weight, bias, labels, *hiddens)
+        ctx.save_for_backward(weight, bias, labels, log_norms, *hiddens)
 
 
 def _backward(ctx, grad_values, grad_total, *unused):
@@ -255,10 +275,10 @@ def _backward(ctx, grad_values, grad_total, *unused):
             nones[weight_slot] = scaled(dw) if ctx.weight_grad else None
             nones[bias_slot] = scaled(db) if ctx.bias_grad else None
         return tuple(nones)
-    weight, bias, labels, *hiddens = ctx.saved_tensors
+    weight, bias, labels, log_norms, *hiddens = ctx.saved_tensors
     kind, ignore_index, backend, chunk_rows, compact, operand_dtype = ctx.options
     dh, dw, db = linear_streams_backward(
-        kind, hiddens, weight, bias, labels, grad_values, ignore_index, backend, chunk_rows, compact,
+        kind, hiddens, weight, bias, labels, grad_values, log_norms, ignore_index, backend, chunk_rows, compact,
         ctx.hidden_grads, ctx.weight_grad, ctx.bias_grad, operand_dtype,
     )
     nones[hidden_slot] = [g if need else None for g, need in zip(dh, ctx.hidden_grads)]
@@ -290,7 +310,7 @@ def fused_streams(kind, hiddens, weight, bias, labels, ignore_index, backend, ch
         mode = "values"
     # Under autocast the head's matmuls run in its dtype, in the backward too (which runs outside it).
     operand_dtype = autocast_operand_dtype(weight.device) if weight.dtype == torch.float32 else None
-    values, total, _, _, _ = linear_streams(
+    values, total, _, _, _, _ = linear_streams(
         kind, list(hiddens), weight, bias, labels, row_scale, ignore_index, backend, chunk_rows or 0, compact, mode,
         need_hidden, need_weight, need_bias, torch.compiler.is_compiling() and checks.label_checks_enabled(),
         operand_dtype,

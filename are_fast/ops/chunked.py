@@ -48,10 +48,11 @@ def chunk_rows_for(n_rows: int, vocab: int, streams: int, device: torch.device, 
 
 @dataclass
 class PassResult:
-    values: torch.Tensor  # [N] compute dtype
+    values: torch.Tensor | None  # [N] compute dtype (None from a gradient-only pass)
     hidden_grads: list  # per stream: [N, H] in the hidden dtype, or None
     weight_grad: torch.Tensor | None  # [V, H] in the weight dtype
     bias_grad: torch.Tensor | None  # [V] in the bias dtype
+    log_norms: torch.Tensor | None = None  # [N] each row's log-sum-exp of the logits (the online logprob sweep)
 
 
 def fused_linear_pass(

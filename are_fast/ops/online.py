@@ -9,7 +9,10 @@ of rows meets each block of the head once, the two matmuls per block have cache-
 the cache once per chunk, which on a CPU limits the chunk size to the memory budget and the speed to the
 memory bandwidth.
 
-Scope: heads whose dtype is the compute dtype (float32, float64) and that need no gradient; the ``online``
+Scope: heads whose dtype is the compute dtype (float32, float64). A frozen head: every op. A trainable head:
+the log-probability ops whose per-row upstream gradient is unknown in the forward (token, sequence): the values
+sweep also returns each row's log-sum-exp, and the backward (``online_weight_pass``) sweeps once more with the
+final probabilities (4 block matmuls per row in all, the minimum without holding the logits). The ``online``
 backend (``are_fast.ops.backends``) routes everything else to the chunk driver.
 
 Precision: every sum is relative to its row's running maximum. The target's probability is kept out of the
@@ -31,7 +34,8 @@ _BLOCK_ROWS = 512
 
 
 def supported(weight: torch.Tensor, bias: torch.Tensor | None, operand_dtype, weight_grad: bool, bias_grad: bool) -> bool:
-    """Whether the online sweep can run this pass: a frozen head in its compute dtype."""
+    """Whether the online sweep can run this pass: a frozen head in its compute dtype (a trainable head's
+    log-probabilities take ``online_pass`` for the values and ``online_weight_pass`` for the gradients)."""
     full = weight.dtype in (torch.float32, torch.float64) and (bias is None or bias.dtype == weight.dtype)
     return full and operand_dtype in (None, weight.dtype) and not weight_grad and not bias_grad
 
@@ -77,8 +81,9 @@ def online_pass(
     values = new(n_rows, dtype=dtype, device=device)
     needs = list(hidden_grads) + [False] * (len(hiddens) - len(hidden_grads))
     dh = [new(h.shape, dtype=h.dtype, device=device) if want_grad and need else None for h, need in zip(hiddens, needs)]
+    log_norms = new(n_rows, dtype=dtype, device=device) if kind == "logprob" else None
     if active == 0:
-        return PassResult(values, dh, None, None)
+        return PassResult(values, dh, None, None, log_norms)
     step, block_vocab = block_shape(active, vocab, len(hiddens), block_rows)
     sweep = _LogprobSweep if kind == "logprob" else _KLSweep
     state = sweep(step, hidden_size, block_vocab, dtype, device, want_grad, [g is not None for g in dh])
@@ -87,15 +92,76 @@ def online_pass(
         sel = rows[start:stop] if compact else slice(start, stop)
         chunk = [h[sel].to(dtype) for h in hiddens]
         scale = None if grad_scale is None else grad_scale[sel].to(dtype)
-        chunk_values, chunk_grads = state.run(chunk, weight, bias, labels[sel], ignore_index, scale)
+        chunk_values, chunk_grads, chunk_norms = state.run(chunk, weight, bias, labels[sel], ignore_index, scale)
         values[sel] = chunk_values
+        if log_norms is not None:
+            log_norms[sel] = chunk_norms
         for stream, grad in enumerate(chunk_grads):
             if dh[stream] is not None:
                 if compact:
                     dh[stream].index_copy_(0, sel, grad.to(dh[stream].dtype))
                 else:
                     dh[stream][sel] = grad
-    return PassResult(values, dh, None, None)
+    return PassResult(values, dh, None, None, log_norms)
+
+
+def online_weight_pass(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    ignore_index: int,
+    grad_scale: torch.Tensor,
+    log_norms: torch.Tensor,
+    hidden_grad: bool,
+    weight_grad: bool,
+    bias_grad: bool,
+    rows: torch.Tensor | None = None,
+    block_rows: int | None = None,
+) -> PassResult:
+    """The gradients of sum(grad_scale * log p(target)) for a trainable head, given each row's log-sum-exp from
+    the forward (``online_pass``'s ``log_norms`` [N]): with the final probabilities known, one sweep forms per
+    block the logits, their gradient g (onehot - p) and its products with the head (hidden gradient [N, H]) and
+    with the rows (weight gradient [V, H], bias gradient [V]): 3 matmuls per block and no [C, V] chunk.
+    hidden [N, H], targets int64 [N], grad_scale [N]; rows: optional int64 [M] rows that count."""
+    n_rows, hidden_size = hidden.shape
+    vocab, dtype, device = weight.shape[0], weight.dtype, weight.device
+    compact = rows is not None
+    active = rows.numel() if compact else n_rows
+    dh = (torch.zeros if compact else torch.empty)(hidden.shape, dtype=hidden.dtype, device=device) if hidden_grad else None
+    dw = torch.zeros_like(weight) if weight_grad else None
+    db = torch.zeros(vocab, dtype=dtype, device=device) if bias_grad else None
+    step, block_vocab = block_shape(max(active, 1), vocab, 1, block_rows)
+    buffer = torch.empty(step * block_vocab, dtype=dtype, device=device)
+    acc = torch.empty(step * hidden_size, dtype=dtype, device=device) if hidden_grad else None
+    for start in range(0, active, step):
+        stop = min(start + step, active)
+        sel = rows[start:stop] if compact else slice(start, stop)
+        chunk, chunk_targets, size = hidden[sel].to(dtype), targets[sel], stop - start
+        counted = (chunk_targets != ignore_index) & (chunk_targets >= 0) & (chunk_targets < vocab)
+        scale = torch.where(counted, grad_scale[sel].to(dtype), 0.0)
+        norm = torch.where(counted, log_norms[sel], torch.inf).unsqueeze(1)  # p = 0 on rows that do not count
+        chunk_acc = acc[: size * hidden_size].view(size, hidden_size).zero_() if acc is not None else None
+        for first, last in _vocab_blocks(vocab, block_vocab):
+            width = last - first
+            logits = _logits_block(chunk, weight[first:last], None if bias is None else bias[first:last],
+                                   buffer[: size * width].view(size, width))
+            grad = logits.sub_(norm).exp_().mul_(-scale.unsqueeze(1))  # -g p, in place
+            local = chunk_targets - first
+            here = counted & (local >= 0) & (local < width)
+            grad.scatter_add_(1, local.clamp(0, width - 1).unsqueeze(1), torch.where(here, scale, 0.0).unsqueeze(1))
+            if chunk_acc is not None:
+                chunk_acc.addmm_(grad, weight[first:last])
+            if dw is not None:
+                dw[first:last].addmm_(grad.T, chunk)
+            if db is not None:
+                db[first:last].add_(grad.sum(0))
+        if dh is not None:
+            if compact:
+                dh.index_copy_(0, sel, chunk_acc.to(dh.dtype))
+            else:
+                dh[sel] = chunk_acc
+    return PassResult(None, [dh], dw, db)
 
 
 def _vocab_blocks(vocab: int, block_vocab: int):
@@ -160,14 +226,15 @@ class _LogprobSweep:
         confident = others < target_term
         logp = torch.where(confident, -torch.log1p(others / target_term), target_logit - running_max - torch.log(total))
         logp = torch.where(valid, torch.where(in_range, logp, torch.nan), 0.0)
+        log_norm = running_max + torch.log(total)
         if acc is None:
-            return logp, [None]
+            return logp, [None], log_norm
         coef = torch.where(valid & in_range, scale / total, 0.0)
         safe = torch.where(in_range, targets, 0)
         # g (others / total) W[t] - (g / total) acc
         target_rows = torch.index_select(weight, 0, safe, out=self.buffer[: size * weight.shape[1]].view(size, -1))
         grad = acc.mul_(-coef.unsqueeze(1)).addcmul_(target_rows, (coef * others).unsqueeze(1))
-        return logp, [grad]
+        return logp, [grad], log_norm
 
 
 class _KLSweep:
@@ -234,12 +301,12 @@ class _KLSweep:
         mean_ratio = sum_ad / sum_a
         values = torch.where(valid, mean_ratio, 0.0)
         if acc is None:
-            return values, [None, None]
+            return values, [None, None], None
         coef = torch.where(valid, scale, 0.0)
         coef_a, coef_b = (coef / sum_a).unsqueeze(1), (coef / sum_b).unsqueeze(1)
         grad_p = acc[2].addcmul_(acc[0], mean_ratio.unsqueeze(1), value=-1).mul_(coef_a)
         grad_q = acc[1].mul_(coef_b).sub_(acc[0].mul_(coef_a))
-        return values, [grad_p, grad_q]
+        return values, [grad_p, grad_q], None
 
 
 def _slot(blocks: torch.Tensor, slot: int, size: int, width: int) -> torch.Tensor:

@@ -62,7 +62,7 @@ def test_compiled_label_check_still_raises():
         torch.compile(module, fullgraph=True, backend="aot_eager")(hidden, hidden_q, labels)
 
 
-def _op_args(mode, kind="logprob"):
+def _op_args(mode, kind="logprob", backend="chunked"):
     hidden = torch.randn(9, H, dtype=torch.float64, requires_grad=True)
     hidden_q = torch.randn(9, H, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(V, H, dtype=torch.float64, requires_grad=mode in ("scalar", "recompute"))
@@ -73,14 +73,15 @@ def _op_args(mode, kind="logprob"):
         labels = labels != IGNORE
     row_scale = torch.rand(9, dtype=torch.float64) if mode == "scalar" else None
     train = mode in ("scalar", "recompute")
-    return (kind, hiddens, weight, None, labels, row_scale, IGNORE, "chunked", 4, True, mode,
+    return (kind, hiddens, weight, None, labels, row_scale, IGNORE, backend, 4, True, mode,
             [True] * len(hiddens), train, False, False, None)
 
 
 @pytest.mark.parametrize("mode", ["values", "rescale", "scalar", "recompute"])
 @pytest.mark.parametrize("kind", ["logprob", "kl"])
-def test_opcheck_linear_streams(mode, kind):
-    args = _op_args(mode, kind)
+@pytest.mark.parametrize("backend", ["chunked", "online"])
+def test_opcheck_linear_streams(mode, kind, backend):
+    args = _op_args(mode, kind, backend)
     if mode == "values":
         args = args[:11] + ([False] * len(args[1]), False, False, False, None)
         for h in args[1]:

@@ -119,20 +119,25 @@ def test_kl_over_many_vocabulary_blocks(offset, small_blocks, device):
 
 
 def test_frozen_full_precision_heads_take_the_sweep(device):
-    """The online backend runs the sweep for a frozen float32 head, and the chunk driver (which makes a
-    HeadMatmuls) for a trainable head, a low-precision head and under autocast."""
+    """The online backend runs the sweeps for a float32 head, frozen or (log-probabilities) trainable, and the
+    chunk driver (which makes a HeadMatmuls) for a low-precision head, under autocast and for a trainable
+    head's KL."""
     hidden = torch.randn(6, 8, device=device)
     weight = torch.randn(11, 8, device=device)
     targets = torch.randint(0, 11, (6,), device=device)
     cases = {
         "frozen": (hidden, weight, 0),
-        "trainable": (hidden, weight.clone().requires_grad_(), 1),
+        "trainable": (hidden, weight.clone().requires_grad_(), 0),
         "bfloat16": (hidden.bfloat16(), weight.bfloat16(), 1),
     }
     for name, (h, w, drivers) in cases.items():
         with use_mode() as made:
             are_fast.token_logprobs(h.clone().requires_grad_(), w, targets, backend="online").sum().backward()
-        assert len(made) == drivers, name  # trainable: the forward sweeps, the backward recomputes in the driver
+        assert len(made) == drivers, name
+    trainable = weight.clone().requires_grad_()
+    with use_mode() as made:
+        are_fast.conditional_kl(hidden[None], hidden[None] + 1, trainable, targets[None], backend="online").backward()
+    assert len(made) == 1 and trainable.grad is not None
     with use_mode() as made, torch.autocast(device.type, dtype=torch.bfloat16):
         are_fast.token_logprobs(hidden.clone().requires_grad_(), weight, targets, backend="online").sum().backward()
     assert made and made[0].operand_dtype == torch.bfloat16
@@ -166,3 +171,26 @@ def test_block_shape_keeps_the_budget(monkeypatch):
     rows, vocab = online.block_shape(4096, 32000, 2)
     assert 3 * rows * vocab * 4 <= 2 << 20
     assert online.block_shape(5, 40, 1) == (5, 40)  # never wider than the vocabulary, never more rows than there are
+
+
+@pytest.mark.parametrize("op", ["token_logprobs", "sequence_logprobs"])
+def test_trainable_head_over_many_vocabulary_blocks(op, small_blocks, device):
+    """A trainable head and bias: the values sweep saves each row's log-sum-exp and the backward sweeps again
+    (online_weight_pass). Targets in the first block and the ragged tail, ignored rows (left out of both
+    sweeps by compaction on CPU), blocks of 3 rows and 16 vocabulary entries; every gradient against float64."""
+    small_blocks(1)
+    hidden = torch.randn(2, 6, 8, dtype=torch.float64) * 2
+    weight = torch.randn(VOCAB, 8, dtype=torch.float64)
+    bias = torch.randn(VOCAB, dtype=torch.float64)
+    labels = torch.tensor([[0, 3, VOCAB - 1, IGNORE, 40, VOCAB - 2], [IGNORE, IGNORE, 17, 5, 2 * BLOCK, 1]])
+    upstream = torch.randn(2, 6, dtype=torch.float64) if op == "token_logprobs" else torch.randn(2, dtype=torch.float64)
+    results = {}
+    for backend, dtype, where in (("reference", torch.float64, "cpu"), ("online", torch.float32, device)):
+        leaves = [leaf(t, dtype, True, where) for t in (hidden, weight, bias)]
+        kwargs = dict(backend=backend) if backend == "reference" else dict(backend=backend, chunk_rows=3)
+        values = getattr(are_fast, op)(leaves[0], leaves[1], labels.to(where), leaves[2], **kwargs)
+        (values * upstream.to(where, dtype)).sum().backward()
+        results[backend] = [values] + [t.grad for t in leaves]
+    for what, got, want in zip(("values", "d/dhidden", "d/dweight", "d/dbias"), results["online"], results["reference"]):
+        error = rel_error(got, want)
+        assert error <= TOLERANCE[torch.float32], f"{op} {what}: relative error {error:.2e}"
