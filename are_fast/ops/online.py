@@ -245,7 +245,7 @@ class _KLSweep:
     end the sums hold p (log p - log q) itself: a small KL is not the difference of two large terms."""
 
     def __init__(self, rows, hidden_size, block_vocab, dtype, device, want_grad, need):
-        self.want_grad = want_grad
+        # Both streams' gradients come from the same three sums, so they are formed whichever ``need`` asks for.
         # Slots: 0 exp(a - max_a), 1 exp(b - max_b), 2 exp(a - max_a) * (d - shift); one matmul serves all.
         self.blocks = torch.empty(3, rows, block_vocab, dtype=dtype, device=device)
         self.stacked = torch.empty(2 * rows, hidden_size, dtype=dtype, device=device)
