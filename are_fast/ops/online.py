@@ -147,9 +147,8 @@ def online_weight_pass(
             logits = _logits_block(chunk, weight[first:last], None if bias is None else bias[first:last],
                                    buffer[: size * width].view(size, width))
             grad = logits.sub_(norm).exp_().mul_(-scale.unsqueeze(1))  # -g p, in place
-            local = chunk_targets - first
-            here = counted & (local >= 0) & (local < width)
-            grad.scatter_add_(1, local.clamp(0, width - 1).unsqueeze(1), torch.where(here, scale, 0.0).unsqueeze(1))
+            here, index = _targets_in_block(chunk_targets, counted, first, width)
+            grad.scatter_add_(1, index, torch.where(here, scale, 0.0).unsqueeze(1))
             if chunk_acc is not None:
                 chunk_acc.addmm_(grad, weight[first:last])
             if dw is not None:
@@ -166,6 +165,14 @@ def online_weight_pass(
 
 def _vocab_blocks(vocab: int, block_vocab: int):
     return ((start, min(start + block_vocab, vocab)) for start in range(0, vocab, block_vocab))
+
+
+def _targets_in_block(targets: torch.Tensor, counted: torch.Tensor, first: int, width: int):
+    """Which rows' targets ([C] int64) fall in the vocabulary block [first, first + width), among the rows
+    ``counted`` ([C] bool), and each target's column in the block as a [C, 1] index (clamped for the others)."""
+    local = targets - first
+    here = counted & (local >= 0) & (local < width)
+    return here, local.clamp(0, width - 1).unsqueeze(1)
 
 
 def _logits_block(hidden: torch.Tensor, weight_block: torch.Tensor, bias_block, out: torch.Tensor) -> torch.Tensor:
@@ -209,9 +216,7 @@ class _LogprobSweep:
             width = last - first
             block = self.buffer[: size * width].view(size, width)
             logits = _logits_block(hidden, weight[first:last], None if bias is None else bias[first:last], block)
-            local = targets - first
-            here = in_range & (local >= 0) & (local < width)
-            index = local.clamp(0, width - 1).unsqueeze(1)
+            here, index = _targets_in_block(targets, in_range, first, width)
             target_logit = torch.where(here, logits.gather(1, index).squeeze(1), target_logit)
             factor = _rescale(running_max, logits.amax(1))
             probs = logits.sub_(running_max.unsqueeze(1)).exp_()  # exp(l - running max), in place
