@@ -58,9 +58,15 @@ def _requested_mode() -> str | None:
     return None if mode == "auto" else mode
 
 
+def _has_autocast(device_type: str) -> bool:
+    # CPU and CUDA always have autocast; asking torch only for other devices keeps the question out of a
+    # compiled graph (torch 2.11's dynamo cannot trace torch.amp.is_autocast_available).
+    return device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type)
+
+
 def autocast_operand_dtype(device: torch.device) -> torch.dtype | None:
     """The low-precision dtype an enabled autocast region on ``device`` asks matmuls for, else None."""
-    if not torch.amp.is_autocast_available(device.type) or not torch.is_autocast_enabled(device.type):
+    if not _has_autocast(device.type) or not torch.is_autocast_enabled(device.type):
         return None
     dtype = torch.get_autocast_dtype(device.type)
     return dtype if dtype in _LOW_PRECISION else None
@@ -68,7 +74,7 @@ def autocast_operand_dtype(device: torch.device) -> torch.dtype | None:
 
 def autocast_off(device: torch.device):
     """A context in which autocast leaves ``device``'s ops alone (HeadMatmuls picks the precision)."""
-    if not torch.amp.is_autocast_available(device.type):
+    if not _has_autocast(device.type):
         return contextlib.nullcontext()
     return torch.autocast(device.type, enabled=False)
 
