@@ -21,7 +21,10 @@ def native_build() -> dict:
     except ImportError as exc:
         raise SystemExit(f"ARE_FAST_BUILD_NATIVE=1 needs torch installed first and --no-build-isolation ({exc})")
     sources, make = ["csrc/epilogues.cpp"], cpp_extension.CppExtension
-    if torch.version.cuda and cpp_extension.CUDA_HOME is not None:
+    # nvcc needs GPU targets: the visible GPU's, or TORCH_CUDA_ARCH_LIST's. A build without either (a container
+    # image built on a machine without a GPU) gets the CPU epilogues, as the just-in-time build would.
+    gpu_targets = bool(os.environ.get("TORCH_CUDA_ARCH_LIST")) or torch.cuda.is_available()
+    if torch.version.cuda and cpp_extension.CUDA_HOME is not None and gpu_targets:
         sources, make = sources + ["csrc/epilogues_cuda.cu"], cpp_extension.CUDAExtension
     flags = {"cxx": ["-O3", "-fopenmp"], "nvcc": ["-O3"]}  # as in are_fast/ops/native.py
     extension = make("are_fast._native", sources, extra_compile_args=flags, extra_link_args=["-fopenmp"])
@@ -52,8 +55,9 @@ setup(
     ],
     extras_require={
         # The test extra holds every optional integration, so CI tests them all (none is skipped).
+        # numpy < 2.4: the Triton interpreter of triton < 3.7, which runs the kernel tests on CPU, fails on newer.
         "test": ["pytest>=8", "pytest-benchmark>=4", "pyarrow", "peft", "sentence-transformers>=6,<7", "mteb>=2,<3",
-                 "tensorboard"],
+                 "tensorboard", "numpy<2.4"],
         "parquet": ["pyarrow"],
         "st": ["sentence-transformers>=6,<7"],  # SentenceTransformer(path); 6.x passes the prompt to our module
         "mteb": ["mteb>=2,<3"],  # mteb.evaluate(encoder.for_mteb(...), tasks)
