@@ -79,6 +79,27 @@ def test_bad_alignment_inputs():
         are_fast.alignment_loss(lp, lp, lpn, lp, lpn, tau=0)
 
 
+@pytest.mark.parametrize("triton_version, numpy_version, refused", [
+    ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False), ("3.9.0+git1", "2.5.0", False),
+])
+def test_interpreter_numpy_clash_is_named(monkeypatch, triton_version, numpy_version, refused):
+    """Triton < 3.7's interpreter fails inside every kernel with numpy >= 2.4: say so before launching one."""
+    import numpy
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    a = good()
+    if refused:
+        with pytest.raises(ValueError, match=rf"triton {triton_version} cannot run with numpy {numpy_version}"):
+            are_fast.compression_loss(a["hidden"], a["weight"], a["labels"], backend="triton")
+    else:
+        from are_fast.ops.backends import REGISTRY
+
+        assert REGISTRY["triton"].unavailable(torch.device("cpu")) is None
+
+
 def test_backend_choice(monkeypatch):
     a = good()
     with pytest.raises(ValueError, match="backend: expected one of"):
