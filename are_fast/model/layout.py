@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -229,6 +230,29 @@ def run_varlen(backbone, lengths: torch.Tensor, route: str, input_ids=None, inpu
     return out.index_copy(0, index[real], hidden[real]).view(rows, width, -1)
 
 
+def flash_varlen(varlen_attn, q, k, v, cu_seq_lens, max_length, scaling):
+    """Causal attention within each packed sequence by torch's ``varlen_attn`` (passed in: the flash kernel,
+    CUDA, float16/bfloat16). q [N, heads, d], k and v [N, kv_heads, d], cu_seq_lens [S + 1] int32 -> [N, heads, d].
+
+    torch 2.13's varlen_attn takes grouped key/value heads (enable_gqa); torch 2.11's does not, so there each
+    key/value head is repeated for the query heads that share it.
+    """
+    grouped = {}
+    if k.shape[1] != q.shape[1]:
+        if _takes_gqa(varlen_attn):
+            grouped["enable_gqa"] = True
+        else:
+            share = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(share, dim=1), v.repeat_interleave(share, dim=1)
+    return varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, scale=scaling,
+                       window_size=(-1, 0), **grouped)
+
+
+@functools.cache
+def _takes_gqa(varlen_attn) -> bool:
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
 def varlen_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, *,
                      cu_seq_lens_q=None, max_length_q=None, inner: str | None = None, **kwargs):
     """transformers attention function of the "varlen" route: causal attention within each packed sequence.
@@ -249,9 +273,7 @@ def varlen_attention(module, query, key, value, attention_mask=None, scaling=Non
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not dropout:
         from torch.nn.attention.varlen import varlen_attn
 
-        out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling,
-                          window_size=(-1, 0), enable_gqa=k.shape[1] != q.shape[1])
-        return out.unsqueeze(0), None
+        return flash_varlen(varlen_attn, q, k, v, cu_seq_lens_q, max_length_q, scaling).unsqueeze(0), None
     # Elsewhere: sequences of similar length share one causal sdpa call over a zero-padded block.
     starts, sizes = cu_seq_lens_q[:-1].tolist(), cu_seq_lens_q.diff().tolist()
     gqa = k.shape[1] != q.shape[1]

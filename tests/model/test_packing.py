@@ -7,8 +7,8 @@ from transformers import AutoModelForCausalLM
 from _helpers import rel_error
 
 from are_fast.model import Compressor, FrozenDecoder
-from are_fast.model.layout import (ROUTES, attention_groups, check_route, computed_tokens, default_route, pack_rows, run_varlen,
-                                   varlen_attention)
+from are_fast.model.layout import (ROUTES, attention_groups, check_route, computed_tokens, default_route, flash_varlen,
+                                   pack_rows, run_varlen, varlen_attention)
 
 LENGTHS = [9, 3, 14, 1, 7, 14, 5]  # ties, a length-1 row, rows that pair up and rows that do not
 
@@ -76,6 +76,50 @@ def test_varlen_attention_equals_per_sequence_attention():
         assert rel_error(out[0, start:end], expected[0].transpose(0, 1)) <= 1e-6
     with pytest.raises(ValueError, match="cu_seq_lens_q"):
         varlen_attention(module, q, k, v, None)
+
+
+def _varlen_attn_of(version):
+    """A stand-in for torch's varlen_attn with torch ``version``'s signature, computed by per-sequence sdpa (the
+    flash kernel runs only on CUDA); 2.11's has no enable_gqa and needs as many key/value heads as query heads.
+    ``kv_heads`` records the key/value heads of each call."""
+    calls = []
+
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
+                    enable_gqa=False):
+        assert window_size == (-1, 0) and cu_q is cu_k and max_q == max_k  # causal, self-attention
+        assert enable_gqa or k.shape[1] == q.shape[1]
+        calls.append(k.shape[1])
+        out = torch.full_like(q, float("nan"))
+        for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            part = (t[start:end].transpose(0, 1) for t in (q, k, v))
+            out[start:end] = F.scaled_dot_product_attention(*part, is_causal=True, scale=scale,
+                                                            enable_gqa=enable_gqa).transpose(0, 1)
+        return out
+
+    def varlen_attn_211(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size)
+
+    chosen = varlen_attn_211 if version == "2.11" else varlen_attn
+    chosen.kv_heads = calls
+    return chosen
+
+
+@pytest.mark.parametrize("version", ["2.11", "2.13"])
+def test_flash_varlen_groups_heads_on_either_torch(version):
+    """The CUDA route's call of varlen_attn, emulated on CPU: torch 2.11's signature gets the key/value heads
+    repeated per query group (head h reads key/value head h // 2 here), 2.13's gets enable_gqa."""
+    sizes = [5, 3, 7]
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(sum(sizes), heads, 8, generator=gen) for heads in (4, 2, 2))
+    cu = torch.tensor([0, *sizes], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    attn = _varlen_attn_of(version)
+    out = flash_varlen(attn, q, k, v, cu, max(sizes), 0.3)
+    assert attn.kv_heads == [4 if version == "2.11" else 2]  # 2.13 reads the grouped heads as they are
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        for head in range(4):
+            expected = F.scaled_dot_product_attention(q[start:end, head], k[start:end, head // 2],
+                                                      v[start:end, head // 2], is_causal=True, scale=0.3)
+            assert rel_error(out[start:end, head], expected) <= 1e-6
 
 
 def test_attention_groups_pad_little():
