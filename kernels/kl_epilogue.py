@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .logprob_epilogue import check_block, check_grad_out, shares_memory
+from .logprob_epilogue import LAUNCH_OPTIONS, check_block, check_grad_out, shares_memory
 
 
 @triton.jit
@@ -136,6 +136,6 @@ def kl_epilogue(
         BLOCK_V=check_block(block_v, vocab),
         WRITE_GRAD=write_grad,
         SYNC_TILES=write_grad and (shares_memory(grad_p, logits_p) or shares_memory(grad_q, logits_q)),
-        num_warps=8,
+        **LAUNCH_OPTIONS,
     )
     return out
