@@ -36,6 +36,11 @@ else
     OTHER_FILTER="not llama3-8b-N16384-bf16-frozen and not online"
 fi
 export ARE_FAST_BENCH_DEVICE="$DEVICE" PYTHONUNBUFFERED=1
+# torch guesses CUDA_HOME from nvcc's path: with nvcc linked into /usr/local/bin that is /usr/local, which has no
+# libcudart, and the native CUDA epilogues fail to link (seen on a CPU machine of this workplace). Name the toolkit.
+if [[ -z "${CUDA_HOME:-}" && -e /usr/local/cuda/lib64/libcudart.so ]]; then
+    export CUDA_HOME=/usr/local/cuda
+fi
 mkdir -p "$OUT_DIR"
 exec > >(tee "$OUT_DIR/gpu_check.log") 2>&1
 status=0
