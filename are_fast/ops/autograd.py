@@ -81,17 +81,20 @@ def _rows(kind: str, labels: Tensor, ignore_index: int, compact: bool) -> Tensor
     return None if rows.numel() == labels.numel() else rows
 
 
+def _runs_online(backend, weight, bias, operand_dtype, weight_grad=False, bias_grad=False) -> bool:
+    """Whether a pass with these gradients runs the online sweep (``are_fast.ops.online``) on ``backend``."""
+    return REGISTRY[backend].online and online.supported(weight, bias, operand_dtype, weight_grad, bias_grad)
+
+
 def _online_log_norms(kind, backend, weight, bias, operand_dtype) -> bool:
     """Whether a "recompute" forward runs the online logprob sweep, which also returns each row's log-sum-exp
     (saved, so that the backward sweeps with the final probabilities: ``online.online_weight_pass``)."""
-    return kind == "logprob" and REGISTRY[backend].online and online.supported(weight, bias, operand_dtype, False, False)
+    return kind == "logprob" and _runs_online(backend, weight, bias, operand_dtype)
 
 
 def _pass(kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows, compact, operand_dtype, **grads):
     rows = _rows(kind, labels, ignore_index, compact)
-    if REGISTRY[backend].online and online.supported(
-        weight, bias, operand_dtype, grads.get("weight_grad", False), grads.get("bias_grad", False)
-    ):
+    if _runs_online(backend, weight, bias, operand_dtype, grads.get("weight_grad", False), grads.get("bias_grad", False)):
         return online.online_pass(
             kind, hiddens, weight, bias, labels, ignore_index, grads.get("grad_scale"), grads.get("hidden_grads", ()),
             rows, block_rows=chunk_rows or None,

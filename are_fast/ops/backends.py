@@ -69,18 +69,10 @@ def _triton_unavailable(device: torch.device) -> str | None:
             f"backend='triton' runs on CUDA tensors, or on {device.type} tensors only under the Triton "
             "interpreter (set TRITON_INTERPRET=1 before are_fast.kernels is imported)"
         )
-    if device.type != "cuda" and _interpreter_rejects_numpy():
-        import numpy
-        import triton
-
-        return (
-            f"backend='triton' on {device.type} tensors: the interpreter of triton {triton.__version__} cannot run "
-            f"with numpy {numpy.__version__} (fixed in triton 3.7): pip install 'numpy<2.4', or triton>=3.7"
-        )
-    return None
+    return _interpreter_numpy_clash(device) if device.type != "cuda" else None
 
 
-def _interpreter_rejects_numpy() -> bool:
+def _interpreter_numpy_clash(device: torch.device) -> str | None:
     # Triton < 3.7's interpreter turns a kernel's scalar arguments (1-element arrays) into ints with int(array),
     # which numpy >= 2.4 refuses (triton-lang/triton issue 9171): every kernel would fail inside the interpreter.
     import numpy
@@ -89,7 +81,12 @@ def _interpreter_rejects_numpy() -> bool:
     def minor(version: str) -> tuple:
         return tuple(int(part) for part in version.split(".")[:2])
 
-    return minor(triton.__version__) < (3, 7) and minor(numpy.__version__) >= (2, 4)
+    if minor(triton.__version__) < (3, 7) and minor(numpy.__version__) >= (2, 4):
+        return (
+            f"backend='triton' on {device.type} tensors: the interpreter of triton {triton.__version__} cannot run "
+            f"with numpy {numpy.__version__} (fixed in triton 3.7): pip install 'numpy<2.4', or triton>=3.7"
+        )
+    return None
 
 
 def _native_unavailable(device: torch.device) -> str | None:
