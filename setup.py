@@ -1,13 +1,28 @@
 """Packaging for are_fast.
 
 The default install is pure Python: no torch import here (it would break build isolation) and no hardware
-probing. Triton kernels live in the top-level folder ``kernels/`` and are installed as the subpackage
-``are_fast.kernels`` (a PyPI package named ``kernels`` exists, so a top-level module would clash). The C++/CUDA
-sources of ``csrc/`` ship as ``are_fast/csrc`` for the just-in-time build of ``are_fast.ops.native``.
+probing. Triton kernels live in the top-level folder ``kernels/`` and are installed into the subpackage
+``are_fast.kernels`` (see its ``__init__.py``: the folder has no ``__init__.py``, so that from the repo root it
+never shadows PyPI's ``kernels``, which transformers imports). The C++/CUDA sources of ``csrc/`` ship as
+``are_fast/csrc`` for the just-in-time build of ``are_fast.ops.native``.
 """
 import os
+from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPyWithKernels(build_py):
+    """The standard build, plus the top-level kernels/*.py copied into are_fast/kernels/ of the build."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):  # an editable install reads them from the checkout
+            return
+        target = Path(self.build_lib, "are_fast", "kernels")
+        for source in sorted(Path("kernels").glob("*.py")):
+            self.copy_file(str(source), str(target / source.name))
 
 
 def native_build() -> dict:
@@ -31,6 +46,11 @@ def native_build() -> dict:
     return {"ext_modules": [extension], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
 
 
+def commands() -> dict:
+    native = native_build()
+    return {**native, "cmdclass": {"build_py": BuildPyWithKernels, **native.get("cmdclass", {})}}
+
+
 setup(
     name="are_fast",
     version="0.1.0",
@@ -40,7 +60,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["are_fast", "are_fast.ops", "are_fast.encoding", "are_fast.model", "are_fast.training", "are_fast.kernels", "are_fast.csrc"],
-    package_dir={"are_fast": "are_fast", "are_fast.kernels": "kernels", "are_fast.csrc": "csrc"},
+    package_dir={"are_fast": "are_fast", "are_fast.csrc": "csrc"},
     package_data={"are_fast.csrc": ["*.cpp", "*.cu", "*.h"]},
     install_requires=[
         # The supported stacks: torch 2.11-2.13, triton 3.6-3.9, transformers 5.17+.
@@ -67,5 +87,5 @@ setup(
         "tensorboard": ["tensorboard"],  # event files of training runs (without it, loss.jsonl only)
     },
     entry_points={"console_scripts": ["are-fast=are_fast.cli:main"]},
-    **native_build(),
+    **commands(),
 )

@@ -50,9 +50,10 @@ def _torch_epilogues() -> SimpleNamespace:
 
 
 def _triton_epilogues() -> SimpleNamespace:
-    from .. import kernels
+    from ..kernels.kl_epilogue import kl_epilogue
+    from ..kernels.logprob_epilogue import logprob_epilogue
 
-    return SimpleNamespace(logprob=kernels.logprob_epilogue, kl=kernels.kl_epilogue)
+    return SimpleNamespace(logprob=logprob_epilogue, kl=kl_epilogue)
 
 
 def _native_epilogues() -> SimpleNamespace:

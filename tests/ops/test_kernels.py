@@ -14,7 +14,8 @@ import pytest
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 
-from are_fast import kernels
+from are_fast.kernels.kl_epilogue import kl_epilogue
+from are_fast.kernels.logprob_epilogue import logprob_epilogue
 from are_fast.ops import torch_epilogues
 from _helpers import TOLERANCE, rel_error
 
@@ -61,7 +62,7 @@ def check_logprob(logits64, targets, scale, device, block_v=None, ignore_index=I
     ref_grad = logits64.clone()
     ref = torch_epilogues.logprob_epilogue(ref_grad, targets, ignore_index, scale)
     ours = logits64.to(device, torch.float32)
-    out = kernels.logprob_epilogue(ours, targets.to(device), ignore_index,
+    out = logprob_epilogue(ours, targets.to(device), ignore_index,
                                    None if scale is None else scale.to(device), block_v=block_v)
     assert out.device.type == device.type and out.dtype == torch.float32
     assert_rows_close(out, ref, "log-probs")
@@ -78,7 +79,7 @@ def check_kl(a64, b64, valid, scale, device, block_v=None):
     ref_a, ref_b = a64.clone(), b64.clone()
     ref = torch_epilogues.kl_epilogue(ref_a, ref_b, valid, scale)
     ours_a, ours_b = a64.to(device, torch.float32), b64.to(device, torch.float32)
-    out = kernels.kl_epilogue(ours_a, ours_b, valid.to(device), None if scale is None else scale.to(device),
+    out = kl_epilogue(ours_a, ours_b, valid.to(device), None if scale is None else scale.to(device),
                               block_v=block_v)
     assert out.device.type == device.type and out.dtype == torch.float32
     assert_rows_close(out, ref, "KL")
@@ -161,7 +162,7 @@ def test_kl_epilogue_error_tracks_the_chunked_backend(scale, device):
     valid = torch.ones(rows, dtype=torch.bool)
     ref = torch_epilogues.kl_epilogue(a.clone(), b.clone(), valid, None)
     chunked = torch_epilogues.kl_epilogue(a.float(), b.float(), valid, None)
-    ours = kernels.kl_epilogue(a.to(device, torch.float32), b.to(device, torch.float32), valid.to(device), None)
+    ours = kl_epilogue(a.to(device, torch.float32), b.to(device, torch.float32), valid.to(device), None)
     chunked_error, error = rel_error(chunked, ref), rel_error(ours, ref)
     assert error <= 1e-5 and error <= 4 * chunked_error + 1e-7, f"Triton {error:.1e}, chunked {chunked_error:.1e}"
 
@@ -176,12 +177,12 @@ def test_kernels_are_compiled_on_cuda_and_interpreted_on_cpu(device):
 
 def test_launchers_reject_what_the_kernels_cannot_read():
     with pytest.raises(TypeError, match="logits: the Triton epilogue takes float32"):
-        kernels.logprob_epilogue(torch.randn(2, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.long), -100, None)
+        logprob_epilogue(torch.randn(2, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.long), -100, None)
     with pytest.raises(ValueError, match="logits: rows must be contiguous"):
-        kernels.logprob_epilogue(torch.randn(3, 2).T, torch.zeros(2, dtype=torch.long), -100, None)
+        logprob_epilogue(torch.randn(3, 2).T, torch.zeros(2, dtype=torch.long), -100, None)
     with pytest.raises(ValueError, match=r"logits_q: expected shape \(2, 3\)"):
-        kernels.kl_epilogue(torch.randn(2, 3), torch.randn(2, 4), torch.ones(2, dtype=torch.bool), None)
+        kl_epilogue(torch.randn(2, 3), torch.randn(2, 4), torch.ones(2, dtype=torch.bool), None)
     with pytest.raises(ValueError, match="block_v: expected a power of two, got 12"):
-        kernels.logprob_epilogue(torch.randn(2, 3), torch.zeros(2, dtype=torch.long), -100, None, block_v=12)
+        logprob_epilogue(torch.randn(2, 3), torch.zeros(2, dtype=torch.long), -100, None, block_v=12)
     with pytest.raises(ValueError, match="block_v: expected a power of two, got 0"):
-        kernels.kl_epilogue(torch.randn(2, 3), torch.randn(2, 3), torch.ones(2, dtype=torch.bool), None, block_v=0)
+        kl_epilogue(torch.randn(2, 3), torch.randn(2, 3), torch.ones(2, dtype=torch.bool), None, block_v=0)
