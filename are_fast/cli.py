@@ -4,12 +4,19 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .encoding.defaults import NORMALIZE
 from .errors import run_guarded
+from .ops.backends import BACKENDS
 from .train_cli import FRACTION, POSITIVE_INT, add_training_commands, parse_training_args, run_training_command
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """Usage errors are one line (the problem, then where the options are explained) and exit 2."""
+    """Usage errors are one line (the problem, then where the options are explained) and exit 2. Options are
+    never abbreviated (``--max-step`` is an error, not ``--max-steps``): a typo must not pick another option."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -27,6 +34,9 @@ def _add_demo(subparsers) -> None:
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="input dtype")
     demo.add_argument("--repeats", type=POSITIVE_INT, default=2, help="timed runs per case; the best is shown (default 2)")
+    demo.add_argument("--backend", action="append", choices=[b for b in BACKENDS if b != "reference"],
+                      help="fused backend set against the reference; repeat for one table each (default: the device's, "
+                      "ARE_FAST_BACKEND); native builds on first use; triton on CPU needs TRITON_INTERPRET=1")
 
 
 def _add_encode(subparsers) -> None:
@@ -44,11 +54,15 @@ def _add_encode(subparsers) -> None:
     enc.add_argument("--field", default="text", help="the text field of .jsonl rows / .parquet column (default text)")
     enc.add_argument("--input-format", choices=["jsonl", "txt", "parquet"], default=None,
                      help="input format (default: from the file extension)")
-    enc.add_argument("--instruction", default=None, help="instruction appended after each text (default none)")
+    enc.add_argument("--instruction", default=None,
+                     help="instruction appended after each text (default: the model folder's default prompt, its "
+                     "training instruction, as Encoder.encode and sentence-transformers use it; \"\" for none)")
     enc.add_argument("--shard-size", type=POSITIVE_INT, default=10000, help="input rows per shard (default 10000)")
     enc.add_argument("--shard-format", choices=["safetensors", "npy"], default="safetensors",
                      help="safetensors: one file with embeddings and row_ids; npy: .npy and .rows.npy")
-    enc.add_argument("--max-length", type=POSITIVE_INT, default=512, help="texts are cut to this many tokens (default 512)")
+    enc.add_argument("--max-length", type=POSITIVE_INT, default=None,
+                     help="texts are cut to this many tokens (default: the model folder's are_fast_module.json, its "
+                     "training --max-text-tokens, else 512, as Encoder.from_pretrained)")
     enc.add_argument("--max-tokens", type=POSITIVE_INT, default=None,
                      help="token budget per batch (default 32768 on CUDA, 8192 on CPU)")
     enc.add_argument("--batch-size", type=POSITIVE_INT, default=None, help="cap on texts per batch (default: none)")
@@ -57,7 +71,9 @@ def _add_encode(subparsers) -> None:
                      help="torch CPU threads (default: torch's choice, all cores); give 1-2 when other processes share the cores")
     enc.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                      help="model dtype (default bfloat16 on CUDA, float32 on CPU); embeddings are saved in float32")
-    enc.add_argument("--no-normalize", dest="normalize", action="store_false", help="keep embeddings unnormalized")
+    enc.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=NORMALIZE,
+                     help="L2-normalize the embeddings (default %(default)s, as Encoder.encode and sentence-transformers;"
+                     " cosine similarity is the same either way)")
     enc.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     enc.add_argument("--num-embed-tokens", type=POSITIVE_INT, default=None,
                      help="k (default: the model's <EMBED*> tokens; needed only for a model without them, which then "
@@ -89,9 +105,10 @@ def main(argv=None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        def demo() -> None:  # run_demo returns its table's rows; the command's result is the printed table
-            run_demo(args.hidden_size, args.vocab, args.batch, args.length, args.negatives, args.device, args.dtype,
-                     args.repeats)
+        def demo() -> None:  # run_demo returns its table's rows; the command's result is the printed tables
+            for backend in args.backend or [None]:
+                run_demo(args.hidden_size, args.vocab, args.batch, args.length, args.negatives, args.device, args.dtype,
+                         args.repeats, backend)
 
         return run_guarded("demo", demo)
     import torch

@@ -98,12 +98,14 @@ def _line(cells: list[str]) -> str:
 
 
 def run_demo(
-    hidden_size=512, vocab=32000, batch=4, length=256, negatives=2, device=None, dtype="float32", repeats=2
+    hidden_size=512, vocab=32000, batch=4, length=256, negatives=2, device=None, dtype="float32", repeats=2,
+    backend=None,
 ) -> list[dict]:
-    """Print and return, per op, the best-of-``repeats`` time and the peak extra memory of fused vs reference."""
+    """Print and return, per op, the best-of-``repeats`` time and the peak extra memory of the fused ``backend``
+    (default: the device's) vs the reference. ValueError when that backend cannot run here (it says why)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, dtype)
-    fused = resolve_backend(None, device)
+    fused = resolve_backend(backend, device)
     cases, streams = _cases(hidden_size, vocab, batch, length, negatives, device, dtype)
     print(f"are_fast demo: H={hidden_size} V={vocab}, {batch * length} tokens per stream, "
           f"{str(dtype).removeprefix('torch.')} on {device}; forward+backward, frozen head")

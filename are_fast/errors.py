@@ -46,11 +46,18 @@ def os_error_line(err: OSError, doing: str, show_path: bool = True) -> str:
 
 
 def check_writable(folder: str, option: str) -> None:
-    """Create ``folder`` if needed and write (then remove) a probe file in it, so a job finds out that it cannot
-    save its outputs before it computes them. ValueError (exit 2) naming ``option`` when it cannot."""
-    probe = os.path.join(folder, f".are_fast-write-check-{os.getpid()}")
+    """Find out that ``folder`` can be written before a job computes anything: a probe file is written (then
+    removed) in it, or, while it does not exist, in its nearest existing parent (where creating it would write).
+    Nothing is created, so a job that stops later with exit 2 leaves no folder behind. ValueError (exit 2)
+    naming ``option`` when it cannot be written."""
+    target = os.path.abspath(folder)
+    while not os.path.exists(target):
+        target = os.path.dirname(target)
+    where = f"{option}: cannot write to {folder!r}"
+    if not os.path.isdir(target):
+        raise ValueError(f"{where}: {target!r} is a file, not a folder; choose another folder")
+    probe = os.path.join(target, f".are_fast-write-check-{os.getpid()}")
     try:
-        os.makedirs(folder, exist_ok=True)
         with open(probe, "wb") as f:
             f.write(b"0" * 4096)
             f.flush()
@@ -59,7 +66,7 @@ def check_writable(folder: str, option: str) -> None:
     except OSError as err:
         with contextlib.suppress(OSError):
             os.remove(probe)
-        raise ValueError(os_error_line(err, f"{option}: cannot write to {folder!r}", show_path=False)) from None
+        raise ValueError(os_error_line(err, where, show_path=False)) from None
 
 
 @contextlib.contextmanager
@@ -91,30 +98,34 @@ def run_guarded(command: str, job: Callable[[], int | None], resume_hint: str = 
     try:
         code = job()
         return 0 if code is None else int(code)
-    except Interrupted as err:
-        line, code = f"{prefix}: {err}", 128 + err.signum
-    except KeyboardInterrupt:
-        line, code = f"{prefix}: interrupted{tail}", 128 + signal.SIGINT
-    except (ValueError, TypeError) as err:
-        line, code = f"{prefix}: error: {err}", USAGE
-    except RunFailure as err:
-        line, code = f"{prefix}: error: {err}", FAILURE
-    except OSError as err:
-        line, code = f"{prefix}: error: {os_error_line(err, 'a file operation failed')}{tail}", FAILURE
-    except Exception as err:  # noqa: BLE001 - the last resort: one line, the traceback on request
-        if _safetensors_error(err):
-            line = f"{prefix}: error: writing a safetensors file failed: {err}{tail}"
-        else:
-            line = (f"{prefix}: internal error: {type(err).__name__}: {err} "
-                    "(ARE_FAST_TRACEBACK=1 prints the traceback; please report it)")
-        code = FAILURE
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - every ending gets its line
+        line, code = _ending(prefix, tail, err)
+        trace = traceback.format_exc()  # here, while the exception is being handled
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     if os.environ.get("ARE_FAST_TRACEBACK") == "1":
-        traceback.print_exc()
+        print(trace, end="", file=sys.stderr, flush=True)
     print(line.replace("\n", " "), file=sys.stderr, flush=True)
     return code
+
+
+def _ending(prefix: str, tail: str, err: BaseException) -> tuple[str, int]:
+    """The one line and the exit code for a job that raised ``err``."""
+    if isinstance(err, Interrupted):
+        return f"{prefix}: {err}", 128 + err.signum
+    if isinstance(err, KeyboardInterrupt):
+        return f"{prefix}: interrupted{tail}", 128 + signal.SIGINT
+    if isinstance(err, (ValueError, TypeError)):
+        return f"{prefix}: error: {err}", USAGE
+    if isinstance(err, RunFailure):
+        return f"{prefix}: error: {err}", FAILURE
+    if isinstance(err, OSError):
+        return f"{prefix}: error: {os_error_line(err, 'a file operation failed')}{tail}", FAILURE
+    if _safetensors_error(err):
+        return f"{prefix}: error: writing a safetensors file failed: {err}{tail}", FAILURE
+    return (f"{prefix}: internal error: {type(err).__name__}: {err} "
+            "(ARE_FAST_TRACEBACK=1 prints the traceback; please report it)"), FAILURE
 
 
 def _main_thread() -> bool:

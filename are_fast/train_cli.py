@@ -75,15 +75,34 @@ def _model_options(p) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of initialization and data order (default 0)")
 
 
-def _runtime_options(p, threads: int | None = None, log_interval: float = 30.0) -> None:
+def _runtime_options(p, threads: int | None = None, log_interval: float = 30.0, why: str = "",
+                     training: bool = False) -> None:
+    """Device, threads and progress options; ``threads`` / ``log_interval``: this job's defaults, ``why``: the
+    reason they differ from the other jobs' (shown in --help); ``training``: add --logging-steps."""
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available; under torchrun "
                    "each process takes cuda:LOCAL_RANK)")
     default = threads or "torch's choice, usually all cores"
     g.add_argument("--threads", type=POSITIVE_INT, default=threads,
-                   help=f"torch CPU threads (default {default}); give fewer when other processes share the cores")
+                   help=f"torch CPU threads (default {default}{why}); give fewer when other processes share the cores")
     g.add_argument("--log-interval", type=NONNEGATIVE, default=log_interval,
-                   help=f"seconds between two progress lines when the output is not a terminal (default {log_interval:g})")
+                   help=f"seconds between two progress lines when the output is not a terminal (default "
+                   f"{log_interval:g}{why})")
+    if training:
+        g.add_argument("--logging-steps", type=COUNT, default=0,
+                       help="a progress line every N steps instead (transformers' logging_steps; loss.jsonl gets "
+                       "every step either way); 0: every --log-interval seconds (default 0)")
+
+
+def _ref_sign(text: str) -> float:
+    """--ref-sign: +1 or -1 (1, 1.0, -1.0 too), as a float."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value not in (1.0, -1.0):
+        raise argparse.ArgumentTypeError(f"expected +1 or -1, got {text!r}")
+    return value
 
 
 def _eval_options(p, stage2: bool) -> None:
@@ -101,6 +120,9 @@ def _eval_options(p, stage2: bool) -> None:
     g.add_argument("--best-metric", default=None, choices=["eval_loss", "eval_acc_hard", "eval_acc_random"],
                    help="keep the best evaluation's weights in <output-dir>/best and export them as model/ "
                    "(default: export the last step)")
+    g.add_argument("--early-stopping-patience", type=COUNT, default=0,
+                   help="stop when --best-metric has not improved for N evaluations in a row (transformers' "
+                   "EarlyStoppingCallback); needs --best-metric; 0: never (default 0)")
     g.add_argument("--tensorboard", dest="tensorboard", action="store_true", default=None,
                    help="write TensorBoard events to <output-dir>/tensorboard (default: when tensorboard is installed)")
     g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard events")
@@ -116,15 +138,22 @@ def _train_options(p) -> None:
     g.add_argument("--grad-accum", type=POSITIVE_INT, default=1, help="micro-batches per optimizer step (default 1)")
     g.add_argument("--lr", type=POSITIVE, default=1e-4, help="peak learning rate of AdamW (default 1e-4)")
     g.add_argument("--weight-decay", type=NONNEGATIVE, default=0.0, help="AdamW weight decay (default 0)")
-    g.add_argument("--warmup-steps", type=COUNT, default=0, help="linear warmup steps before the cosine decay (default 0)")
+    g.add_argument("--lr-scheduler", default="cosine", choices=["constant", "linear", "cosine"],
+                   help="learning-rate schedule after the warmup (transformers' get_scheduler): constant, linear or "
+                   "cosine decay to 0 at the last step (default cosine)")
+    g.add_argument("--warmup-steps", type=COUNT, default=0,
+                   help="linear warmup steps from 0 to --lr before the schedule (default 0)")
     g.add_argument("--max-grad-norm", type=NONNEGATIVE, default=1.0, help="gradient clipping norm; 0 turns it off (default 1)")
     g.add_argument("--save-every", type=COUNT, default=0, help="checkpoint every N steps; 0: at the end only (default 0)")
     g.add_argument("--keep-checkpoints", type=POSITIVE_INT, default=2, help="checkpoints kept (default 2)")
     g.add_argument("--restart", dest="resume", action="store_false",
                    help="start over: remove the checkpoints and loss.jsonl of --output-dir (default: resume them when "
                    "their settings match, else stop with the settings that differ)")
-    g.add_argument("--bf16", dest="bf16", action="store_true", default=None, help="bf16 autocast (default: on CUDA only)")
+    g.add_argument("--bf16", dest="bf16", action="store_true", default=None,
+                   help="bf16 autocast (default: on CUDA only, unless --fp16)")
     g.add_argument("--no-bf16", dest="bf16", action="store_false", help="no bf16 autocast")
+    g.add_argument("--fp16", action="store_true",
+                   help="fp16 autocast with a gradient scaler (for GPUs without bf16; not with --bf16) (default off)")
     g.add_argument("--bucket-window", type=POSITIVE_INT, default=32, help="batches per length-sorted window (default 32)")
     g.add_argument("--fsdp", action="store_true", help="shard the models with FSDP2 under torchrun (NCCL on GPU, gloo on CPU)")
     g.add_argument("--no-progress", dest="progress", action="store_false",
@@ -150,7 +179,8 @@ def add_training_commands(subparsers) -> None:
                               description="Train the compressor to let the frozen base LM reconstruct each row's output.")
     p.add_argument("--config", default=None, help=config_help)
     p.add_argument("--base-model", default=None, help="base causal LM directory: compressor start and frozen decoder (required)")
-    _data_options(p, False), _model_options(p), _train_options(p), _eval_options(p, False), _runtime_options(p)
+    _data_options(p, False), _model_options(p), _train_options(p), _eval_options(p, False)
+    _runtime_options(p, training=True)
     _PARSERS["stage1"] = p
 
     p = subparsers.add_parser("ref-scores", help="reference scores of stage-2 rows under the stage-1 model",
@@ -159,7 +189,8 @@ def add_training_commands(subparsers) -> None:
     p.add_argument("--model", default=None, help="stage-1 model directory (<output-dir>/model of stage1) (required)")
     p.add_argument("--base-model", default=None, help="base causal LM directory, the frozen decoder (required)")
     p.add_argument("--output", default=None, help="score file to write (.safetensors) (required)")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="rows per batch (default 32)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=32,
+                   help="rows per batch (default 32, not training's 8: no gradients are kept, so batches can be larger)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress (default: a bar on a terminal, else a line every --log-interval seconds)")
     _data_options(p, True), _model_options(p), _runtime_options(p)
@@ -173,11 +204,12 @@ def add_training_commands(subparsers) -> None:
     p.add_argument("--base-model", default=None, help="base causal LM directory, the frozen decoder (required)")
     p.add_argument("--beta", type=POSITIVE, default=0.1, help="sigmoid scale of the alignment loss (default 0.1)")
     p.add_argument("--tau", type=POSITIVE, default=0.1, help="temperature of the alignment loss (default 0.1)")
-    p.add_argument("--ref-sign", type=float, default=1.0, choices=[1.0, -1.0],
+    p.add_argument("--ref-sign", type=_ref_sign, default=1.0, metavar="{+1,-1}",
                    help="+1 adds the reference margin as released (default); -1 subtracts it (DPO-consistent)")
     p.add_argument("--distance", default="logprob", choices=["logprob", "kl"],
                    help="logprob: |log p(pos|c(q)) - log p(pos|c(pos))| as released (default); kl: conditional KL")
-    _data_options(p, True), _model_options(p), _train_options(p), _eval_options(p, True), _runtime_options(p)
+    _data_options(p, True), _model_options(p), _train_options(p), _eval_options(p, True)
+    _runtime_options(p, training=True)
     _PARSERS["stage2"] = p
 
     from .main_job import MainJobConfig
@@ -194,8 +226,10 @@ def add_training_commands(subparsers) -> None:
                             ("stage2_rows", "generated stage-2 rows"), ("eval_rows", "held-out evaluation rows"),
                             ("num_negatives", "negatives per stage-2 row"), ("pretrain_steps", "LM pretraining steps"),
                             ("stage1_steps", "stage-1 steps"), ("stage2_steps", "stage-2 steps"),
-                            ("eval_steps", "held-out evaluation every N steps of stages 1 and 2"),
-                            ("batch_size", "rows per batch"), ("seed", "seed")):
+                            ("eval_steps", "held-out evaluation every N steps of stages 1 and 2 (stage1/stage2: 0, "
+                             "before and after only; here the accuracy table needs the curve)"),
+                            ("batch_size", "rows per batch (stage1/stage2: 8; the tiny model's batches are cheap)"),
+                            ("seed", "seed")):
         kind = int if name == "seed" else COUNT if name == "eval_steps" else POSITIVE_INT
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
                        help=f"{help_text} (default {getattr(d, name)})")
@@ -206,7 +240,8 @@ def add_training_commands(subparsers) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars or lines")
     p.add_argument("--restart", dest="resume", action="store_false",
                    help="start every step over (default: resume; a step whose settings changed starts over by itself)")
-    _runtime_options(p, threads=d.threads, log_interval=d.log_interval)
+    _runtime_options(p, threads=d.threads, log_interval=d.log_interval,
+                     why=": the tiny model runs fastest on one thread and each stage lasts about a minute")
     _PARSERS["main"] = p
 
 

@@ -34,7 +34,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from typing import Iterator
 
@@ -45,6 +45,7 @@ import torch.distributed as dist
 from ..errors import RunFailure, StopSignals, check_writable, run_guarded, writing
 from ..model.directory import inspect_model_dir, model_fingerprint, resolve_num_embed_tokens
 from . import readers
+from .defaults import NORMALIZE
 
 SHARD_FORMATS = ("safetensors", "npy")
 MANIFEST = "manifest.json"
@@ -65,15 +66,15 @@ class JobConfig:
     output: str
     field: str = "text"
     input_format: str | None = None
-    instruction: str | None = None
+    instruction: str | None = None  # None: the folder's default prompt ("" for none; see encoding.defaults)
     shard_size: int = 10000
     shard_format: str = "safetensors"
-    max_length: int | None = 512
+    max_length: int | None = None  # None: the folder's (else 512), as Encoder.from_pretrained
     max_tokens: int | None = None
     batch_size: int | None = None
     device: str | None = None
     dtype: str | None = None
-    normalize: bool = True
+    normalize: bool = NORMALIZE
     progress: bool = True
     num_embed_tokens: int | None = None  # k; None: the model's <EMBED*> tokens
     max_bad_fraction: float = 0.5  # more bad rows than this fraction: exit 2
@@ -346,8 +347,10 @@ def _run(cfg: JobConfig, rank: int, world: int, local_rank: int) -> int:
     device = cfg.device
     if device in (None, "cuda") and world > 1 and torch.cuda.is_available():
         device = f"cuda:{local_rank}"  # one GPU per rank
-    encoder = Encoder.from_pretrained(cfg.model, device, cfg.dtype, max_length=cfg.max_length, num_embed_tokens=k,
-                                      max_tokens=cfg.max_tokens, batch_size=cfg.batch_size)
+    encoder = Encoder.from_pretrained(cfg.model, device, cfg.dtype, max_length=cfg.max_length or "auto",
+                                      num_embed_tokens=k, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size)
+    # The defaults resolved as Encoder.encode resolves them (encoding.defaults); the job's identity holds these.
+    cfg = replace(cfg, instruction=encoder.resolve_prompt(prompt=cfg.instruction), max_length=encoder.max_length)
     dtype = str(encoder.dtype).removeprefix("torch.")
     plan: object = None
     if rank == 0:

@@ -33,11 +33,11 @@ from ..model.compressor import Compressor
 from ..model.st_files import read_sentence_transformers_files, write_sentence_transformers_files
 from ..model.layout import flash_attention_available
 from .batching import DEFAULT_MAX_TOKENS, check_positive
+from .defaults import DEFAULT_MAX_LENGTH, NORMALIZE
 from .mteb_adapter import MTEBModel
 from .pipeline import EncodedChunk, PreparedChunk, check_texts, pipelined, prepare_chunk, run_chunk
 
 CHUNK_TEXTS = 2048  # texts tokenized, sorted and collated together in the background thread
-DEFAULT_MAX_LENGTH = 512  # text tokens kept when neither the caller nor the folder says
 
 
 def _as_matrix(embeddings, name: str) -> torch.Tensor:
@@ -177,7 +177,7 @@ class Encoder:
         return self.compressor.backbone.get_input_embeddings().weight.dtype
 
     def encode_chunks(self, chunks: Iterable, read: Callable[[Any], Sequence[str]] | None = None, *,
-                      instruction: str | None = None, normalize: bool = False, max_tokens: int | None = None,
+                      instruction: str | None = None, normalize: bool = NORMALIZE, max_tokens: int | None = None,
                       batch_size: int | None = None,
                       on_batch: Callable[[int, int], None] | None = None) -> Iterator[EncodedChunk]:
         """Encode a stream of chunks; the next chunk is read and prepared in a background thread meanwhile.
@@ -215,7 +215,7 @@ class Encoder:
 
     def encode(self, sentences: str | Sequence[str], prompt_name: str | None = None, prompt: str | None = None,
                batch_size: int | None = None, show_progress_bar: bool | None = None, convert_to_numpy: bool = True,
-               convert_to_tensor: bool = False, normalize_embeddings: bool = False, *,
+               convert_to_tensor: bool = False, normalize_embeddings: bool = NORMALIZE, *,
                max_tokens: int | None = None):
         """Embed texts; the arguments and their defaults are those of sentence-transformers' ``encode``.
 
@@ -231,7 +231,8 @@ class Encoder:
             show_progress_bar: a tqdm bar; None: shown when the "are_fast" logger is at INFO or DEBUG.
             convert_to_numpy: return a numpy array [n, H]; ``convert_to_tensor``: a torch tensor [n, H] (wins);
                 neither: a list of n tensors [H]. Tensors are on the CPU, whatever the device.
-            normalize_embeddings: L2-normalize each embedding (cosine similarity = dot product).
+            normalize_embeddings: L2-normalize each embedding (cosine similarity = dot product); default off, as
+                in sentence-transformers and ``are-fast encode`` (``are_fast.encoding.defaults``).
             max_tokens: token budget per batch (default: the encoder's).
 
         Returns:

@@ -3,7 +3,8 @@
 Every job calls ``inspect_model_dir`` on each model it is given, so a folder that cannot work is refused with
 one line naming the option, the folder and the fix, before anything is computed: no config.json, no weights,
 no tokenizer, or a tokenizer that maps a sample text to no tokens (an empty vocabulary would make every text
-the same embedding). ``resolve_num_embed_tokens`` reads k from the tokenizer's <EMBED0>..<EMBED{k-1}> tokens;
+the same embedding). A tokenizer whose files are there but fail to load is reported as the failure it is (its
+exception's type and message; an import failure as a problem of the installed packages). ``resolve_num_embed_tokens`` reads k from the tokenizer's <EMBED0>..<EMBED{k-1}> tokens;
 a --num-embed-tokens that disagrees with them is an error, never a silent second set of tokens.
 """
 from __future__ import annotations
@@ -18,6 +19,9 @@ SAMPLE_TEXT = "A short sample text, 42."
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
             "pytorch_model.bin.index.json")
 _SAMPLE_BYTES = 1 << 20
+# A folder with none of these has no tokenizer at all (transformers' tokenizers save at least one of them).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model", "sentencepiece.bpe.model", "merges.txt")
 
 
 @dataclass(frozen=True)
@@ -70,16 +74,29 @@ def inspect_model_dir(path: str, option: str = "model", trust_remote_code: bool 
     if not any(n in _WEIGHTS or (n.startswith("model-") and n.endswith(".safetensors")) for n in names):
         raise _not_a_model(option, path, "has no weights (model.safetensors or pytorch_model.bin)")
     fix = "copy the tokenizer files of the model it was trained from into it"
+    if not any(n in _TOKENIZER_FILES for n in names):
+        raise ValueError(f"{option}: {path!r} has no usable tokenizer (none of {', '.join(_TOKENIZER_FILES[:3])}, "
+                         f"...); {fix}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         ids = tokenizer(SAMPLE_TEXT, add_special_tokens=False)["input_ids"]
-    except Exception as err:  # transformers raises many types here (OSError, ValueError, KeyError, ...)
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{option}: {path!r} has no usable tokenizer ({reason}); {fix}") from None
+    except Exception as err:  # transformers raises many types here (OSError, ValueError, ImportError, ...)
+        raise ValueError(_tokenizer_failure(option, path, err)) from None
     if not ids:
         raise ValueError(f"{option}: the tokenizer in {path!r} maps the text {SAMPLE_TEXT!r} to no tokens (an empty "
                          f"vocabulary: every text would get the same embedding); {fix}")
     return ModelDirInfo(path, count_embed_tokens(tokenizer), model_fingerprint(path))
+
+
+def _tokenizer_failure(option: str, path: str, err: Exception) -> str:
+    """The line for a tokenizer whose files are there but fail to load: the exception as it is (type and first
+    line), and for an import failure that the installed packages, not the folder, are at fault."""
+    message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    cause = f"{type(err).__name__}: {message}" if message else type(err).__name__
+    if isinstance(err, ImportError):
+        return (f"{option}: loading the tokenizer of {path!r} failed on an import ({cause}); the installed packages "
+                "are at fault, not the model folder: check that transformers and its dependencies import")
+    return f"{option}: loading the tokenizer files of {path!r} failed ({cause})"
 
 
 def resolve_num_embed_tokens(info: ModelDirInfo, requested: int | None, default: int | None = None,
