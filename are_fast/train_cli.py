@@ -220,11 +220,15 @@ def add_training_commands(subparsers) -> None:
                               "reference scores -> stage 2, with held-out triplet accuracy through both. No download; "
                               "about 2.5 minutes on 2 CPU cores.")
     p.add_argument("--config", default=None, help=config_help)
-    p.add_argument("--output-dir", default=d.output_dir, help=f"where everything goes (default {d.output_dir})")
+    p.add_argument("--output-dir", default=d.output_dir,
+                   help=f"where everything goes (default {d.output_dir}: the embedded default runs without options)")
     for name, help_text in (("hidden_size", "hidden size of the tiny Llama"), ("layers", "its layers"),
-                            ("num_embed_tokens", "k compressed tokens"), ("stage1_rows", "generated stage-1 rows"),
+                            ("num_embed_tokens", "k compressed tokens (stage1's default for a base LM; the other "
+                             "jobs read k from the model)"),
+                            ("stage1_rows", "generated stage-1 rows"),
                             ("stage2_rows", "generated stage-2 rows"), ("eval_rows", "held-out evaluation rows"),
-                            ("num_negatives", "negatives per stage-2 row"), ("pretrain_steps", "LM pretraining steps"),
+                            ("num_negatives", "negatives per stage-2 row (stage2: 1; the generated rows have a hard "
+                             "negative per changed slot, and two make the accuracy table)"), ("pretrain_steps", "LM pretraining steps"),
                             ("stage1_steps", "stage-1 steps"), ("stage2_steps", "stage-2 steps"),
                             ("eval_steps", "held-out evaluation every N steps of stages 1 and 2 (stage1/stage2: 0, "
                              "before and after only; here the accuracy table needs the curve)"),
@@ -355,8 +359,14 @@ def _run(args: argparse.Namespace) -> None:
             print(f"are-fast ref-scores: done - {len(ref_p)} rows scored in {seconds:.0f} s "
                   f"({len(ref_p) / seconds:.0f} rows/s)\n  {'scores':<15} {os.path.abspath(args.output)}")
         else:
+            settings = {"objective": objective_line(args)} if args.command == "stage2" else None
             print(run_summary(f"are-fast {args.command}", args.output_dir,
-                              {"model": os.path.join(args.output_dir, "model")}))
+                              {"model": os.path.join(args.output_dir, "model")}, settings))
+
+
+def objective_line(args: argparse.Namespace) -> str:
+    """Stage 2's loss settings as its summary shows them (the reference sign as +1 or -1, as --ref-sign takes it)."""
+    return (f"beta {args.beta:g}, tau {args.tau:g}, ref-sign {args.ref_sign:+.0f}, distance {args.distance}")
 
 
 def _held_out(args):

@@ -254,7 +254,7 @@ def chart(results: list, path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("json", nargs="+", help="pytest-benchmark --benchmark-json files")
     parser.add_argument("--out", help="write the Markdown here (default: stdout)")
     parser.add_argument("--png", help="write the bar chart here")

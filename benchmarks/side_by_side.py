@@ -86,7 +86,7 @@ def table(results: dict, impl_names: list[str]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=1,
                         help="timed calls per process after the RSS call (0: time the RSS call itself)")

@@ -211,7 +211,7 @@ def use_by_default(device: torch.device) -> bool:
 
 
 def main(argv: list | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m are_fast.ops.native", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m are_fast.ops.native", description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--check", action="store_true", help="build if needed; print what was built or why not")
     args = parser.parse_args(argv)
     if not args.check:

@@ -62,9 +62,10 @@ def _metrics(record: dict) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("eval_"))
 
 
-def run_summary(title: str, output_dir: str, outputs: dict) -> str:
+def run_summary(title: str, output_dir: str, outputs: dict, settings: dict | None = None) -> str:
     """The end-of-run summary of the training run in ``output_dir``; ``outputs`` maps a label to a path
-    (``{"model": ".../model"}``); the log, checkpoints, best model and TensorBoard directory are added."""
+    (``{"model": ".../model"}``); the log, checkpoints, best model and TensorBoard directory are added.
+    ``settings``: label -> text lines shown before the paths (stage 2's objective)."""
     train, evals = read_log(output_dir)
     lines = [f"{title}: done"]
     if train:
@@ -82,6 +83,7 @@ def run_summary(title: str, output_dir: str, outputs: dict) -> str:
     if best is not None:
         lines.append(f"  best            {best['metric']} {best['value']:.4f} at step {best['step']} "
                      "(the exported model)")
+    lines += [f"  {label:<15} {text}" for label, text in (settings or {}).items()]
     paths = dict(outputs)
     paths["log"] = os.path.join(output_dir, "loss.jsonl")
     checkpoints = sorted(n for n in os.listdir(output_dir) if n.startswith("step-") and not n.endswith(".tmp"))
