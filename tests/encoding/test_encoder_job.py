@@ -66,9 +66,9 @@ def test_job_equals_encode_equals_naive(model_dir, tmp_path, shard_format):
     assert ids.tolist() == good  # every good row once, in input order
     assert emb.dtype == np.float32 and emb.shape == (len(texts), 32)
     enc = Encoder.from_pretrained(model_dir, "cpu", torch.float32, max_length=MAX_LENGTH)
-    direct = enc.encode(texts, prompt=INSTRUCTION, convert_to_tensor=True, normalize_embeddings=True)
+    direct = enc.encode(texts, prompt=INSTRUCTION, convert_to_tensor=True)  # both unnormalized by default
     assert rel_error(torch.from_numpy(emb), direct) <= 1e-5
-    assert rel_error(torch.from_numpy(emb), naive_embeddings(model_dir, texts, INSTRUCTION)) <= 1e-5
+    assert rel_error(torch.from_numpy(emb), naive_embeddings(model_dir, texts, INSTRUCTION, normalize=False)) <= 1e-5
 
 
 def test_manifest_and_bad_rows(model_dir, tmp_path, capfd):
@@ -109,7 +109,7 @@ def test_txt_and_parquet_inputs(model_dir, tmp_path):
     assert job(model_dir, tmp_path / "in.parquet", tmp_path / "pq", field="body", shard_size=4) == 0
     ids, emb_pq = read_embeddings(str(tmp_path / "pq"))
     assert ids.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9]
-    ref = naive_embeddings(model_dir, texts)
+    ref = naive_embeddings(model_dir, texts, normalize=False)  # the job's default, as Encoder.encode's
     assert rel_error(torch.from_numpy(emb_txt), ref) <= 1e-5 and rel_error(torch.from_numpy(emb_pq), ref) <= 1e-5
 
 

@@ -114,3 +114,26 @@ def test_instruction_prompts_and_bad_prompt_names(tmp_path):
     assert instruction_prompts([None]) == {"prompts": {}, "default_prompt_name": None}
     with pytest.raises(ValueError, match="default_prompt_name"):
         write_sentence_transformers_files(str(tmp_path), None, {"query": "x"}, "document")
+
+
+def test_the_three_ways_give_the_same_vectors_by_default(st_dir, model_dir, tmp_path):
+    """``are-fast encode``, ``Encoder.encode`` and ``SentenceTransformer.encode`` without options: the folder's
+    prompt, its length limit, no normalization (``are_fast.encoding.defaults``), so the same vectors."""
+    from are_fast.cli import main
+    from are_fast.encoding.encode_job import MANIFEST, read_embeddings
+
+    texts = random_texts(17, seed=14)  # some cut to the folder's MAX_LENGTH tokens
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+    assert main(["encode", "--model", st_dir, "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "e"),
+                 "--no-progress"]) == 0
+    row_ids, job = read_embeddings(str(tmp_path / "e"))
+    manifest = json.loads((tmp_path / "e" / MANIFEST).read_text())
+    assert manifest["instruction"] == INSTRUCTION and manifest["normalize"] is False
+    assert manifest["model"]["max_length"] == MAX_LENGTH and row_ids.tolist() == list(range(len(texts)))
+    job = torch.from_numpy(job)
+    encoder = torch.from_numpy(Encoder.from_pretrained(st_dir, "cpu").encode(texts))
+    st = SentenceTransformer(st_dir, trust_remote_code=True, device="cpu").encode(texts, convert_to_tensor=True)
+    oracle = naive_embeddings(model_dir, texts, INSTRUCTION, normalize=False)
+    for name, emb in (("are-fast encode", job), ("Encoder.encode", encoder), ("sentence-transformers", st)):
+        assert rel_error(emb, oracle) <= 1e-5, name
+    assert not torch.allclose(job.norm(dim=-1), torch.ones(len(texts)))  # not normalized: the shared default
