@@ -4,7 +4,7 @@ A checkpoint is a directory ``step-NNNNNNNN/`` written atomically (a temporary d
 - ``model.safetensors``: the trainable parameters (frozen ones come back from the model directory);
 - ``optimizer.safetensors`` + the param groups in ``state.json``: AdamW state keyed by parameter name;
 - ``rng-rank{r}.safetensors`` + ``state.json``: torch CPU/CUDA generator states per rank, Python's ``random``;
-- ``state.json``: step, data position, scheduler state, the run's configuration and its fingerprint
+- ``state.json``: step, data position (with the early-stopping count), scheduler and fp16 gradient-scaler state, the run's configuration and its fingerprint
   (``runstate.py``: a resume with other settings is refused).
 A failed write (full disk, read-only folder) removes the temporary directory and leaves the older
 checkpoints as they were; a damaged checkpoint is reported by name, never loaded half-way.
@@ -64,12 +64,12 @@ def _unflatten_optimizer(tensors: dict, scalars: dict, groups: list) -> dict:
 
 
 def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, data_state: dict, config: dict,
-                    keep: int = 2, fingerprint: dict | None = None) -> str:
+                    keep: int = 2, fingerprint: dict | None = None, scaler=None) -> str:
     """Write checkpoint ``step`` of ``model`` (plain, DDP or FSDP) on every rank's behalf; keep the last ``keep``."""
     final = os.path.join(output_dir, f"step-{step:08d}")
     tmp = final + ".tmp"
     try:
-        _write_checkpoint(tmp, step, model, optimizer, scheduler, data_state, config, fingerprint)
+        _write_checkpoint(tmp, step, model, optimizer, scheduler, data_state, config, fingerprint, scaler)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave half a checkpoint behind
         raise
@@ -85,7 +85,7 @@ def save_checkpoint(output_dir: str, step: int, model, optimizer, scheduler, dat
 
 
 def _write_checkpoint(tmp: str, step: int, model, optimizer, scheduler, data_state: dict, config: dict,
-                      fingerprint: dict | None) -> None:
+                      fingerprint: dict | None, scaler=None) -> None:
     rank = _rank()
     model_sd = get_model_state_dict(model, options=_OPTIONS)
     optim_sd = get_optimizer_state_dict(model, optimizer, options=_OPTIONS)
@@ -107,6 +107,7 @@ def _write_checkpoint(tmp: str, step: int, model, optimizer, scheduler, data_sta
         save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
         state = {"step": step, "data": data_state, "scheduler": scheduler.state_dict(), "optimizer_scalars": scalars,
                  "param_groups": optim_sd["param_groups"], "config": config, "fingerprint": fingerprint,
+                 "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
                  "world_size": dist.get_world_size() if dist.is_initialized() else 1}
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump(state, f, indent=1)
@@ -133,11 +134,12 @@ def read_checkpoint_state(path: str) -> dict:
         raise _damaged(path, err) from None
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
-    """Restore model, optimizer, scheduler and RNG from ``path``; return its state (step, data position)."""
+def load_checkpoint(path: str, model, optimizer, scheduler, scaler=None) -> dict:
+    """Restore model, optimizer, scheduler, fp16 gradient scaler and RNG from ``path``; return its state (step,
+    data position)."""
     state = read_checkpoint_state(path)
     try:
-        return _restore(path, state, model, optimizer, scheduler)
+        return _restore(path, state, model, optimizer, scheduler, scaler)
     except (OSError, KeyError, RuntimeError) as err:  # missing files, keys or tensors of another shape
         raise _damaged(path, str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__) from None
     except Exception as err:
@@ -146,7 +148,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
         raise _damaged(path, err) from None
 
 
-def _restore(path: str, state: dict, model, optimizer, scheduler) -> dict:
+def _restore(path: str, state: dict, model, optimizer, scheduler, scaler=None) -> dict:
     world = dist.get_world_size() if dist.is_initialized() else 1
     if state["world_size"] != world:
         raise ValueError(f"checkpoint {path!r} was written by {state['world_size']} processes, this run has {world}: "
@@ -157,6 +159,8 @@ def _restore(path: str, state: dict, model, optimizer, scheduler) -> dict:
                                state["param_groups"])
     set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     rank = _rank()
     rng = load_file(os.path.join(path, f"rng-rank{rank}.safetensors"))
     torch.set_rng_state(rng["cpu"])

@@ -1,8 +1,8 @@
 """Progress that reads well where it goes: a tqdm bar on a terminal, elsewhere one plain line every N seconds.
 
 A bar redraws itself many times a second; written to a file or a CI log, each redraw becomes text (115 KB for
-the main job). Off a terminal, ``Progress`` instead prints at most one line per ``interval_s`` seconds, and one
-at the end:
+the main job). Off a terminal, ``Progress`` instead prints at most one line per ``interval_s`` seconds (or one
+every ``interval_steps`` units), and one at the end:
 
     stage1: step 120/400 (30%) | loss 1.2340 | 5321 tokens/s | 0:01:02 elapsed | ETA 0:02:25
 """
@@ -26,12 +26,14 @@ class Progress:
         desc: the line's prefix (the job's name).
         enabled: False prints nothing at all (``--no-progress``).
         interval_s: seconds between two plain lines (off a terminal).
+        interval_steps: when > 0, a plain line every this many units instead (``--logging-steps``).
         stream: where it writes (default stderr, as tqdm); a bar only when it is a terminal.
     """
 
     def __init__(self, total: int, desc: str, enabled: bool = True, initial: int = 0, interval_s: float = 30.0,
-                 stream=None, unit: str = "step"):
+                 stream=None, unit: str = "step", interval_steps: int = 0):
         self.total, self.desc, self.unit, self.interval_s = total, desc, unit, interval_s
+        self.interval_steps = interval_steps
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
         self.done = self.initial = self.printed = initial
@@ -47,7 +49,8 @@ class Progress:
         if self.bar is not None:
             self.bar.update(n)
             self.bar.set_postfix({k: _short(v) for k, v in self.values.items()}, refresh=False)
-        elif self.enabled and time.perf_counter() - self.last_line >= self.interval_s:
+        elif self.enabled and (self.done % self.interval_steps == 0 if self.interval_steps else
+                               time.perf_counter() - self.last_line >= self.interval_s):
             self._line()
 
     def line(self) -> str:

@@ -14,8 +14,8 @@ import shutil
 
 
 # TrainConfig fields that change the sequence of steps (not: save_every, progress, fsdp, output_dir, ...).
-RUN_FIELDS = ("max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "max_grad_norm",
-              "seed", "bucket_window")
+RUN_FIELDS = ("max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "lr_scheduler",
+              "max_grad_norm", "seed", "bucket_window", "fp16", "early_stopping_patience")
 
 
 def check_config(config) -> None:
@@ -35,6 +35,8 @@ def run_fingerprint(config, identity: dict | None, world_size: int, bf16: bool) 
     fp = dict(identity or {})
     fp.update({name: getattr(config, name) for name in RUN_FIELDS})
     fp.update(world_size=world_size, bf16=bool(bf16))
+    if config.early_stopping_patience:  # then the metric and the evaluation steps decide where the run ends
+        fp.update(best_metric=config.best_metric, eval_steps=config.eval_steps)
     return json.loads(json.dumps(fp))  # tuples -> lists, as they come back from state.json
 
 

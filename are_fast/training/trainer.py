@@ -4,11 +4,11 @@ Why our own loop and not transformers' Trainer: the two stages need a frozen dec
 compressor, reference scores carried with each row, length-bucketed batches of stage-2 items and an exact
 resume (data position included) - each a hook or an override in Trainer. The loop below is one module a
 reader checks in one sitting, and it uses the field's pieces for everything else: torch AdamW,
-transformers' warmup + cosine schedule, torch.distributed (DDP, FSDP2), torch.distributed.checkpoint state
-dicts, safetensors, tqdm, peft (in the jobs).
+transformers' warmup + constant/linear/cosine schedules (``get_scheduler``), torch's GradScaler,
+torch.distributed (DDP, FSDP2), torch.distributed.checkpoint state dicts, safetensors, tqdm, peft (in the jobs).
 
-Features: gradient accumulation, clipping, bf16 autocast on CUDA, ``--epochs`` or ``--max-steps``, JSON-lines
-loss log (``loss.jsonl``), held-out evaluation every ``eval_steps`` with the best model kept (``evaluate.py``),
+Features: gradient accumulation, clipping, bf16 autocast on CUDA (or fp16 with a gradient scaler), early
+stopping on the best metric, ``--epochs`` or ``--max-steps``, JSON-lines loss log (``loss.jsonl``), held-out evaluation every ``eval_steps`` with the best model kept (``evaluate.py``),
 TensorBoard and the end-of-run summary (``reporting.py``), a progress bar on a terminal and plain lines elsewhere
 (``progress.py``), checkpoints with exact and checked resume (``checkpoint.py``, ``runstate.py``: a run with
 other settings is refused by name), SIGINT/SIGTERM ending the run after the current step with a checkpoint, DDP
@@ -49,21 +49,25 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_scheduler: str = "cosine"  # after the warmup: "constant", "linear" or "cosine" (transformers' get_scheduler)
     max_grad_norm: float = 1.0  # 0 turns clipping off
     seed: int = 0
     save_every: int = 0  # 0: a checkpoint at the end only
     keep_checkpoints: int = 2
     resume: bool = True  # continue from the newest checkpoint in output_dir; False (--restart): start over
     restart_on_change: bool = False  # a checkpoint of other settings: start over (main job) instead of an error
-    bf16: bool | None = None  # bf16 autocast; None: on for CUDA
+    bf16: bool | None = None  # bf16 autocast; None: on for CUDA (unless fp16)
+    fp16: bool = False  # fp16 autocast with a gradient scaler (GPUs without bf16)
     bucket_window: int = 32  # batches formed from windows of this many batches sorted by length
     fsdp: bool = False
     progress: bool = True  # a bar on a terminal, elsewhere a line every log_interval seconds
     log_interval: float = 30.0  # seconds between two progress lines off a terminal
+    logging_steps: int = 0  # > 0: a progress line every N steps instead (transformers' logging_steps)
     device: str | None = None  # "cpu", "cuda", "cuda:N"; None: cuda when available (under torchrun: cuda:LOCAL_RANK)
     threads: int | None = None  # torch CPU threads; None: torch's default
     eval_steps: int = 0  # with an evaluator: evaluate every N steps (0: before training and at the end only)
     best_metric: str | None = None  # keep the best model by this eval metric and export it (evaluate.METRICS)
+    early_stopping_patience: int = 0  # > 0: stop after N evaluations in a row without a better best_metric
     tensorboard: bool | None = None  # event files in output_dir/tensorboard; None: when tensorboard is installed
 
     def __post_init__(self):
@@ -75,6 +79,22 @@ class TrainConfig:
             raise ValueError(f"eval_steps: expected 0 or more, got {self.eval_steps}")
         if self.log_interval < 0:
             raise ValueError(f"log_interval: expected 0 or more seconds, got {self.log_interval}")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise ValueError(f"lr_scheduler: expected one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}")
+        for name in ("logging_steps", "early_stopping_patience"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected 0 or more, got {getattr(self, name)}")
+        if self.early_stopping_patience and self.best_metric is None:
+            raise ValueError("early_stopping_patience: needs best_metric, the held-out metric whose improvement it "
+                             "watches")
+        if self.fp16 and self.bf16:
+            raise ValueError("fp16, bf16: choose one autocast dtype")
+        if self.fp16 and self.fsdp:
+            raise ValueError("fp16: the gradient scaler is not supported with fsdp here; use bf16")
+
+
+# --lr-scheduler -> transformers' scheduler name; each warms up linearly over warmup_steps first.
+SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
 class BucketedBatches:
@@ -154,7 +174,7 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, items: Sequence, config: TrainConfig, identity: dict | None = None,
                  evaluator: Callable[[torch.device], dict] | None = None):
         """identity: what else determines the run (data checksum, models, k, ...), stored in its fingerprint."""
-        from transformers import get_cosine_schedule_with_warmup
+        from transformers import get_scheduler
 
         runstate.check_config(config)
         if config.threads is not None:
@@ -180,9 +200,13 @@ class Trainer:
             config = replace(config, max_steps=math.ceil(config.epochs * per_epoch))
         self.config = config
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, config.warmup_steps, config.max_steps)
-        bf16 = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
-        self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=bool(bf16))
+        self.scheduler = get_scheduler(SCHEDULERS[config.lr_scheduler], self.optimizer, config.warmup_steps,
+                                       config.max_steps)
+        bf16 = config.bf16 if config.bf16 is not None else self.device.type == "cuda" and not config.fp16
+        self.autocast = dict(device_type=self.device.type, dtype=torch.float16 if config.fp16 else torch.bfloat16,
+                             enabled=bool(bf16) or config.fp16)
+        # fp16's narrow range needs the loss scaled up (and steps with inf/NaN gradients skipped); off: a no-op.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.fp16)
         self.log_path = os.path.join(config.output_dir, "loss.jsonl")
         self.fingerprint = runstate.run_fingerprint(config, identity, self.world_size, bf16)
 
@@ -222,19 +246,22 @@ class Trainer:
                 self.model.set_requires_gradient_sync(True)
             with self._no_sync(last), torch.autocast(**self.autocast):
                 loss, extra = self.model(batch.to(self.device))
-                (loss / len(micro_batches)).backward()
+                self.scaler.scale(loss / len(micro_batches)).backward()
             total += loss.detach().float()
             for key, value in extra.items():
                 metrics[key] = metrics.get(key, 0.0) + value / len(micro_batches)
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm or math.inf)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped when an fp16 gradient overflowed
+        self.scaler.update()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         loss = total / len(micro_batches)
         if self.world_size > 1:
             dist.all_reduce(loss)
             loss /= self.world_size
-        return {"loss": float(loss), "grad_norm": float(norm), "lr": lr, **metrics}
+        scale = {"loss_scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}
+        return {"loss": float(loss), "grad_norm": float(norm), "lr": lr, **scale, **metrics}
 
     def train(self) -> list[dict]:
         """Run (or resume) to ``max_steps``; return the log records of this run's steps. With ``best_metric``,
@@ -247,12 +274,15 @@ class Trainer:
         cfg = self.config
         os.makedirs(cfg.output_dir, exist_ok=True)
         step, epoch, cursor = 0, 0, 0
+        self.stale_evals, stopped = 0, False  # evaluations since best_metric last improved; early stop done
         existing = self._resumable()
         if existing:
-            state = load_checkpoint(existing, self.model, self.optimizer, self.scheduler)
+            state = load_checkpoint(existing, self.model, self.optimizer, self.scheduler, self.scaler)
             step, epoch, cursor = state["step"], state["data"]["epoch"], state["data"]["cursor"]
-            self._say(f"{cfg.output_dir}: resuming from step {step} of {cfg.max_steps}" if step < cfg.max_steps else
-                      f"{cfg.output_dir}: already finished ({step} of {cfg.max_steps} steps); nothing to train")
+            self.stale_evals, stopped = state["data"].get("stale_evals", 0), state["data"].get("stopped_early", False)
+            self._say(f"{cfg.output_dir}: already finished (stopped early at step {step} of {cfg.max_steps})" if stopped
+                      else f"{cfg.output_dir}: resuming from step {step} of {cfg.max_steps}" if step < cfg.max_steps
+                      else f"{cfg.output_dir}: already finished ({step} of {cfg.max_steps} steps); nothing to train")
         else:
             torch.manual_seed(cfg.seed + self.rank)
             random.seed(cfg.seed + self.rank)
@@ -261,7 +291,8 @@ class Trainer:
         self.core.train()
         records = []
         progress = Progress(cfg.max_steps, os.path.basename(os.path.normpath(cfg.output_dir)),
-                            cfg.progress and self.rank == 0, initial=step, interval_s=cfg.log_interval)
+                            cfg.progress and self.rank == 0, initial=step, interval_s=cfg.log_interval,
+                            interval_steps=cfg.logging_steps)
         board = TensorBoardLog(cfg.output_dir, cfg.tensorboard, step, active=self.rank == 0)
         best = BestModel(cfg.output_dir, cfg.best_metric, step) if cfg.best_metric else None
         start = time.perf_counter()
@@ -269,7 +300,7 @@ class Trainer:
         saved = step
         if self.evaluator is not None and step == 0:
             eval_s += self._evaluate(0, progress, board, best, saved)
-        while step < cfg.max_steps:
+        while step < cfg.max_steps and not stopped:
             micro = []
             for _ in range(cfg.grad_accum):
                 if cursor >= len(self.batches.epoch(epoch)):
@@ -287,9 +318,10 @@ class Trainer:
             progress.update(loss=record["loss"], tokens_per_s=record["tokens_per_s"])
             if self.evaluator is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
                 eval_s += self._evaluate(step, progress, board, best, saved)
+                stopped = step < cfg.max_steps and self._early_stop(best)
             stopping = self.stop.agreed()
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or stopping:
-                self._save(step, epoch, cursor, saved)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or stopping or stopped:
+                self._save(step, epoch, cursor, saved, stopped)
                 saved = step
             if stopping and step < cfg.max_steps:
                 progress.close()
@@ -297,6 +329,10 @@ class Trainer:
                 raise self.stop.interrupted(f"at step {step} of {cfg.max_steps} (checkpoint saved in {cfg.output_dir})")
         progress.close()
         board.close()
+        if stopped and records:  # this run stopped early (not a rerun of a stopped one)
+            self._say(f"{cfg.output_dir}: early stopping at step {step}: {best.metric} has not improved for "
+                      f"{cfg.early_stopping_patience} evaluations (best {best.state['value']:.4f} at step "
+                      f"{best.state['step']})")
         if best is not None:
             best.restore(self.model)
         return records
@@ -322,8 +358,13 @@ class Trainer:
         board.log(record, "eval")
         progress.write(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if best is not None:
-            best.update(step, metrics, self.model)
+            self.stale_evals = 0 if best.update(step, metrics, self.model) else self.stale_evals + 1
         return time.perf_counter() - start
+
+    def _early_stop(self, best: BestModel | None) -> bool:
+        """Whether --early-stopping-patience ends the run after this evaluation."""
+        patience = self.config.early_stopping_patience
+        return bool(patience) and best is not None and self.stale_evals >= patience
 
     def _say(self, message: str) -> None:
         if self.rank == 0:
@@ -333,11 +374,13 @@ class Trainer:
         where = f"the checkpoint of step {saved} is kept" if saved else "no checkpoint was written yet"
         return f"{where}; rerun the same command to resume"
 
-    def _save(self, step: int, epoch: int, cursor: int, saved: int) -> None:
+    def _save(self, step: int, epoch: int, cursor: int, saved: int, stopped: bool = False) -> None:
         cfg = self.config
+        position = {"epoch": epoch, "cursor": cursor, "stale_evals": self.stale_evals, "stopped_early": stopped}
         with writing(f"writing the checkpoint of step {step} to {cfg.output_dir}", self._kept(saved)):
-            save_checkpoint(cfg.output_dir, step, self.model, self.optimizer, self.scheduler,
-                            {"epoch": epoch, "cursor": cursor}, asdict(cfg), cfg.keep_checkpoints, self.fingerprint)
+            save_checkpoint(cfg.output_dir, step, self.model, self.optimizer, self.scheduler, position, asdict(cfg),
+                            cfg.keep_checkpoints, self.fingerprint, self.scaler)
+
     def _resumable(self) -> str | None:
         """The checkpoint to resume from, after --restart and the fingerprint check (None: start afresh)."""
         cfg = self.config

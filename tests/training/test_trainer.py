@@ -19,12 +19,12 @@ from are_fast.training.refscores import compute_reference_scores, load_reference
 from are_fast.training.trainer import BucketedBatches, Trainer, TrainConfig
 
 
-def _trainer(base, output_dir, rows=24, lora=0, **config):
+def _trainer(base, output_dir, rows=24, lora=0, evaluator=None, **config):
     compressor, decoder = build_models(base, base, ModelOptions(num_embed_tokens=2, lora_rank=lora))
     items = stage1_items(compression_rows(rows, seed=1), compressor, decoder)
-    cfg = TrainConfig(output_dir=str(output_dir), lr=1e-3, warmup_steps=1, progress=False, bucket_window=2,
-                      **config)
-    return Trainer(Stage1Model(compressor, decoder), items, cfg)
+    cfg = TrainConfig(**{"output_dir": str(output_dir), "lr": 1e-3, "warmup_steps": 1, "progress": False,
+                         "bucket_window": 2, **config})
+    return Trainer(Stage1Model(compressor, decoder), items, cfg, evaluator=evaluator)
 
 
 def _grads(trainer):
