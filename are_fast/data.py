@@ -5,8 +5,8 @@ instruction}. An ``id`` field, when present, names the row (else its line number
 are stored against these ids, so a shuffled or filtered data file can never pick up another row's scores.
 
 Bad input never crashes a job and is never silently dropped: unreadable files raise a ValueError naming the
-path; empty lines and rows with invalid UTF-8 or JSON, missing fields, empty strings or too few negatives are skipped and
-counted per reason with their 1-based line numbers; texts over the maximum length are truncated and counted.
+path; empty lines and rows with invalid UTF-8 or JSON, missing fields, empty strings or too few negatives are
+skipped and counted per reason with their 1-based line numbers; texts over the maximum length are truncated and counted.
 ``DataReport.summary()`` says it all, and ``check_usable`` fails a file whose bad rows exceed a fraction.
 """
 from __future__ import annotations
@@ -70,7 +70,8 @@ def check_usable(rows: list, report: DataReport, max_bad_fraction: float = DEFAU
 
 def read_jsonl(path: str, report: DataReport):
     """Yield (1-based line number, dict) per line holding a JSON object; empty lines and lines with invalid UTF-8
-    or JSON, or not an object, are counted in ``report`` and skipped. The file's sha256 lands in ``report.sha256`` once it is read."""
+    or JSON, or not an object, are counted in ``report`` and skipped. The file's sha256 lands in ``report.sha256``
+    once it is read."""
     try:
         handle = open(path, "rb")
     except OSError as err:

@@ -4,8 +4,8 @@ Every job calls ``inspect_model_dir`` on each model it is given, so a folder tha
 one line naming the option, the folder and the fix, before anything is computed: no config.json, no weights,
 no tokenizer, or a tokenizer that maps a sample text to no tokens (an empty vocabulary would make every text
 the same embedding). A tokenizer whose files are there but fail to load is reported as the failure it is (its
-exception's type and message; an import failure as a problem of the installed packages). ``resolve_num_embed_tokens`` reads k from the tokenizer's <EMBED0>..<EMBED{k-1}> tokens;
-a --num-embed-tokens that disagrees with them is an error, never a silent second set of tokens.
+exception's type and message; an import failure as a problem of the installed packages).
+``resolve_num_embed_tokens`` reads k from the tokenizer's <EMBED0>..<EMBED{k-1}> tokens; a --num-embed-tokens that disagrees with them is an error, never a silent second set of tokens.
 """
 from __future__ import annotations
 
