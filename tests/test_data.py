@@ -21,7 +21,7 @@ def test_stage2_rows_are_validated_and_counted(tmp_path):
         {"query": "q", "pos": "p", "neg": ["n", ""], "instruction": "i"},  # an empty negative
         "{not json",
         "[1, 2]",
-        "",
+        "",  # a blank line: a bad row like any other (line 9)
         {"id": "x", "query": "q3", "pos": "p3", "neg": ["a", "b"], "instruction": "i"},
         {"id": "x", "query": "q4", "pos": "p4", "neg": ["a", "b"], "instruction": "i"},  # duplicate id
     ])
@@ -30,7 +30,8 @@ def test_stage2_rows_are_validated_and_counted(tmp_path):
     assert rows[0]["neg"] == ["n1", "n2"] and rows[1]["pos"] == "p2" and rows[1]["instruction"] == "default"
     assert report.kept == 3
     assert report.skipped == {"missing or empty query": 2, "fewer than 2 negatives": 1, "missing or empty neg": 1,
-                              "invalid JSON": 1, "not a JSON object": 1, "duplicate id": 1}
+                              "invalid JSON": 1, "not a JSON object": 1, "empty line": 1, "duplicate id": 1}
+    assert report.examples["empty line"] == [9]
     assert report.examples["missing or empty query"] == [3, 4]
     text = report.summary()
     assert "3 rows kept" in text and "2 skipped (missing or empty query; lines 3, 4" in text
