@@ -37,7 +37,6 @@ from .mteb_adapter import MTEBModel
 from .pipeline import EncodedChunk, PreparedChunk, check_texts, pipelined, prepare_chunk, run_chunk
 
 CHUNK_TEXTS = 2048  # texts tokenized, sorted and collated together in the background thread
-DEFAULT_MAX_LENGTH = 512  # text tokens kept when neither the caller nor the folder says
 
 
 def _as_matrix(embeddings, name: str) -> torch.Tensor:
@@ -110,7 +109,8 @@ class Encoder:
 
         device: default CUDA when available, else CPU. dtype: default bfloat16 on CUDA, float32 elsewhere.
         max_length: texts are cut to this many tokens (counted); "auto": the folder's sentence-transformers
-        module config when it has one (the training ``--max-text-tokens``), else 512; None: no limit.
+        module config when it has one (the training ``--max-text-tokens``), else 512 or what the model's positions
+        leave after k and the instruction when fewer; None: what they leave (``Compressor``'s max_text_tokens).
         num_embed_tokens: k, default read from the tokenizer's <EMBED{i}> tokens. pack: True runs rows
         without padding (the "varlen" route of ``are_fast.model.layout``), False padded; default: the device's
         fastest route (``default_route``), and on CUDA with flash-attn installed "varlen" (then
@@ -125,10 +125,11 @@ class Encoder:
             raise ValueError(f"model: {path!r} has no config.json (expected a saved model directory)")
         saved = read_sentence_transformers_files(path)
         if max_length == "auto":
-            max_length = saved.get("max_length", DEFAULT_MAX_LENGTH)
+            max_length = saved.get("max_length", "auto")  # the Compressor resolves "auto" against the positions
         elif isinstance(max_length, str):
             raise ValueError(f"max_length: expected a positive int, None or 'auto', got {max_length!r}")
-        check_positive("max_length", max_length)
+        else:
+            check_positive("max_length", max_length)
         prompts = {**saved.get("prompts", {}), **(prompts or {})}
         if default_prompt_name is None:
             default_prompt_name = saved.get("default_prompt_name")

@@ -53,18 +53,30 @@ def _encode(tokenizer, texts: Sequence[str], max_tokens: int | None) -> Tokenize
 
 
 def compressor_prefix_ids(
-    tokenizer, texts: Sequence[str], instructions: Sequence[str], max_text_tokens: int | None = None
+    tokenizer, texts: Sequence[str], instructions: Sequence[str], max_text_tokens: int | None = None,
+    max_prefix_tokens: int | None = None,
 ) -> Tokenized:
-    """[bos] + tokens(text + "\\n") + tokens(instruction + "\\n") per row; the text part is cut to max_text_tokens."""
+    """[bos] + tokens(text + "\\n") + tokens(instruction + "\\n") per row; the text part is cut to max_text_tokens,
+    and further where the whole prefix would exceed max_prefix_tokens (the instruction is kept whole)."""
     if len(texts) != len(instructions):
         raise ValueError(f"instructions: expected one per text ({len(texts)}), got {len(instructions)}")
-    text_ids = _encode(tokenizer, [t + "\n" for t in texts], max_text_tokens)
     # Instructions are few and short: encode each distinct one once.
     distinct = sorted(set(instructions))
     by_instruction = dict(zip(distinct, _encode(tokenizer, [i + "\n" for i in distinct], None).ids))
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    rows = [bos + t + by_instruction[i] for t, i in zip(text_ids.ids, instructions)]
-    return Tokenized(rows, text_ids.truncated)
+    limits = {}
+    for instruction, ids in by_instruction.items():
+        limits[instruction] = max_text_tokens
+        if max_prefix_tokens is not None:
+            room = max_prefix_tokens - len(bos) - len(ids)
+            if room < 1:
+                raise ValueError(f"instructions: {instruction!r} takes {len(ids)} tokens, which leave no room for a "
+                                 f"text in the {max_prefix_tokens} positions before the compressed tokens")
+            limits[instruction] = room if max_text_tokens is None else min(max_text_tokens, room)
+    text_ids = _encode(tokenizer, [t + "\n" for t in texts], None).ids
+    cut = [row if limits[i] is None else row[: limits[i]] for row, i in zip(text_ids, instructions)]
+    truncated = sum(len(a) != len(b) for a, b in zip(text_ids, cut))
+    return Tokenized([bos + t + by_instruction[i] for t, i in zip(cut, instructions)], truncated)
 
 
 def target_ids(tokenizer, texts: Sequence[str], max_target_tokens: int | None = None) -> Tokenized:

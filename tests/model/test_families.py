@@ -1,0 +1,79 @@
+"""Every causal-LM family on every route gives the model's own numbers (tiny random configs, ``_families``).
+
+Decoder: the fused per-token log-probabilities of targets after k compressed vectors, and their gradient into
+the vectors, against the model's own log_softmax(lm(inputs_embeds=...).logits) in float64, one row at a time
+(no padding). Compressor: the k states of a batch against the same texts compressed one at a time on the padded
+route. Rows run past the families' 4-token windows.
+"""
+import copy
+
+import pytest
+import torch
+from transformers import ByT5Tokenizer
+
+from _families import FAMILIES, WINDOW, build
+from _helpers import rel_error
+
+from are_fast.model import Compressor, FrozenDecoder
+from are_fast.model.layout import ROUTES
+from are_fast.model.objectives import target_logprobs
+
+K = 3
+TARGET_LENGTHS = [9, 2, 13, 6]  # with k in front: rows of 5 to 16 positions, most past the window
+TEXTS = ["a", "a text longer than any window", "mid-sized text", "the longest text of this small batch by far"]
+
+
+def _targets(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor(TARGET_LENGTHS)
+    ids = torch.randint(3, 380, (len(TARGET_LENGTHS), max(TARGET_LENGTHS)), generator=gen)
+    ids[torch.arange(ids.shape[1]) >= lengths.unsqueeze(1)] = 0  # right padding
+    return ids, lengths
+
+
+def _model_logprobs(lm, compressed, ids, lengths):
+    """The model's own: per row, log_softmax(logits) of each target token after the k vectors, float64."""
+    out = []
+    for row, n in enumerate(lengths.tolist()):
+        embeds = torch.cat([compressed[row], lm.get_input_embeddings()(ids[row, :n])])
+        logits = lm(inputs_embeds=embeds[None], use_cache=False).logits[0]
+        out.append(logits[K - 1: K - 1 + n].log_softmax(-1).gather(1, ids[row, :n, None])[:, 0])
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_decoder_logprobs_and_gradients_are_the_models_own(family, route):
+    assert WINDOW < K + max(TARGET_LENGTHS)
+    lm = build(family)
+    oracle = copy.deepcopy(lm).double()
+    decoder = FrozenDecoder(lm, ByT5Tokenizer(), num_embed_tokens=K, route=route)
+    assert decoder.resolved_route == route
+    ids, lengths = _targets()
+    gen = torch.Generator().manual_seed(1)
+    vectors = torch.randn(len(TARGET_LENGTHS), K, lm.config.hidden_size, generator=gen)
+    up = torch.randn(int(lengths.sum()), generator=gen, dtype=torch.float64)  # weighs every token's log-prob
+
+    compressed = vectors.clone().requires_grad_(True)
+    hidden, labels = decoder(compressed, ids, lengths)
+    logp, rows = target_logprobs(hidden, labels, *decoder.head, **decoder.logit_transform)
+    (logp.double() * up).sum().backward()
+
+    expected_vectors = vectors.double().requires_grad_(True)
+    expected = _model_logprobs(oracle, expected_vectors, ids, lengths)
+    (expected * up).sum().backward()
+    assert rows.tolist() == [r for r, n in enumerate(TARGET_LENGTHS) for _ in range(n)]
+    assert rel_error(logp, expected) <= 1e-5, family
+    assert rel_error(compressed.grad, expected_vectors.grad) <= 1e-5, family
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_compressor_states_equal_one_text_at_a_time(family, route):
+    compressor = Compressor(build(family), ByT5Tokenizer(), K, route=route)
+    reference = Compressor(build(family), ByT5Tokenizer(), K, route="padded")
+    assert compressor.resolved_route == route
+    batch = compressor.compress(TEXTS, "in one word:")
+    assert max(map(len, compressor.tokenize(TEXTS, "in one word:").ids)) > WINDOW
+    alone = torch.cat([reference.compress([text], "in one word:") for text in TEXTS])
+    assert rel_error(batch, alone) <= 1e-5, family
