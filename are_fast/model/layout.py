@@ -161,11 +161,15 @@ def _use_varlen_attention(backbone) -> None:
     (the other routes) still run the body's own kernel, and activation checkpointing, which recomputes a layer
     during the backward, finds the same function the forward ran."""
     from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     config = backbone.config
     inner = config._attn_implementation
     if inner.startswith(VARLEN_ATTENTION):
         return
+    if inner not in ALL_ATTENTION_FUNCTIONS and inner != "eager":
+        raise ValueError(f"route: 'varlen' keeps the body's attention kernel for other calls, and {inner!r} is "
+                         "not a registered one; load the model with attn_implementation='sdpa' or use another route")
     name = f"{VARLEN_ATTENTION}:{inner}"
     AttentionInterface.register(name, functools.partial(varlen_attention, inner=inner))
     AttentionMaskInterface.register(name, functools.partial(_varlen_mask, inner=inner))
@@ -179,10 +183,10 @@ def _inner_attention(module, inner: str):
 
     if inner in ALL_ATTENTION_FUNCTIONS:
         return ALL_ATTENTION_FUNCTIONS[inner]
-    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None) if inner == "eager" else None
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if eager is None:
-        raise ValueError(f"route: 'varlen' keeps the body's attention kernel for other calls, and {inner!r} is not a "
-                         "registered one; load the model with attn_implementation='sdpa' or use another route")
+        raise ValueError(f"route: {type(module).__name__}'s modeling file has no eager_attention_forward to run "
+                         "calls outside the 'varlen' route; load the model with attn_implementation='sdpa'")
     return eager
 
 

@@ -15,12 +15,28 @@ from _families import FAMILIES, WINDOW, build
 from _helpers import rel_error
 
 from are_fast.model import Compressor, FrozenDecoder
-from are_fast.model.layout import ROUTES
+from are_fast.model.layout import ROUTES, run_varlen
 from are_fast.model.objectives import target_logprobs
 
 K = 3
 TARGET_LENGTHS = [9, 2, 13, 6]  # with k in front: rows of 5 to 16 positions, most past the window
 TEXTS = ["a", "a text longer than any window", "mid-sized text", "the longest text of this small batch by far"]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_route_gives_the_bodys_own_states_in_float64(family):
+    """Float64, where a route's masking shows exactly: the final states of right-padded rows equal each row's own
+    run (with a padding mask, Gemma 2's eager kernel turns a padding query past its window into NaN)."""
+    body = build(family).double().base_model
+    lengths = torch.tensor([11, 3, 9, 1, 13, 9])
+    gen = torch.Generator().manual_seed(0)
+    embeds = torch.randn(len(lengths), int(lengths.max()) + 1, body.config.hidden_size, generator=gen,
+                         dtype=torch.float64)
+    alone = torch.cat([body(inputs_embeds=embeds[i: i + 1, :n]).last_hidden_state[0]
+                       for i, n in enumerate(lengths.tolist())])
+    for route in ROUTES:
+        states = run_varlen(body, lengths, route, inputs_embeds=embeds)
+        assert rel_error(torch.cat([states[i, :n] for i, n in enumerate(lengths.tolist())]), alone) <= 1e-12, route
 
 
 def _targets(seed=0):
