@@ -93,3 +93,74 @@ def test_compressor_states_equal_one_text_at_a_time(family, route):
     assert max(map(len, compressor.tokenize(TEXTS, "in one word:").ids)) > WINDOW
     alone = torch.cat([reference.compress([text], "in one word:") for text in TEXTS])
     assert rel_error(batch, alone) <= 1e-5, family
+
+
+def _own_stream_logprobs(compressor, decoder, prefixes, targets):
+    """Per stream, the model's own log_softmax(logits) [n, V] at the positions predicting its n target tokens
+    (one stream at a time, no padding), and the targets."""
+    compressed = compressor(compressor.collate(prefixes))
+    out = []
+    for row, target in enumerate(targets):
+        ids = torch.tensor(target)
+        embeds = torch.cat([compressed[row], decoder.lm.get_input_embeddings()(ids)])
+        logits = decoder.lm(inputs_embeds=embeds[None], use_cache=False).logits[0]
+        out.append((logits[K - 1: K - 1 + len(target)].log_softmax(-1), ids))
+    return out
+
+
+@pytest.mark.parametrize("distance", ["logprob", "kl"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "granite", "cohere"])
+def test_stage2_loss_and_reference_scores_use_the_models_own_logits(family, distance):
+    """Stage 2 (both distances) and the reference scores, with each family's logit transforms, against the
+    model's own logits: loss and compressor gradients of float64 models, to 1e-5 because these models compute
+    parts in float32 anyway (RMSNorm, Gemma 2's attention softmax), which the loss's differences of large
+    log-prob sums amplify."""
+    from are_fast.data import stage2_items
+    from are_fast.model import Stage2Model, reference_scores
+    from are_fast.ops import reference
+    from are_fast.toy import triplet_rows
+
+    compressor = Compressor(build(family).requires_grad_(True), ByT5Tokenizer(), K, route="varlen").double()
+    decoder = FrozenDecoder(build(family), ByT5Tokenizer(), num_embed_tokens=K, route="varlen").double()
+    rows = triplet_rows(3, 2, seed=0)
+    rows[1]["pos"] += " and some more words"
+    scores = {r["id"]: (-40.0 + i, [-45.0 - i, -50.0]) for i, r in enumerate(rows)}
+    items = stage2_items(rows, compressor, decoder, scores=scores)
+    model = Stage2Model(compressor, decoder, beta=0.5, tau=0.2, distance=distance)
+    loss, _ = model(model.collate(items))
+    grads = torch.autograd.grad(loss, list(compressor.parameters()))
+
+    q_pos = _own_stream_logprobs(compressor, decoder, [i.query for i in items], [i.pos_target for i in items])
+    pos_pos = _own_stream_logprobs(compressor, decoder, [i.pos_prefix for i in items], [i.pos_target for i in items])
+    q_neg = _own_stream_logprobs(compressor, decoder, [i.query for i in items for _ in range(2)],
+                                 [n for i in items for n in i.neg_targets])
+
+    def summed(streams):
+        return torch.stack([logp.gather(1, ids[:, None]).sum() for logp, ids in streams])
+
+    kl = torch.stack([(p.exp() * (p - q)).sum() for (p, _), (q, _) in zip(q_pos, pos_pos)])
+    expected = reference.alignment_loss(summed(q_pos), summed(pos_pos), summed(q_neg).view(3, 2),
+                                        torch.tensor([s[0] for s in scores.values()], dtype=torch.float64),
+                                        torch.tensor([s[1] for s in scores.values()], dtype=torch.float64),
+                                        0.5, 0.2, 1.0, kl if distance == "kl" else None)
+    expected_grads = torch.autograd.grad(expected, list(compressor.parameters()))
+    assert rel_error(loss, expected) <= 1e-5, family
+    for got, want in zip(grads, expected_grads):
+        assert rel_error(got, want) <= 1e-5, family
+    ref_p, ref_n = reference_scores(compressor, decoder, items)
+    assert rel_error(ref_p, summed(q_pos)) <= 1e-6 and rel_error(ref_n, summed(q_neg).view(3, 2)) <= 1e-6
+
+
+@pytest.mark.parametrize("family", ["gemma2", "granite", "cohere"])
+def test_stage1_loss_uses_the_models_own_logits(family):
+    from are_fast.model import Stage1Item, Stage1Model
+
+    compressor = Compressor(build(family), ByT5Tokenizer(), K)
+    decoder = FrozenDecoder(build(family), ByT5Tokenizer(), num_embed_tokens=K)
+    prefixes = compressor.tokenize(TEXTS, "restate:").ids
+    targets = decoder.tokenize(["an output", "x", "a longer output text"] + TEXTS[3:]).ids
+    model = Stage1Model(compressor, decoder)
+    loss, _ = model(model.collate([Stage1Item(p, t) for p, t in zip(prefixes, targets)]))
+    own = _own_stream_logprobs(compressor, decoder, prefixes, targets)
+    expected = -torch.cat([logp.gather(1, ids[:, None])[:, 0] for logp, ids in own]).mean()
+    assert rel_error(loss, expected) <= 1e-5, family
