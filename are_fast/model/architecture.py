@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 
 import torch
@@ -35,23 +36,42 @@ def text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def logit_transform(config) -> dict:
-    """{"softcap": c or None, "logit_scale": s or None}: the fused ops' keywords that reproduce the model's logits
-    softcap(s * (hidden @ weight.T + bias)). ValueError naming a logit-changing key that is not modelled."""
-    config = text_config(config)
+def logit_transform(lm) -> dict:
+    """{"softcap": c or None, "logit_scale": s or None}: the fused ops' keywords that reproduce the causal LM's
+    logits softcap(s * (hidden @ weight.T + bias)). A config key counts where the LM's modeling code reads it
+    (a Llama config that carries a stray final_logit_softcapping gets plain logits from transformers, so here
+    too). ValueError naming a logit-changing key that is not modelled."""
+    config = text_config(lm.config)
+    read = functools.partial(_code_reads, type(lm))
     for key in UNMODELLED_LOGIT_KEYS:
-        if getattr(config, key, None) not in (None, 1, 1.0):
+        if getattr(config, key, None) not in (None, 1, 1.0) and read(key):
             raise ValueError(f"lm: its config's {key}={getattr(config, key)} changes the logits in a way the fused "
                              "ops do not model; use a model without it")
     scale = 1.0
-    if getattr(config, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
+    if getattr(config, "logit_scale", None) is not None and read("logit_scale"):  # Cohere: logits * logit_scale
         scale *= float(config.logit_scale)
-    if getattr(config, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
+    if getattr(config, "logits_scaling", None) is not None and read("logits_scaling"):  # Granite: / logits_scaling
         if not config.logits_scaling:
             raise ValueError("lm: its config's logits_scaling is 0 (the logits would be divided by 0)")
         scale /= float(config.logits_scaling)
     softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3: c tanh(logits / c)
-    return {"softcap": None if softcap is None else float(softcap), "logit_scale": None if scale == 1.0 else scale}
+    softcap = float(softcap) if softcap is not None and read("final_logit_softcapping") else None
+    return {"softcap": softcap, "logit_scale": None if scale == 1.0 else scale}
+
+
+@functools.cache
+def _code_reads(cls: type, key: str) -> bool:
+    """Whether the source of ``cls`` (a causal LM class, its own modeling file's part of the MRO) names ``key``;
+    True when the source cannot be read (then the config is taken at its word)."""
+    sources = []
+    for klass in cls.__mro__:
+        if klass.__module__.startswith(("transformers.modeling_", "transformers.generation", "torch.", "builtins")):
+            continue
+        try:
+            sources.append(inspect.getsource(klass))
+        except (OSError, TypeError):
+            return True
+    return any(key in source for source in sources)
 
 
 def linear_head(lm) -> nn.Linear:

@@ -41,7 +41,7 @@ class FrozenDecoder(nn.Module):
                  route: str | None = None, checkpointing: bool = False):
         super().__init__()
         linear_head(lm)
-        self.logit_transform = logit_transform(lm.config)  # {"softcap", "logit_scale"} for the fused ops
+        self.logit_transform = logit_transform(lm)  # {"softcap", "logit_scale"} for the fused ops
         self.positions = position_limit(lm.config)
         self.max_target_tokens = token_limit(max_target_tokens, self.positions, num_embed_tokens + 1,
                                              "max_target_tokens", f"k={num_embed_tokens} compressed vectors and eos")

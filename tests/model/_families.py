@@ -25,7 +25,7 @@ FAMILIES = {
         **COMMON, head_dim=16, sliding_window=WINDOW, layer_types=SLIDING_THEN_FULL, attn_logit_softcapping=2.0,
         final_logit_softcapping=3.0)),
     "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
-        **COMMON, head_dim=16, sliding_window=WINDOW, layer_types=SLIDING_THEN_FULL)),
+        **COMMON, head_dim=16, sliding_window=WINDOW, layer_types=SLIDING_THEN_FULL, final_logit_softcapping=5.0)),
     "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**COMMON, sliding_window=WINDOW)),
     "gpt-neox": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
         **{k: v for k, v in COMMON.items() if k != "num_key_value_heads"}, rotary_pct=0.5)),

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 import torch
-from transformers import ByT5Tokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import ByT5Tokenizer, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from _families import build
 
@@ -16,16 +16,32 @@ from are_fast.model.architecture import (DEFAULT_MAX_TOKENS, choose_route, logit
 @pytest.mark.parametrize("family, expected", [
     ("llama", {"softcap": None, "logit_scale": None}),
     ("gemma2", {"softcap": 3.0, "logit_scale": None}),
+    ("gemma3", {"softcap": 5.0, "logit_scale": None}),
     ("granite", {"softcap": None, "logit_scale": 0.25}),  # logits / logits_scaling (4)
     ("cohere", {"softcap": None, "logit_scale": 0.5}),
 ])
 def test_logit_transforms_come_from_the_config(family, expected):
-    assert logit_transform(build(family).config) == expected
+    assert logit_transform(build(family)) == expected
     assert FrozenDecoder(build(family), ByT5Tokenizer()).logit_transform == expected
 
 
-def test_unmodelled_logit_keys_and_heads_are_refused_by_name():
+class OutputScaledLlama(LlamaForCausalLM):
+    """A model whose code scales its logits by a key the fused ops do not model."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * self.config.output_multiplier
+        return out
+
+
+def test_logit_keys_count_where_the_models_code_reads_them():
     lm = build("llama")
+    lm.config.final_logit_softcapping, lm.config.logit_scale = 30.0, 2.0  # stray keys: transformers' Llama ignores them
+    assert logit_transform(lm) == {"softcap": None, "logit_scale": None}
+
+
+def test_unmodelled_logit_keys_and_heads_are_refused_by_name():
+    lm = OutputScaledLlama(build("llama").config)
     lm.config.output_multiplier = 2.0
     with pytest.raises(ValueError, match="output_multiplier=2.0 changes the logits"):
         FrozenDecoder(lm, ByT5Tokenizer())

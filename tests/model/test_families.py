@@ -151,7 +151,7 @@ def test_stage2_loss_and_reference_scores_use_the_models_own_logits(family, dist
     assert rel_error(ref_p, summed(q_pos)) <= 1e-6 and rel_error(ref_n, summed(q_neg).view(3, 2)) <= 1e-6
 
 
-@pytest.mark.parametrize("family", ["gemma2", "granite", "cohere"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "granite", "cohere"])
 def test_stage1_loss_uses_the_models_own_logits(family):
     from are_fast.model import Stage1Item, Stage1Model
 
