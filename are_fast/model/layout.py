@@ -8,7 +8,8 @@ The released AutoRegEmbed layout, which this module reproduces:
 
 The rows are collated right-padded; ``run_varlen`` runs them by one of three routes (``ROUTES``) and always
 returns padded hidden states, so the loss code sees one layout:
-- "padded": the rows as they are, with an attention mask: every layer computes the padding too;
+- "padded": the rows as they are, without a padding mask (causal rows never see their right padding): every
+  layer computes the padding too;
 - "packed": the sequences packed first-fit into as few rows as possible, each no wider than the longest
   sequence, position ids restarting per sequence and no attention mask; transformers turns the position ids
   into a block-diagonal causal mask (sdpa, eager), a document BlockMask (flex_attention) or, in one row, the
@@ -16,10 +17,13 @@ returns padded hidden states, so the loss code sees one layout:
 - "varlen": all real tokens in one row and attention per sequence from cumulative lengths, by our attention
   function ``varlen_attention``: torch's ``torch.nn.attention.varlen.varlen_attn`` (flash) on CUDA in
   bf16/fp16; elsewhere sequences of similar length (``attention_groups``: at most 2% padding) are scattered
-  into a zero-padded [G, heads, L, d] block for one causal sdpa call per group and gathered back. The linear
-  layers, the norms and the embeddings see no padding at all.
+  into a zero-padded [G, heads, L, d] block for one causal attention call per group (``block_attention``)
+  and gathered back. Each layer's sliding window and attention softcap, as transformers passes them, hold on
+  both paths (softcapped layers take the block path). The linear layers, the norms and the embeddings see no
+  padding at all.
 With flash_attention_2 loaded, "packed" and "varlen" both run one row through flash-attn's varlen kernel.
-``default_route(device)`` is the measured winner per device (benchmarks/RESULTS.md).
+``default_route(device)`` is the measured winner per device (benchmarks/RESULTS.md); which routes a given
+model may take is decided in ``architecture.choose_route``.
 """
 from __future__ import annotations
 
