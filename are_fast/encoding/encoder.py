@@ -135,11 +135,14 @@ class Encoder:
             default_prompt_name = saved.get("default_prompt_name")
         device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
         dtype = _resolve_dtype(dtype, device)
-        if pack is None and device.type == "cuda" and flash_attention_available():
+        flash_default = pack is None and device.type == "cuda" and flash_attention_available()
+        if flash_default:
             pack = True
         if pack and attn_implementation is None and flash_attention_available():
             attn_implementation = "flash_attention_2"
-        route = None if pack is None else "varlen" if pack else "padded"
+        # A chosen route is checked against the model (architecture.choose_route); the flash default is not a
+        # choice of the caller's, so a model that cannot take it keeps the device's default.
+        route = None if pack is None or flash_default else "varlen" if pack else "padded"
         try:
             comp = Compressor.from_pretrained(path, num_embed_tokens, dtype=dtype, device=device,
                                               attn_implementation=attn_implementation,
@@ -147,6 +150,8 @@ class Encoder:
                                               route=route)
         except (OSError, KeyError) as err:  # transformers' errors for unreadable or unknown checkpoints
             raise ValueError(f"model: could not load {path!r} as a transformers model: {err}") from err
+        if flash_default and "varlen" not in comp.route_problems:
+            comp.route = "varlen"
         return cls(comp, device=device, max_tokens=max_tokens, batch_size=batch_size, prompts=prompts,
                    default_prompt_name=default_prompt_name, path=path)
 
