@@ -57,8 +57,12 @@ def _model_options(p) -> None:
     g.add_argument("--num-embed-tokens", type=POSITIVE_INT, default=None,
                    help="k, compressed tokens <EMBED0>..<EMBED{k-1}> (default: the model's own; 5 for a base LM in stage1); "
                    "a value that disagrees with the model's tokens is an error")
-    g.add_argument("--max-text-tokens", type=POSITIVE_INT, default=512, help="compressor texts are cut to this many tokens (default 512)")
-    g.add_argument("--max-target-tokens", type=POSITIVE_INT, default=512, help="decoder targets are cut to this many tokens (default 512)")
+    g.add_argument("--max-text-tokens", type=POSITIVE_INT, default=None,
+                   help="compressor texts are cut to this many tokens (default 512, or what the model's positions leave "
+                   "after k and the instruction when fewer; a value above its positions less k is an error)")
+    g.add_argument("--max-target-tokens", type=POSITIVE_INT, default=None,
+                   help="decoder targets are cut to this many tokens (default 512, or what the model's positions leave "
+                   "after k and the eos when fewer; a larger value is an error)")
     g.add_argument("--attn-implementation", default=None, choices=["eager", "sdpa", "flash_attention_2"],
                    help="attention kernel (default: transformers' choice); flash_attention_2 needs flash-attn")
     g.add_argument("--route", default=None, choices=["padded", "packed", "varlen"],

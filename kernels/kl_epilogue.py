@@ -100,12 +100,16 @@ def kl_epilogue(
     grad_out_q: torch.Tensor | None = None,
     *,
     block_v: int | None = None,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
 ) -> torch.Tensor:
     """logits_p, logits_q [C, V] float32; valid [C] bool; grad_scale [C] or None; grad_out_p, grad_out_q
     [C, V] or None (see logprob_epilogue) -> KL [C] float32.
 
     block_v: the vocabulary tile (a power of two; default ``block_size(V)``), smaller in tests to get many tiles.
     """
+    if softcap is not None or logit_scale is not None:
+        raise NotImplementedError("backend='triton': softcap= and logit_scale= are not implemented yet")
     for name, logits in (("logits_p", logits_p), ("logits_q", logits_q)):
         if logits.dtype != torch.float32:
             raise TypeError(f"{name}: the Triton epilogue takes float32 logits, got {logits.dtype}")

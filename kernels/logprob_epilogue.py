@@ -112,6 +112,8 @@ def logprob_epilogue(
     grad_out: torch.Tensor | None = None,
     *,
     block_v: int | None = None,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
 ) -> torch.Tensor:
     """logits [C, V] float32 (row-contiguous), targets [C] int64, grad_scale [C] or None, grad_out [C, V]
     (any float dtype, contiguous rows; may be HeadMatmuls.gradient_out's view of the logits) or None
@@ -119,6 +121,8 @@ def logprob_epilogue(
 
     block_v: the vocabulary tile (a power of two; default ``block_size(V)``), smaller in tests to get many tiles.
     """
+    if softcap is not None or logit_scale is not None:
+        raise NotImplementedError("backend='triton': softcap= and logit_scale= are not implemented yet")
     if logits.dtype != torch.float32:
         raise TypeError(f"logits: the Triton epilogue takes float32 logits, got {logits.dtype}")
     if logits.stride(1) != 1:

@@ -110,7 +110,8 @@ class Encoder:
 
         device: default CUDA when available, else CPU. dtype: default bfloat16 on CUDA, float32 elsewhere.
         max_length: texts are cut to this many tokens (counted); "auto": the folder's sentence-transformers
-        module config when it has one (the training ``--max-text-tokens``), else 512; None: no limit.
+        module config when it has one (the training ``--max-text-tokens``), else 512 or what the model's positions
+        leave after k and the instruction when fewer; None: what they leave (``Compressor``'s max_text_tokens).
         num_embed_tokens: k, default read from the tokenizer's <EMBED{i}> tokens. pack: True runs rows
         without padding (the "varlen" route of ``are_fast.model.layout``), False padded; default: the device's
         fastest route (``default_route``), and on CUDA with flash-attn installed "varlen" (then
@@ -125,20 +126,24 @@ class Encoder:
             raise ValueError(f"model: {path!r} has no config.json (expected a saved model directory)")
         saved = read_sentence_transformers_files(path)
         if max_length == "auto":
-            max_length = saved.get("max_length", DEFAULT_MAX_LENGTH)
+            max_length = saved.get("max_length", "auto")  # the Compressor resolves "auto" against the positions
         elif isinstance(max_length, str):
             raise ValueError(f"max_length: expected a positive int, None or 'auto', got {max_length!r}")
-        check_positive("max_length", max_length)
+        else:
+            check_positive("max_length", max_length)
         prompts = {**saved.get("prompts", {}), **(prompts or {})}
         if default_prompt_name is None:
             default_prompt_name = saved.get("default_prompt_name")
         device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
         dtype = _resolve_dtype(dtype, device)
-        if pack is None and device.type == "cuda" and flash_attention_available():
+        flash_default = pack is None and device.type == "cuda" and flash_attention_available()
+        if flash_default:
             pack = True
         if pack and attn_implementation is None and flash_attention_available():
             attn_implementation = "flash_attention_2"
-        route = None if pack is None else "varlen" if pack else "padded"
+        # A chosen route is checked against the model (architecture.choose_route); the flash default is not a
+        # choice of the caller's, so a model that cannot take it keeps the device's default.
+        route = None if pack is None or flash_default else "varlen" if pack else "padded"
         try:
             comp = Compressor.from_pretrained(path, num_embed_tokens, dtype=dtype, device=device,
                                               attn_implementation=attn_implementation,
@@ -146,6 +151,8 @@ class Encoder:
                                               route=route)
         except (OSError, KeyError) as err:  # transformers' errors for unreadable or unknown checkpoints
             raise ValueError(f"model: could not load {path!r} as a transformers model: {err}") from err
+        if flash_default and "varlen" not in comp.route_problems:
+            comp.route = "varlen"
         return cls(comp, device=device, max_tokens=max_tokens, batch_size=batch_size, prompts=prompts,
                    default_prompt_name=default_prompt_name, path=path)
 

@@ -106,7 +106,7 @@ class AutoRegEmbedModule(InputModule):
         folder = cls.load_dir_path(model_name_or_path, **hub)
         dtype = (model_kwargs or {}).get("dtype", (model_kwargs or {}).get("torch_dtype"))
         compressor = Compressor.from_pretrained(folder, config.get("num_embed_tokens"), dtype=dtype,
-                                                max_text_tokens=config.get("max_length", 512))
+                                                max_text_tokens=config.get("max_length", "auto"))
         return cls(compressor)
 
 

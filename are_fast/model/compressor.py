@@ -18,8 +18,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .layout import (Tokenized, check_route, compressor_prefix_ids, default_route, enable_checkpointing, pad_right,
-                     run_varlen)
+from .architecture import AUTO, choose_route, position_limit, route_problems, token_limit
+from .layout import Tokenized, check_route, compressor_prefix_ids, enable_checkpointing, pad_right, run_varlen
 
 
 def embed_token_names(num_embed_tokens: int) -> list[str]:
@@ -62,12 +62,16 @@ class Compressor(nn.Module):
         tokenizer: its tokenizer; the <EMBED{i}> tokens are added when missing and the input embeddings grow to
             match (new rows start at the mean of the old ones).
         num_embed_tokens: k (5 in the paper).
-        max_text_tokens: texts are cut to this many tokens (counted in ``Tokenized.truncated``); None: no limit.
+        max_text_tokens: texts are cut to this many tokens (counted in ``Tokenized.truncated``). "auto": 512, or
+            what the model's positions leave after the bos and k when fewer; None: what they leave; a larger int
+            than they leave is a ValueError naming both numbers. Whatever the limit, a row's instruction is kept
+            whole and its text cut further when the positions leave no room for both (counted).
         route: how rows of different lengths run through the body: "padded", "packed" or "varlen" (see
-            ``are_fast.model.layout``); None: the fastest measured on the body's device (``default_route``).
+            ``are_fast.model.layout``); None: the fastest measured on the body's device that runs it exactly
+            (``architecture.choose_route``). A route that cannot run the model exactly is refused here.
     """
 
-    def __init__(self, model, tokenizer, num_embed_tokens: int = 5, *, max_text_tokens: int | None = 512,
+    def __init__(self, model, tokenizer, num_embed_tokens: int = 5, *, max_text_tokens: int | str | None = AUTO,
                  route: str | None = None):
         super().__init__()
         if num_embed_tokens < 1:
@@ -75,8 +79,14 @@ class Compressor(nn.Module):
         self.backbone = model.base_model
         self.tokenizer = tokenizer
         self.num_embed_tokens = num_embed_tokens
-        self.max_text_tokens = max_text_tokens
+        self.positions = position_limit(model.config)
+        bos = 0 if tokenizer.bos_token_id is None else 1
+        self.max_text_tokens = token_limit(max_text_tokens, self.positions, num_embed_tokens + bos, "max_text_tokens",
+                                           f"k={num_embed_tokens} compressed tokens" + (" and bos" if bos else ""))
         self.route = check_route(route)
+        self.route_problems = route_problems(self.backbone)
+        if self.route is not None:  # refused before any work
+            choose_route(self.route, self.route_problems, None, type(self.backbone).__name__)
         names = embed_token_names(num_embed_tokens)
         missing = [n for n in names if n not in tokenizer.get_vocab()]
         if missing:
@@ -97,8 +107,8 @@ class Compressor(nn.Module):
 
     @property
     def resolved_route(self) -> str:
-        """The route rows run by: ``route``, else the default of the body's device."""
-        return self.route or default_route(self.device)
+        """The route rows run by: ``route``, else the default of the body's device (or the one that runs it)."""
+        return choose_route(self.route, self.route_problems, self.device, type(self.backbone).__name__)
 
     @property
     def pack(self) -> bool:
@@ -117,7 +127,8 @@ class Compressor(nn.Module):
         """Prefix ids per text: [bos] + text + "\\n" + instruction + "\\n" (no special tokens yet)."""
         if instructions is None or isinstance(instructions, str):
             instructions = [instructions or ""] * len(texts)
-        return compressor_prefix_ids(self.tokenizer, texts, instructions, self.max_text_tokens)
+        max_prefix = None if self.positions is None else self.positions - self.num_embed_tokens
+        return compressor_prefix_ids(self.tokenizer, texts, instructions, self.max_text_tokens, max_prefix)
 
     def collate(self, prefixes: Sequence[Sequence[int]]) -> CompressorBatch:
         """Prefix ids per row -> a right-padded batch with the k special tokens after each row's last token."""

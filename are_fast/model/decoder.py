@@ -1,7 +1,8 @@
 """The frozen decoder: a copy of the base causal LM that scores target texts from compressed vectors.
 
 It returns final hidden states, never logits: every log-probability is computed by the fused ops of
-``are_fast.ops.functional`` from those states and the LM-head weight (``FrozenDecoder.head``). Its parameters
+``are_fast.ops.functional`` from those states, the LM-head weight (``FrozenDecoder.head``) and the model's logit
+transforms (``FrozenDecoder.logit_transform``: softcap, logit scale). Its parameters
 have ``requires_grad=False``, so the fused ops skip all weight-gradient work, while gradients still flow
 to the compressed vectors it reads.
 """
@@ -13,36 +14,43 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .layout import (Tokenized, check_route, decoder_labels, default_route, enable_checkpointing, pad_right,
-                     run_varlen, target_ids)
+from .architecture import (AUTO, choose_route, linear_head, logit_transform, position_limit, route_problems,
+                           token_limit)
+from .layout import Tokenized, check_route, decoder_labels, enable_checkpointing, pad_right, run_varlen, target_ids
 
 
 class FrozenDecoder(nn.Module):
     """A frozen causal LM over [k compressed vectors ; target token embeddings].
 
     Args:
-        lm: an ``AutoModelForCausalLM`` (its body and its LM head are used).
+        lm: an ``AutoModelForCausalLM`` (its body and its LM head, an ``nn.Linear``, are used; the transforms its
+            config applies to the logits go to the fused ops: ``logit_transform``).
         tokenizer: the base tokenizer (targets are tokenized with it and end with its eos token).
-        max_target_tokens: targets are cut to this many tokens before the eos (counted); None: no limit.
+        num_embed_tokens: k, the compressed vectors in front of every target (with the model's positions it
+            bounds the target length).
+        max_target_tokens: targets are cut to this many tokens before the eos (counted). "auto": 512, or what the
+            model's positions leave after k and the eos when fewer; None: what they leave; a larger int than
+            they leave is a ValueError naming both numbers.
         route: how streams of different lengths run through the body: "padded", "packed" or "varlen" (see
-            ``are_fast.model.layout``); None: the fastest measured on the model's device (``default_route``).
+            ``are_fast.model.layout``); None: the fastest measured on the model's device that runs it exactly
+            (``architecture.choose_route``). A route that cannot run the model exactly is refused here.
         checkpointing: per-layer activation checkpointing while gradients flow through it.
     """
 
-    def __init__(self, lm, tokenizer, *, max_target_tokens: int | None = 512, route: str | None = None,
-                 checkpointing: bool = False):
+    def __init__(self, lm, tokenizer, *, num_embed_tokens: int = 5, max_target_tokens: int | str | None = AUTO,
+                 route: str | None = None, checkpointing: bool = False):
         super().__init__()
-        config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
-        for name in ("final_logit_softcapping", "logit_scale"):
-            if getattr(config, name, None) not in (None, 1.0):
-                raise ValueError(f"lm: {type(lm).__name__} transforms its logits ({name}), which the fused ops "
-                                 "do not model; use a model whose logits are hidden @ lm_head.weight.T (+ bias)")
-        if lm.get_output_embeddings() is None:
-            raise ValueError(f"lm: expected a causal LM with an LM head, got {type(lm).__name__}")
+        linear_head(lm)
+        self.logit_transform = logit_transform(lm)  # {"softcap", "logit_scale"} for the fused ops
+        self.positions = position_limit(lm.config)
+        self.max_target_tokens = token_limit(max_target_tokens, self.positions, num_embed_tokens + 1,
+                                             "max_target_tokens", f"k={num_embed_tokens} compressed vectors and eos")
         self.lm = lm.requires_grad_(False)
         self.tokenizer = tokenizer
-        self.max_target_tokens = max_target_tokens
         self.route = check_route(route)
+        self.route_problems = route_problems(lm.base_model)
+        if self.route is not None:  # refused before any work
+            choose_route(self.route, self.route_problems, None, type(lm).__name__)
         self.checkpointing = checkpointing
         if checkpointing:
             enable_checkpointing(lm)
@@ -62,9 +70,14 @@ class FrozenDecoder(nn.Module):
 
     @property
     def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(weight [V, H], bias [V] or None) of the LM head, frozen."""
-        out = self.lm.get_output_embeddings()
-        return out.weight, getattr(out, "bias", None)
+        """(weight [V, H], bias [V] or None) of the LM head, frozen; the fused ops also take ``logit_transform``."""
+        out = linear_head(self.lm)
+        return out.weight, out.bias
+
+    @property
+    def resolved_route(self) -> str:
+        """The route streams run by: ``route``, else the default of the model's device (or the one that runs it)."""
+        return choose_route(self.route, self.route_problems, self.head[0].device, type(self.lm).__name__)
 
     def tokenize(self, texts: Sequence[str]) -> Tokenized:
         """tokens(text) + [eos] per target text, cut to max_target_tokens (+ eos)."""
@@ -83,10 +96,12 @@ class FrozenDecoder(nn.Module):
             they predict nothing (the released labels are -100 there), so no head work goes to them.
         """
         k = compressed.shape[1]
+        if self.positions is not None and k + target.shape[1] > self.positions:
+            raise ValueError(f"target: k={k} compressed vectors and {target.shape[1]} target tokens exceed the "
+                             f"model's {self.positions} positions (max_position_embeddings)")
         embeds = self.lm.get_input_embeddings()(target)
         inputs = torch.cat([compressed.to(embeds.dtype), embeds], dim=1)
-        route = self.route or default_route(inputs.device)
-        hidden = run_varlen(self.lm.base_model, lengths + k, route, inputs_embeds=inputs)[:, k - 1:]
+        hidden = run_varlen(self.lm.base_model, lengths + k, self.resolved_route, inputs_embeds=inputs)[:, k - 1:]
         # Under autocast the states come out in bf16 while the head may be fp32: the fused ops want one dtype.
         return hidden.to(self.head[0].dtype), decoder_labels(target, lengths, 1)
 

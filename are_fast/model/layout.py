@@ -8,7 +8,8 @@ The released AutoRegEmbed layout, which this module reproduces:
 
 The rows are collated right-padded; ``run_varlen`` runs them by one of three routes (``ROUTES``) and always
 returns padded hidden states, so the loss code sees one layout:
-- "padded": the rows as they are, with an attention mask: every layer computes the padding too;
+- "padded": the rows as they are, without a padding mask (causal rows never see their right padding): every
+  layer computes the padding too;
 - "packed": the sequences packed first-fit into as few rows as possible, each no wider than the longest
   sequence, position ids restarting per sequence and no attention mask; transformers turns the position ids
   into a block-diagonal causal mask (sdpa, eager), a document BlockMask (flex_attention) or, in one row, the
@@ -16,16 +17,20 @@ returns padded hidden states, so the loss code sees one layout:
 - "varlen": all real tokens in one row and attention per sequence from cumulative lengths, by our attention
   function ``varlen_attention``: torch's ``torch.nn.attention.varlen.varlen_attn`` (flash) on CUDA in
   bf16/fp16; elsewhere sequences of similar length (``attention_groups``: at most 2% padding) are scattered
-  into a zero-padded [G, heads, L, d] block for one causal sdpa call per group and gathered back. The linear
-  layers, the norms and the embeddings see no padding at all.
+  into a zero-padded [G, heads, L, d] block for one causal attention call per group (``block_attention``)
+  and gathered back. Each layer's sliding window and attention softcap, as transformers passes them, hold on
+  both paths (softcapped layers take the block path). The linear layers, the norms and the embeddings see no
+  padding at all.
 With flash_attention_2 loaded, "packed" and "varlen" both run one row through flash-attn's varlen kernel.
-``default_route(device)`` is the measured winner per device (benchmarks/RESULTS.md).
+``default_route(device)`` is the measured winner per device (benchmarks/RESULTS.md); which routes a given
+model may take is decided in ``architecture.choose_route``.
 """
 from __future__ import annotations
 
 import contextvars
 import functools
 import inspect
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -52,18 +57,30 @@ def _encode(tokenizer, texts: Sequence[str], max_tokens: int | None) -> Tokenize
 
 
 def compressor_prefix_ids(
-    tokenizer, texts: Sequence[str], instructions: Sequence[str], max_text_tokens: int | None = None
+    tokenizer, texts: Sequence[str], instructions: Sequence[str], max_text_tokens: int | None = None,
+    max_prefix_tokens: int | None = None,
 ) -> Tokenized:
-    """[bos] + tokens(text + "\\n") + tokens(instruction + "\\n") per row; the text part is cut to max_text_tokens."""
+    """[bos] + tokens(text + "\\n") + tokens(instruction + "\\n") per row; the text part is cut to max_text_tokens,
+    and further where the whole prefix would exceed max_prefix_tokens (the instruction is kept whole)."""
     if len(texts) != len(instructions):
         raise ValueError(f"instructions: expected one per text ({len(texts)}), got {len(instructions)}")
-    text_ids = _encode(tokenizer, [t + "\n" for t in texts], max_text_tokens)
     # Instructions are few and short: encode each distinct one once.
     distinct = sorted(set(instructions))
     by_instruction = dict(zip(distinct, _encode(tokenizer, [i + "\n" for i in distinct], None).ids))
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    rows = [bos + t + by_instruction[i] for t, i in zip(text_ids.ids, instructions)]
-    return Tokenized(rows, text_ids.truncated)
+    limits = {}
+    for instruction, ids in by_instruction.items():
+        limits[instruction] = max_text_tokens
+        if max_prefix_tokens is not None:
+            room = max_prefix_tokens - len(bos) - len(ids)
+            if room < 1:
+                raise ValueError(f"instructions: {instruction!r} takes {len(ids)} tokens, which leave no room for a "
+                                 f"text in the {max_prefix_tokens} positions before the compressed tokens")
+            limits[instruction] = room if max_text_tokens is None else min(max_text_tokens, room)
+    text_ids = _encode(tokenizer, [t + "\n" for t in texts], None).ids
+    cut = [row if limits[i] is None else row[: limits[i]] for row, i in zip(text_ids, instructions)]
+    truncated = sum(len(a) != len(b) for a, b in zip(text_ids, cut))
+    return Tokenized([bos + t + by_instruction[i] for t, i in zip(cut, instructions)], truncated)
 
 
 def target_ids(tokenizer, texts: Sequence[str], max_target_tokens: int | None = None) -> Tokenized:
@@ -154,13 +171,27 @@ def _use_varlen_attention(backbone) -> None:
     inner = config._attn_implementation
     if inner.startswith(VARLEN_ATTENTION):
         return
-    if inner not in ALL_ATTENTION_FUNCTIONS:
+    if inner not in ALL_ATTENTION_FUNCTIONS and inner != "eager":
         raise ValueError(f"route: 'varlen' keeps the body's attention kernel for other calls, and {inner!r} is "
                          "not a registered one; load the model with attn_implementation='sdpa' or use another route")
     name = f"{VARLEN_ATTENTION}:{inner}"
     AttentionInterface.register(name, functools.partial(varlen_attention, inner=inner))
     AttentionMaskInterface.register(name, functools.partial(_varlen_mask, inner=inner))
     config._attn_implementation = name
+
+
+def _inner_attention(module, inner: str):
+    """The attention function ``inner`` names: a registered kernel, or for "eager" the model's own eager function
+    (each modeling file has its own: Gemma 2's softcaps its scores)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if inner in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[inner]
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise ValueError(f"route: {type(module).__name__}'s modeling file has no eager_attention_forward to run "
+                         "calls outside the 'varlen' route; load the model with attn_implementation='sdpa'")
+    return eager
 
 
 def _varlen_mask(*args, inner: str, **kwargs):
@@ -202,8 +233,11 @@ def run_varlen(backbone, lengths: torch.Tensor, route: str, input_ids=None, inpu
     key = "input_ids" if input_ids is not None else "inputs_embeds"
     rows, width = source.shape[:2]
     if route == "padded":
-        valid = torch.arange(width, device=source.device) < lengths.to(source.device).unsqueeze(1)
-        return backbone(**{key: source}, attention_mask=valid.long(), use_cache=False).last_hidden_state
+        # Right padding under causal attention: no real position ever sees the padding, so the rows need no
+        # padding mask. With one, a padding query past a sliding window sees no key at all and the eager kernel
+        # turns it into NaN, which the next layer spreads to every position through 0 * NaN (Gemma 2).
+        ones = torch.ones(rows, width, dtype=torch.int64, device=source.device)
+        return backbone(**{key: source}, attention_mask=ones, use_cache=False).last_hidden_state
     check_route(route)
     sizes = lengths.tolist()
     if route == "packed" and not _flash(backbone):
@@ -230,9 +264,10 @@ def run_varlen(backbone, lengths: torch.Tensor, route: str, input_ids=None, inpu
     return out.index_copy(0, index[real], hidden[real]).view(rows, width, -1)
 
 
-def flash_varlen(varlen_attn, q, k, v, cu_seq_lens, max_length, scaling):
+def flash_varlen(varlen_attn, q, k, v, cu_seq_lens, max_length, scaling, sliding_window=None):
     """Causal attention within each packed sequence by torch's ``varlen_attn`` (passed in: the flash kernel,
     CUDA, float16/bfloat16). q [N, heads, d], k and v [N, kv_heads, d], cu_seq_lens [S + 1] int32 -> [N, heads, d].
+    ``sliding_window``: each query sees at most this many keys, itself included (transformers' meaning).
 
     torch 2.13's varlen_attn takes grouped key/value heads (enable_gqa); torch 2.11's does not, so there each
     key/value head is repeated for the query heads that share it.
@@ -244,8 +279,9 @@ def flash_varlen(varlen_attn, q, k, v, cu_seq_lens, max_length, scaling):
         else:
             share = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(share, dim=1), v.repeat_interleave(share, dim=1)
+    left = -1 if sliding_window is None else sliding_window - 1  # flash counts the keys before the query
     return varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, scale=scaling,
-                       window_size=(-1, 0), **grouped)
+                       window_size=(left, 0), **grouped)
 
 
 @functools.cache
@@ -254,29 +290,33 @@ def _takes_gqa(varlen_attn) -> bool:
 
 
 def varlen_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, *,
-                     cu_seq_lens_q=None, max_length_q=None, inner: str | None = None, **kwargs):
+                     cu_seq_lens_q=None, max_length_q=None, sliding_window=None, softcap=None,
+                     inner: str | None = None, **kwargs):
     """transformers attention function of the "varlen" route: causal attention within each packed sequence.
 
     query [1, heads, N, d], key and value [1, kv_heads, N, d] (all sequences in one row); cu_seq_lens_q [S + 1]
-    int32 cumulative lengths; max_length_q the longest. Returns ([1, N, heads, d], None). Without
-    cu_seq_lens_q the call goes to the attention function registered as ``inner`` (the body's own kernel).
+    int32 cumulative lengths; max_length_q the longest. ``sliding_window`` (a query sees at most this many keys,
+    itself included) and ``softcap`` (scores s -> c tanh(s / c)) are the layer's, as transformers passes them.
+    Returns ([1, N, heads, d], None). Without cu_seq_lens_q the call goes to the attention function ``inner``
+    (the body's own kernel).
     """
     if cu_seq_lens_q is None:
         if inner is None:
             raise ValueError("varlen attention: expected cu_seq_lens_q (run the body through layout.run_varlen)")
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        return ALL_ATTENTION_FUNCTIONS[inner](module, query, key, value, attention_mask, scaling=scaling,
-                                              dropout=dropout, **kwargs)
+        return _inner_attention(module, inner)(module, query, key, value, attention_mask, scaling=scaling,
+                                               dropout=dropout, sliding_window=sliding_window, softcap=softcap,
+                                               **kwargs)
+    if kwargs.get("s_aux") is not None:  # refused before any work by architecture.route_problems; a last guard
+        raise ValueError("route: 'varlen' does not model attention sinks (s_aux); use the padded route")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [N, heads, d]
     dropout = dropout if module.training else 0.0
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not dropout:
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not dropout and softcap is None:
         from torch.nn.attention.varlen import varlen_attn
 
-        return flash_varlen(varlen_attn, q, k, v, cu_seq_lens_q, max_length_q, scaling).unsqueeze(0), None
-    # Elsewhere: sequences of similar length share one causal sdpa call over a zero-padded block.
+        out = flash_varlen(varlen_attn, q, k, v, cu_seq_lens_q, max_length_q, scaling, sliding_window)
+        return out.unsqueeze(0), None
+    # Elsewhere: sequences of similar length share one causal attention call over a zero-padded block.
     starts, sizes = cu_seq_lens_q[:-1].tolist(), cu_seq_lens_q.diff().tolist()
-    gqa = k.shape[1] != q.shape[1]
     order, parts = [], []
     for group in attention_groups(sizes):
         width = sizes[group[0]]
@@ -289,12 +329,35 @@ def varlen_attention(module, query, key, value, attention_mask=None, scaling=Non
             block = t.new_zeros(len(group), width, *t.shape[1:])
             return block.index_put((sequence, offset), t[tokens]).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), dropout_p=dropout, is_causal=True,
-                                             scale=scaling, enable_gqa=gqa)
+        out = block_attention(padded(q), padded(k), padded(v), scaling, dropout, sliding_window, softcap)
         order.append(tokens)
         parts.append(out.transpose(1, 2)[sequence, offset])
     out = q.new_zeros(q.shape).index_copy(0, torch.cat(order), torch.cat(parts))
     return out.unsqueeze(0), None
+
+
+def block_attention(q, k, v, scaling=None, dropout=0.0, sliding_window=None, softcap=None):
+    """Causal attention over blocks: q [G, heads, L, d], k and v [G, kv_heads, L, d] -> [G, heads, L, d].
+
+    ``sliding_window``: query i sees keys i - sliding_window < j <= i (a banded mask); ``softcap``: scores
+    s -> c tanh(s / c) before the mask, which sdpa cannot do, so then the attention is written out (softmax in
+    float32, as transformers' eager kernels do). ``scaling`` None: 1 / sqrt(d).
+    """
+    length = q.shape[2]
+    window = sliding_window if sliding_window is not None and sliding_window < length else None
+    allowed = None
+    if window is not None or softcap is not None:
+        i = torch.arange(length, device=q.device)
+        allowed = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - (window or length))  # [L, L]
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, is_causal=allowed is None,
+                                              scale=scaling, enable_gqa=k.shape[1] != q.shape[1])
+    share = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(share, dim=1), v.repeat_interleave(share, dim=1)
+    scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scaling is None else scaling)
+    scores = (torch.tanh(scores / softcap) * softcap).masked_fill(~allowed, float("-inf"))
+    probs = F.dropout(scores.softmax(-1, dtype=torch.float32).to(q.dtype), dropout, training=dropout > 0)
+    return probs @ v
 
 
 def attention_groups(sizes: Sequence[int], slack: float = ATTENTION_PADDING) -> list[list[int]]:

@@ -140,20 +140,23 @@ class Stage1Model(nn.Module):
     def forward(self, batch: Stage1Batch):
         compressed = self.compressor(batch.compressor)
         hidden, labels = self.decoder(compressed, batch.targets.ids, batch.targets.lengths)
-        logp, _ = target_logprobs(hidden, labels, *self.decoder.head, backend=self.backend)
+        logp, _ = target_logprobs(hidden, labels, *self.decoder.head, backend=self.backend,
+                                  **self.decoder.logit_transform)
         return -logp.mean(), {}  # transformers' causal-LM loss: the mean over all target tokens
 
 
-def target_logprobs(hidden, labels, weight, bias=None, backend=None):
+def target_logprobs(hidden, labels, weight, bias=None, backend=None, softcap=None, logit_scale=None):
     """Log-probabilities of every target token of right-padded streams, in one fused call.
 
     Only the positions that predict a target reach the LM head (padding and ignored positions cost nothing).
-    Args: hidden [S, T, H], labels [S, T] (position t predicts labels[:, t + 1]), the head (weight [V, H], bias).
+    Args: hidden [S, T, H], labels [S, T] (position t predicts labels[:, t + 1]), the head (weight [V, H], bias)
+    and its logit transforms (``FrozenDecoder.logit_transform``).
     Returns: (logprobs [M] float32, row [M] int64: the stream each target belongs to), M = number of targets.
     """
     valid = labels[:, 1:] != IGNORE_INDEX
     rows = valid.nonzero()[:, 0]
-    logp = F.token_logprobs(hidden[:, :-1][valid], weight, labels[:, 1:][valid], bias, backend=backend)
+    logp = F.token_logprobs(hidden[:, :-1][valid], weight, labels[:, 1:][valid], bias, backend=backend,
+                            softcap=softcap, logit_scale=logit_scale)
     return logp, rows
 
 
@@ -168,7 +171,7 @@ def stream_logprobs(compressor: Compressor, decoder: FrozenDecoder, batch: Stage
     streams = [c_q] + ([compressor(batch.positives)] if batch.positives is not None else [])
     streams.append(c_q.repeat_interleave(batch.num_negatives, dim=0))
     hidden, labels = decoder(torch.cat(streams), batch.targets.ids, batch.targets.lengths)
-    logp, rows = target_logprobs(hidden, labels, *decoder.head, backend=backend)
+    logp, rows = target_logprobs(hidden, labels, *decoder.head, backend=backend, **decoder.logit_transform)
     # Sums in float64: the alignment loss takes differences of these large, close sums.
     sums = torch.zeros(hidden.shape[0], dtype=torch.float64, device=logp.device).index_add(0, rows, logp.double())
     return hidden, labels, sums.to(logp.dtype)
@@ -203,7 +206,8 @@ class Stage2Model(nn.Module):
         distance = None
         if self.distance == "kl":
             weight, bias = self.decoder.head
-            distance = F.conditional_kl(hidden[:b], hidden[b: 2 * b], weight, labels[:b], bias, backend=self.backend)
+            distance = F.conditional_kl(hidden[:b], hidden[b: 2 * b], weight, labels[:b], bias, backend=self.backend,
+                                        **self.decoder.logit_transform)
         loss = F.alignment_loss(lp_qp, lp_pp, lp_qn, batch.ref_p, batch.ref_n, self.beta, self.tau, self.ref_sign,
                                 distance)
         return loss, {"margin": float((lp_qp.detach().unsqueeze(1) - lp_qn.detach()).mean())}

@@ -176,13 +176,19 @@ def epilogues() -> SimpleNamespace:
     gradient output (a low-precision head's) is then filled by one cast pass (``store_gradient``)."""
     from .torch_epilogues import store_gradient
 
-    def logprob(logits, targets, ignore_index, grad_scale, grad_out=None):
+    def refuse(softcap, logit_scale):
+        if softcap is not None or logit_scale is not None:
+            raise NotImplementedError("backend='native': softcap= and logit_scale= are not implemented yet")
+
+    def logprob(logits, targets, ignore_index, grad_scale, grad_out=None, *, softcap=None, logit_scale=None):
+        refuse(softcap, logit_scale)
         values = torch.ops.are_fast.logprob_epilogue(logits, targets, ignore_index, grad_scale)
         if grad_scale is not None:
             store_gradient(logits, grad_out)
         return values
 
-    def kl(logits_p, logits_q, valid, grad_scale, grad_out_p=None, grad_out_q=None):
+    def kl(logits_p, logits_q, valid, grad_scale, grad_out_p=None, grad_out_q=None, *, softcap=None, logit_scale=None):
+        refuse(softcap, logit_scale)
         values = torch.ops.are_fast.kl_epilogue(logits_p, logits_q, valid, grad_scale)
         if grad_scale is not None:
             store_gradient(logits_p, grad_out_p)

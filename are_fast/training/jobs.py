@@ -16,6 +16,7 @@ import torch.distributed as dist
 from ..data import DEFAULT_MAX_BAD_FRACTION, check_usable, load_stage1, load_stage2, stage1_items, stage2_items
 from ..errors import StopSignals, check_writable, writing
 from ..model import Compressor, FrozenDecoder, Stage1Model, Stage2Model
+from ..model.architecture import AUTO
 from ..model.directory import inspect_model_dir, resolve_num_embed_tokens
 from ..model.layout import flash_attention_available
 from ..model.st_files import instruction_prompts, write_sentence_transformers_files
@@ -29,8 +30,8 @@ class ModelOptions:
     """How the compressor and the decoder are loaded and run."""
 
     num_embed_tokens: int | None = None  # k; None: the model's own <EMBED*> count (a base LM for stage 1: 5)
-    max_text_tokens: int = 512
-    max_target_tokens: int = 512
+    max_text_tokens: int | None = None  # None: 512, or what the model's positions leave (architecture.token_limit)
+    max_target_tokens: int | None = None
     attn_implementation: str | None = None  # None: transformers' default (sdpa)
     route: str | None = None  # "padded", "packed", "varlen" (are_fast.model.layout); None: the device's default
     checkpointing: bool = False
@@ -50,9 +51,10 @@ def build_models(compressor_dir: str, decoder_dir: str, opts: ModelOptions, devi
     common = dict(dtype=getattr(torch, opts.dtype) if opts.dtype else None, attn_implementation=opts.attn_implementation,
                   trust_remote_code=opts.trust_remote_code, device=device)
     torch.manual_seed(opts.seed)  # the new <EMBED{i}> rows are drawn at random
-    compressor = Compressor.from_pretrained(compressor_dir, opts.num_embed_tokens, max_text_tokens=opts.max_text_tokens,
-                                            route=opts.route, **common)
-    decoder = FrozenDecoder.from_pretrained(decoder_dir, max_target_tokens=opts.max_target_tokens, route=opts.route,
+    compressor = Compressor.from_pretrained(compressor_dir, opts.num_embed_tokens,
+                                            max_text_tokens=opts.max_text_tokens or AUTO, route=opts.route, **common)
+    decoder = FrozenDecoder.from_pretrained(decoder_dir, num_embed_tokens=compressor.num_embed_tokens,
+                                            max_target_tokens=opts.max_target_tokens or AUTO, route=opts.route,
                                             checkpointing=opts.checkpointing, **common)
     if opts.checkpointing:
         compressor.enable_checkpointing()

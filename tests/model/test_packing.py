@@ -86,13 +86,16 @@ def _varlen_attn_of(version):
 
     def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
                     enable_gqa=False):
-        assert window_size == (-1, 0) and cu_q is cu_k and max_q == max_k  # causal, self-attention
+        left, right = window_size  # flash's window: keys from query - left to query + right; -1: unbounded
+        assert right == 0 and cu_q is cu_k and max_q == max_k  # causal, self-attention
         assert enable_gqa or k.shape[1] == q.shape[1]
         calls.append(k.shape[1])
         out = torch.full_like(q, float("nan"))
         for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            i = torch.arange(end - start)
+            allowed = (i[None] <= i[:, None]) & ((i[None] >= i[:, None] - left) if left >= 0 else True)
             part = (t[start:end].transpose(0, 1) for t in (q, k, v))
-            out[start:end] = F.scaled_dot_product_attention(*part, is_causal=True, scale=scale,
+            out[start:end] = F.scaled_dot_product_attention(*part, attn_mask=allowed, scale=scale,
                                                             enable_gqa=enable_gqa).transpose(0, 1)
         return out
 
@@ -104,21 +107,25 @@ def _varlen_attn_of(version):
     return chosen
 
 
+@pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("version", ["2.11", "2.13"])
-def test_flash_varlen_groups_heads_on_either_torch(version):
+def test_flash_varlen_groups_heads_on_either_torch(version, window):
     """The CUDA route's call of varlen_attn, emulated on CPU: torch 2.11's signature gets the key/value heads
-    repeated per query group (head h reads key/value head h // 2 here), 2.13's gets enable_gqa."""
+    repeated per query group (head h reads key/value head h // 2 here), 2.13's gets enable_gqa; a sliding window
+    of W keys (transformers' meaning: the query itself and W - 1 before it) becomes flash's window (W - 1, 0)."""
     sizes = [5, 3, 7]
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(sum(sizes), heads, 8, generator=gen) for heads in (4, 2, 2))
     cu = torch.tensor([0, *sizes], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     attn = _varlen_attn_of(version)
-    out = flash_varlen(attn, q, k, v, cu, max(sizes), 0.3)
+    out = flash_varlen(attn, q, k, v, cu, max(sizes), 0.3, window)
     assert attn.kv_heads == [4 if version == "2.11" else 2]  # 2.13 reads the grouped heads as they are
     for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        i = torch.arange(end - start)
+        allowed = (i[None] <= i[:, None]) & (i[None] > i[:, None] - (window or end))
         for head in range(4):
             expected = F.scaled_dot_product_attention(q[start:end, head], k[start:end, head // 2],
-                                                      v[start:end, head // 2], is_causal=True, scale=0.3)
+                                                      v[start:end, head // 2], attn_mask=allowed, scale=0.3)
             assert rel_error(out[start:end, head], expected) <= 1e-6
 
 
@@ -151,9 +158,14 @@ def test_computed_tokens_and_route_checks():
         check_route("flex")
 
 
-def test_varlen_needs_a_registered_attention_kernel(tiny_dir):
+def test_varlen_runs_eager_bodies_and_needs_a_known_kernel(tiny_dir):
+    """An eager body's other calls go to its modeling file's own eager function; an unknown kernel is refused."""
     comp = Compressor.from_pretrained(tiny_dir, 3, attn_implementation="eager", route="varlen")
-    with pytest.raises(ValueError, match="route: 'varlen'.*'eager'"):
-        comp.compress(["a text"], "i")
-    comp.route = "packed"  # the other routes run eager attention as loaded
-    assert torch.isfinite(comp.compress(["a text", "another one"], "i")).all()
+    texts = ["a text", "another one"]
+    varlen = comp.compress(texts, "i")
+    comp.route = "padded"  # the body's attention is now the varlen function, calling the eager one here
+    assert rel_error(varlen, comp.compress(texts, "i")) <= 1e-5
+    comp = Compressor.from_pretrained(tiny_dir, 3, route="varlen")
+    comp.backbone.config._attn_implementation = "no_such_kernel"
+    with pytest.raises(ValueError, match="route: 'varlen'.*'no_such_kernel'"):
+        comp.compress(texts, "i")
