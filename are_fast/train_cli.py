@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 from .data import DEFAULT_MAX_BAD_FRACTION

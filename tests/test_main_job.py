@@ -2,7 +2,6 @@
 import json
 import os
 
-import pytest
 import torch
 
 from are_fast.main_job import MainJobConfig, run_main_job

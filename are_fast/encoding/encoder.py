@@ -33,7 +33,7 @@ from ..model.compressor import Compressor
 from ..model.st_files import read_sentence_transformers_files, write_sentence_transformers_files
 from ..model.layout import flash_attention_available
 from .batching import DEFAULT_MAX_TOKENS, check_positive
-from .defaults import DEFAULT_MAX_LENGTH, NORMALIZE
+from .defaults import NORMALIZE
 from .mteb_adapter import MTEBModel
 from .pipeline import EncodedChunk, PreparedChunk, check_texts, pipelined, prepare_chunk, run_chunk
 

@@ -1,5 +1,4 @@
 """Held-out evaluation in the trainer, the best model, --epochs, TensorBoard events, triplet accuracy."""
-import json
 import os
 
 import pytest
