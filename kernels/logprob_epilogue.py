@@ -7,7 +7,9 @@ a gradient output of any float dtype. Same contract as ``are_fast.ops.torch_epil
 A low-precision gradient output may be the view of the first half of each float32 logits row's bytes
 (``HeadMatmuls.gradient_out``): the row is written tile by tile in order, and a tile's 2-byte stores land
 at most on float32 elements of that tile or earlier ones, all read before; one barrier per tile
-(SYNC_TILES) keeps a warp from storing before the other warps of its program have loaded the tile.
+(SYNC_TILES) keeps a warp from storing before the other warps of its program have loaded the tile. The target
+logit is read before the first sweep, whose reductions order that read before any store (in place, another
+warp's gradient store may land on x[target] first).
 """
 import torch
 import triton
@@ -37,6 +39,7 @@ def _logprob_epilogue_kernel(
     in_range = (target >= 0) & (target < vocab)
     safe_target = tl.where(in_range, target, 0)
     offsets = tl.arange(0, BLOCK_V)
+    target_logit = tl.load(row_ptr + safe_target).to(tl.float32)  # before the sweeps: see the module docstring
 
     running_max = float("-inf")
     running_sum = 0.0
@@ -49,7 +52,7 @@ def _logprob_epilogue_kernel(
     # x - lse is formed as (x - max) - log_sum: rounding lse itself to float32 would cost ulp(max) (1e-3 at 1e4).
     log_sum = tl.log(running_sum)
 
-    picked = (tl.load(row_ptr + safe_target).to(tl.float32) - running_max) - log_sum
+    picked = (target_logit - running_max) - log_sum
     logp = tl.where(in_range, picked, float("nan"))
     tl.store(out_ptr + row, tl.where(valid, logp, 0.0))
 

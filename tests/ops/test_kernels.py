@@ -123,6 +123,18 @@ def test_logprob_epilogue_ignore_index_inside_the_vocabulary(device):
     check_logprob(rounded(logits), targets, torch.randn(len(targets)).double(), device, TILE, ignore_index=5)
 
 
+def test_logprob_values_do_not_depend_on_the_in_place_gradient(device):
+    """In place, the gradient sweep overwrites x[target]; the log-prob must come from the logit read before any
+    store. On CUDA: many llama3-width rows with the target in the first tile, where a late read may meet another
+    warp's store (a race shows only by chance; test_kernel_memory_order checks the order in the interpreter)."""
+    rows, vocab = (2048, 128256) if device.type == "cuda" else (3, VOCAB)
+    logits = 3 * torch.randn(rows, vocab, device=device)
+    targets = torch.randint(0, min(vocab, 4096), (rows,), device=device)
+    values = logprob_epilogue(logits.clone(), targets, IGNORE, None)
+    with_gradient = logprob_epilogue(logits, targets, IGNORE, torch.ones(rows, device=device))
+    assert torch.equal(with_gradient, values)
+
+
 @pytest.mark.parametrize("vocab", [1, 7, 4099])
 @pytest.mark.parametrize("with_grad", [False, True], ids=["values", "grad"])
 def test_kl_epilogue_default_tile(vocab, with_grad, device):
