@@ -12,7 +12,8 @@
 // exponentials relative to the running max (online log-sum-exp). The gradient is a second pass, made while
 // the row is still in L2. Rows are spread over threads; inner loops are written to vectorize (omp simd, a
 // branch-free float32 exp) and, on x86-64 with GCC, compiled for AVX-512, AVX2 and a baseline, picked at load.
-// An infinite logit gives an infinite log-sum-exp (log-probs -inf or NaN) and a NaN KL.
+// A +inf logit gives an infinite log-sum-exp (log-probs -inf or NaN) and a NaN KL; -inf logits (a masked
+// vocabulary) have probability 0 and add nothing to a KL (kl_terms.h).
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -26,6 +27,7 @@
 #include <limits>
 
 #include "epilogue_checks.h"
+#include "kl_terms.h"
 
 #if defined(__GNUC__)
 #define ARE_FAST_INLINE inline __attribute__((always_inline))
@@ -212,7 +214,7 @@ ARE_FAST_INLINE KlStats<T> row_kl_stats(const T* a, const T* b, int64_t n) {
     for (int64_t i = 0; i < len; ++i) {
       const T e = exp_nonpositive(ta[i] - shift_a);
       tile_s += e;
-      tile_t += e * (ta[i] - tb[i]);
+      tile_t += kl_term(e, ta[i] - tb[i]);
       tile_s_b += exp_nonpositive(tb[i] - shift_b);
     }
     s = s * factor_a + tile_s;
@@ -244,7 +246,7 @@ ARE_FAST_INLINE void kl_rows(const KlArgs<T>& k, int64_t begin, int64_t end) {
         const T p = exp_nonpositive((a[i] - st.p.max) - st.p.log_sum);
         const T q = exp_nonpositive((b[i] - st.q.max) - st.q.log_sum);
         const T diff = a[i] - b[i];
-        a[i] = g * p * (diff - st.cross);
+        a[i] = g * kl_term(p, diff - st.cross);
         b[i] = g * (q - p);
       }
     }

@@ -14,6 +14,7 @@
 #include <limits>
 
 #include "epilogue_checks.h"
+#include "kl_terms.h"
 
 namespace are_fast {
 namespace {
@@ -34,11 +35,11 @@ struct Stat {
   T weighted;
 };
 
-// A single element x with weight w; -inf contributes nothing.
+// A single element x with weight w; -inf contributes nothing (not even 0 * an infinite w).
 template <typename T>
 __device__ __forceinline__ Stat<T> element(T x, T w) {
   const T one = x == neg_inf<T>() ? T(0) : T(1);
-  return {x, one, one * w};
+  return {x, one, kl_term(one, w)};
 }
 
 // Merges two statistics (associative). fmax ignores NaN in the maxes; a NaN element still poisons the sums.
@@ -157,7 +158,7 @@ __global__ void __launch_bounds__(kThreads) kl_kernel(T* logits_p, T* logits_q, 
       const T p = exp((a[i] - sa.max) - log_sum_p);
       const T q = exp((b[i] - sb.max) - log_sum_q);
       const T diff = a[i] - b[i];
-      a[i] = g * p * (diff - cross);
+      a[i] = g * kl_term(p, diff - cross);
       b[i] = g * (q - p);
     }
   }

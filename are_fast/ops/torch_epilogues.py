@@ -78,14 +78,17 @@ def kl_epilogue(
     equals g * p * (log p - log q - KL), and logits_q becomes g * (q - p).
     """
     # ATen's fused log_softmax (in place on CPU), and KL as sum p (log p - log q): no cancellation between two
-    # log-sum-exps; one [C, V] temporary (log p - log q).
+    # log-sum-exps; one [C, V] temporary (log p - log q). Where p = 0 (a -inf logit in p) the term is 0, not
+    # 0 * (-inf - log q) = NaN; a -inf logit in q where p > 0 gives +inf.
     if grad_scale is None:  # values only: the logits stay as they are
         log_p, log_q = torch.log_softmax(logits_p, dim=1), torch.log_softmax(logits_q, dim=1)
-        return torch.where(valid, torch.linalg.vecdot(log_p.exp(), log_p - log_q), 0.0)
+        p = log_p.exp()
+        return torch.where(valid, torch.linalg.vecdot(p, (log_p - log_q).masked_fill_(p == 0, 0.0)), 0.0)
     log_p = _log_softmax_in_place(logits_p)
     log_q = _log_softmax_in_place(logits_q)
     log_ratio = log_p - log_q
     p = torch.exp(log_p, out=logits_p)  # in place
+    log_ratio.masked_fill_(p == 0, 0.0)  # so that p's gradient there is 0 * (0 - KL) = 0
     per_row = torch.linalg.vecdot(p, log_ratio)  # without a [C, V] temporary
     scale = torch.where(valid, grad_scale.to(logits_p.dtype), 0.0).unsqueeze(1)
     torch.exp(log_q, out=logits_q).sub_(p).mul_(scale)  # g * (q - p)
