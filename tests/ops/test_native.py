@@ -331,6 +331,15 @@ def test_check_command(ops, tmp_path):
     assert imported.returncode == 0 and imported.stdout.split() == ["None", "None"], imported.stderr
 
 
+def test_plan_command_builds_nothing(tmp_path):
+    """--plan (what the GPU check logs before its native build step) names the sources and an empty cache."""
+    planned = run_python(["-m", "are_fast.ops.native", "--plan"], {"ARE_FAST_NATIVE_DIR": str(tmp_path)})
+    assert planned.returncode == 0, planned.stderr
+    assert "are_fast native build: epilogues.cpp" in planned.stdout and "C++ compiler:" in planned.stdout
+    assert f"cache: {tmp_path}" in planned.stdout and "empty: the first use builds it" in planned.stdout
+    assert not any(tmp_path.rglob("*.so"))
+
+
 def test_setup_py_imports_torch_only_for_the_native_build():
     plain = run_python(["-X", "importtime", "setup.py", "--version"], {"ARE_FAST_BUILD_NATIVE": "0"})
     assert plain.returncode == 0 and plain.stdout.strip() == are_fast.__version__, plain.stderr
