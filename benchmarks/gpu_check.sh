@@ -119,8 +119,10 @@ else
     TESTS=(benchmarks/test_impls.py tests/ops/test_kernels.py tests/ops/test_head_matmuls.py tests/ops/test_native.py
            tests/ops/test_functional.py tests/ops/test_autograd.py)
     # test_native: only its CUDA epilogue cases and the native ops on the device (its builds prove nothing more
-    # on a GPU); test_functional: not its torch.compile case (an inductor compile).
+    # on a GPU); test_functional: the triton and native backends (online and chunked run the device-generic
+    # PyTorch epilogues, checked on CPU), not its torch.compile case (an inductor compile).
     TEST_FILTER="(not test_native.py or ((cuda or native_ops) and not sources_compile)) and not inside_torch_compile"
+    TEST_FILTER+=" and not (test_functional.py and (online or chunked))"
     OTHER_SHAPES=(token_logprobs-llama3-8b-N16384-bf16-trainable conditional_kl-llama3-8b-N16384-bf16-frozen
                   compression_loss-llama3-8b-N16384-bf16-frozen token_logprobs-llama2-7b-N16384-bf16-frozen
                   token_logprobs-qwen2.5-7b-N16384-bf16-frozen floor-llama3-8b-N16384-bf16-trainable
