@@ -36,7 +36,7 @@ WHEELS="${ARE_FAST_WHEELS:-.whl}"
 WALL_LIMIT=360
 GRACE=3  # seconds between a step's interrupt (SIGINT: pytest still writes what ran) and its kill
 STEPS=(wheels environment native tests target target-1gib profile other report)
-declare -A BUDGET=([wheels]=8 [environment]=20 [native]=60 [tests]=65 [target]=65 [target-1gib]=20 [profile]=25
+declare -A BUDGET=([wheels]=8 [environment]=20 [native]=60 [tests]=65 [target]=60 [target-1gib]=25 [profile]=25
                    [other]=50 [report]=9)
 export REQUIRED_WHEELS="liger_kernel cut_cross_entropy pytest_timeout"  # what fetch_gpu_wheels.sh downloads
 CARRY_LIMIT=$((64 << 20))  # what the device tool carries in all (working tree included)
