@@ -196,7 +196,10 @@ export WHEELS site PY
 run_step wheels wheels_summary bash -c install_wheels && export PYTHONPATH="$PYTHONPATH:$site"
 # The private folder goes after the tree, so are_fast is the checkout's; peers and pytest-timeout come from it.
 TIMEOUT_OPTION=(--timeout 30)
-"$PY" -c "import pytest_timeout" 2>/dev/null || { say "pytest-timeout is missing: tests run without per-test timeouts"; TIMEOUT_OPTION=(); }
+if ! "$PY" -c "import pytest_timeout" 2>/dev/null; then
+    say "pytest-timeout is missing: tests run without per-test timeouts"
+    TIMEOUT_OPTION=()
+fi
 
 environment() {
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm \
@@ -248,7 +251,10 @@ fi
 run_step tests summary_of_pytest "$PY" -m pytest -p no:cacheprovider "${TESTS[@]}" --device "$DEVICE" \
     -k "$TEST_FILTER" "${TIMEOUT_OPTION[@]}" --durations=15
 
-bench_summary() { echo "$(count_results "$OUT_DIR/bench-$BENCH_NAME.json") benchmark results in bench-$BENCH_NAME.json; $(summary_of_pytest "$1")"; }
+bench_summary() {
+    echo "$(count_results "$OUT_DIR/bench-$BENCH_NAME.json") benchmark results in bench-$BENCH_NAME.json;" \
+        "$(summary_of_pytest "$1")"
+}
 bench() {  # bench NAME FILTER [VAR=VALUE...]: benchmarks/test_bench_ops.py cases matching FILTER
     local name=$1 filter=$2
     shift 2
@@ -256,7 +262,8 @@ bench() {  # bench NAME FILTER [VAR=VALUE...]: benchmarks/test_bench_ops.py case
     run_step "$name" bench_summary env "$@" "$PY" -m pytest -p no:cacheprovider benchmarks/test_bench_ops.py \
         -k "$filter" --benchmark-json="$OUT_DIR/bench-$name.json"
 }
-bench target "floor-$TARGET or (token_logprobs-$TARGET and ($FUSED or reference or torch-chunked or liger or cce)) and not cce-compile"
+target_impls="$FUSED or reference or torch-chunked or liger or cce"
+bench target "floor-$TARGET or (token_logprobs-$TARGET and ($target_impls)) and not cce-compile"
 bench target-1gib "token_logprobs-$TARGET and ($FUSED) and not torch-chunked" ARE_FAST_CHUNK_BYTES=$((1 << 30))
 
 profile_summary() { grep -m1 ' in all$' "$1" || tail -1 "$1"; }
@@ -264,7 +271,8 @@ run_step profile profile_summary "$PY" -m benchmarks.gpu_profile --op token_logp
     --backend triton --out "$OUT_DIR/profile-triton.txt"
 
 other_filter="($(printf ' or %s' "${OTHER_SHAPES[@]}" | cut -c5-)) and ($OTHER_IMPLS)"
-bench other "$other_filter and not cce-exact and not cce-compile and not torch-chunked" ARE_FAST_BENCH_ROUNDS="${ARE_FAST_BENCH_ROUNDS:-5}"
+bench other "$other_filter and not cce-exact and not cce-compile and not torch-chunked" \
+    ARE_FAST_BENCH_ROUNDS="${ARE_FAST_BENCH_ROUNDS:-5}"
 
 report() {
     shopt -s nullglob
@@ -273,7 +281,10 @@ report() {
     "$PY" -c "import matplotlib" 2>/dev/null && png=(--png "$OUT_DIR/bench-gpu.png")
     "$PY" -m benchmarks.report "${results[@]}" --out "$OUT_DIR/RESULTS-gpu.md" "${png[@]}" && cat "$OUT_DIR/RESULTS-gpu.md"
 }
-report_summary() { [[ -s "$OUT_DIR/RESULTS-gpu.md" ]] && echo "RESULTS-gpu.md, $(grep -c '^| ' "$OUT_DIR/RESULTS-gpu.md") table lines" || echo "no report"; }
+report_summary() {
+    [[ -s "$OUT_DIR/RESULTS-gpu.md" ]] || { echo "no report"; return; }
+    echo "RESULTS-gpu.md, $(grep -c '^| ' "$OUT_DIR/RESULTS-gpu.md") table lines"
+}
 export -f report
 export OUT_DIR
 run_step report report_summary bash -c report

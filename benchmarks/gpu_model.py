@@ -119,7 +119,8 @@ def head_kernels(tokens: int, hidden: int, vocab: int, trainable: bool, chunk_ro
     """
     chunks = -(-tokens // chunk_rows)
     rows = tokens / chunks  # the mean chunk: totals stay exact
-    logits_gemm = replace(_gemm("logits h @ W.T (fp32 out)", rows, vocab, hidden, BF16, BF16, FP32, chunks), reads_head=True)
+    logits_gemm = _gemm("logits h @ W.T (fp32 out)", rows, vocab, hidden, BF16, BF16, FP32, chunks)
+    logits_gemm = replace(logits_gemm, reads_head=True)
     epilogue = Kernel("epilogue", 0.0, tokens * vocab * epilogue_bytes_per_logit(path))
     hidden_gemm = replace(_gemm("hidden grad G @ W", rows, hidden, vocab, BF16, BF16, BF16, chunks), reads_head=True)
     if not trainable:

@@ -140,7 +140,8 @@ def ops_table(groups: dict, floors: dict, rates: gpu_model.Rates | None = None) 
     if floors:
         lines += ["", "Floor (bare matmuls: h @ W.T, G @ W, and G.T @ h for a trainable head):", ""]
         if modelled:
-            lines += [f"| shape | median ms | {rates.name} model ms | x model | achieved TFLOP/s |", "|---|---|---|---|---|"]
+            lines += [f"| shape | median ms | {rates.name} model ms | x model | achieved TFLOP/s |",
+                      "|---|---|---|---|---|"]
         else:
             lines += ["| shape | median ms |", "|---|---|"]
         for shape, row in floors.items():

@@ -228,7 +228,8 @@ def print_plan() -> None:
     if cuda:
         major, minor = torch.cuda.get_device_capability()
         targets = os.environ.get("TORCH_CUDA_ARCH_LIST") or f"the visible GPU's, sm_{major}{minor}"
-        print(f"  nvcc: {Path(cpp_extension.CUDA_HOME, 'bin', 'nvcc')}; targets: {targets}; flags {' '.join(_CUDA_CFLAGS)}")
+        nvcc = Path(cpp_extension.CUDA_HOME, "bin", "nvcc")
+        print(f"  nvcc: {nvcc}; targets: {targets}; flags {' '.join(_CUDA_CFLAGS)}")
     else:
         print("  no CUDA kernels: " + ("no GPU visible" if torch.version.cuda and cpp_extension.CUDA_HOME else
                                       "torch without CUDA or no CUDA toolkit found"))

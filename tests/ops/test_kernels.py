@@ -176,7 +176,8 @@ def check_masked_kl(kl_epilogue_under_test, device):
     assert (ours_a.cpu()[a == float("-inf")] == 0).all()
     only_q = b.clone()
     only_q[:, 2 * TILE + 5] = float("-inf")  # a column p never masks
-    infinite = kl_epilogue_under_test(a.to(device, torch.float32), only_q.to(device, torch.float32), valid.to(device), None)
+    infinite = kl_epilogue_under_test(a.to(device, torch.float32), only_q.to(device, torch.float32),
+                                      valid.to(device), None)
     assert torch.isinf(infinite).all() and (infinite > 0).all(), f"only q masked: {infinite.tolist()}"
 
 
