@@ -239,7 +239,7 @@ environment_summary() {
 export -f environment
 run_step environment environment_summary bash -c environment
 
-native_summary() { grep -E 'CUDA kernels|NOT available|library:' "$1" | tr -s ' ' | paste -sd';' -; }
+native_summary() { grep -E 'CUDA kernels|NOT available|library:' "$1" | sed 's/^ *//' | paste -sd';' -; }
 NATIVE_OK=1
 run_step native native_summary "$PY" -m are_fast.ops.native --check || NATIVE_OK=0
 if ! ((NATIVE_OK)); then  # the later steps would try the build again inside their own budgets
