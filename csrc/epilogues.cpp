@@ -12,7 +12,8 @@
 // exponentials relative to the running max (online log-sum-exp). The gradient is a second pass, made while
 // the row is still in L2. Rows are spread over threads; inner loops are written to vectorize (omp simd, a
 // branch-free float32 exp) and, on x86-64 with GCC, compiled for AVX-512, AVX2 and a baseline, picked at load.
-// An infinite logit gives an infinite log-sum-exp (log-probs -inf or NaN) and a NaN KL.
+// A +inf logit gives an infinite log-sum-exp (log-probs -inf or NaN) and a NaN KL; -inf logits (a masked
+// vocabulary) have probability 0 and add nothing to a KL (kl_terms.h).
 //
 // Both take optional softcap and logit_scale (logit_transform.h): the statistics are over the transformed
 // logits, which the first pass forms tile by tile in a stack buffer (the logits stay untouched without a
@@ -30,6 +31,7 @@
 #include <limits>
 
 #include "epilogue_checks.h"
+#include "kl_terms.h"
 #include "logit_transform.h"
 
 #if defined(__GNUC__)
@@ -242,7 +244,7 @@ ARE_FAST_INLINE KlStats<T> row_kl_stats(const T* a, const T* b, int64_t n, const
     for (int64_t i = 0; i < len; ++i) {
       const T e = exp_nonpositive(ta[i] - shift_a);
       tile_s += e;
-      tile_t += e * (ta[i] - tb[i]);
+      tile_t += kl_term(e, ta[i] - tb[i]);
       tile_s_b += exp_nonpositive(tb[i] - shift_b);
     }
     s = s * factor_a + tile_s;
@@ -276,7 +278,7 @@ ARE_FAST_INLINE void kl_rows(const KlArgs<T>& k, int64_t begin, int64_t end) {
           const T p = exp_nonpositive((a[i] - st.p.max) - st.p.log_sum);
           const T q = exp_nonpositive((b[i] - st.q.max) - st.q.log_sum);
           const T diff = a[i] - b[i];
-          a[i] = g * p * (diff - st.cross);
+          a[i] = g * kl_term(p, diff - st.cross);
           b[i] = g * (q - p);
         }
       } else {
@@ -285,7 +287,7 @@ ARE_FAST_INLINE void kl_rows(const KlArgs<T>& k, int64_t begin, int64_t end) {
           const T derivative_a = f.derivative(a[i]), derivative_b = f.derivative(b[i]);
           const T p = exp_nonpositive((za - st.p.max) - st.p.log_sum);
           const T q = exp_nonpositive((zb - st.q.max) - st.q.log_sum);
-          a[i] = g * p * ((za - zb) - st.cross) * derivative_a;
+          a[i] = g * kl_term(p, (za - zb) - st.cross) * derivative_a;
           b[i] = g * (q - p) * derivative_b;
         }
       }

@@ -15,6 +15,7 @@
 #include <limits>
 
 #include "epilogue_checks.h"
+#include "kl_terms.h"
 #include "logit_transform.h"
 
 namespace are_fast {
@@ -36,11 +37,11 @@ struct Stat {
   T weighted;
 };
 
-// A single element x with weight w; -inf contributes nothing.
+// A single element x with weight w; -inf contributes nothing (not even 0 * an infinite w).
 template <typename T>
 __device__ __forceinline__ Stat<T> element(T x, T w) {
   const T one = x == neg_inf<T>() ? T(0) : T(1);
-  return {x, one, one * w};
+  return {x, one, kl_term(one, w)};
 }
 
 // Merges two statistics (associative). fmax ignores NaN in the maxes; a NaN element still poisons the sums.
@@ -163,7 +164,7 @@ __global__ void __launch_bounds__(kThreads) kl_kernel(T* logits_p, T* logits_q, 
       const T za = f(raw_a), zb = f(raw_b);
       const T p = exp((za - sa.max) - log_sum_p);
       const T q = exp((zb - sb.max) - log_sum_q);
-      a[i] = g * p * ((za - zb) - cross) * f.derivative(raw_a);
+      a[i] = g * kl_term(p, (za - zb) - cross) * f.derivative(raw_a);
       b[i] = g * (q - p) * f.derivative(raw_b);
     }
   }

@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from .logprob_epilogue import (
-    LAUNCH_OPTIONS, check_block, check_grad_out, shares_memory, transform_arguments, transform_derivative, transformed,
+    LAUNCH_OPTIONS, check_block, check_grad_out, finite_or_zero, shares_memory, transform_arguments, transform_derivative,
+    transformed,
 )
 
 
@@ -59,21 +60,24 @@ def _kl_epilogue_kernel(
         b = transformed(tl.load(q_row + start + offsets, mask=mask, other=0.0).to(tl.float32), softcap, logit_scale,
                         HAS_SOFTCAP)
         # Padding lanes are -inf for the maxes and the exponentials (so exp_a = 0 there) but 0 in the log-ratio,
-        # which stays finite (no -inf - -inf). Each tile holds at least one real logit: the new maxes are finite.
+        # which stays finite (no -inf - -inf). Terms are taken relative to the running maxes, or to 0 while a row
+        # has shown only -inf logits (a masked vocabulary): never -inf - -inf either.
         a_padded = tl.where(mask, a, float("-inf"))
         b_padded = tl.where(mask, b, float("-inf"))
         new_max_p = tl.maximum(max_p, tl.max(a_padded, axis=0))
         new_max_q = tl.maximum(max_q, tl.max(b_padded, axis=0))
-        rescale_p = tl.exp(max_p - new_max_p)  # 0 on the first tile, where the sums are still 0
-        # When the maxes rise, every old term's (a - max_p) - (b - max_q) moves by the same amount (nothing to move
-        # on the first tile: the -inf starting maxes carry no terms).
+        shift_p, shift_q = finite_or_zero(new_max_p), finite_or_zero(new_max_q)
+        rescale_p = tl.exp(max_p - shift_p)  # 0 while the sums are still 0
+        # When the shifts rise, every old term's (a - shift_p) - (b - shift_q) moves by the same amount (nothing to
+        # move before the first term).
         started = sum_p > 0
-        moved = tl.where(started, new_max_p - max_p, 0.0) - tl.where(started, new_max_q - max_q, 0.0)
-        exp_a = tl.exp(a_padded - new_max_p)
-        log_ratio = (a - new_max_p) - (b - new_max_q)
-        shifted = (shifted - moved * sum_p) * rescale_p + tl.sum(exp_a * log_ratio, axis=0)
+        moved = tl.where(started, (shift_p - finite_or_zero(max_p)) - (shift_q - finite_or_zero(max_q)), 0.0)
+        exp_a = tl.exp(a_padded - shift_p)
+        log_ratio = (a - shift_p) - (b - shift_q)
+        # p = 0 (a -inf logit in p) contributes 0, not 0 * -inf = NaN.
+        shifted = (shifted - moved * sum_p) * rescale_p + tl.sum(tl.where(exp_a == 0.0, 0.0, exp_a * log_ratio), axis=0)
         sum_p = sum_p * rescale_p + tl.sum(exp_a, axis=0)
-        sum_q = sum_q * tl.exp(max_q - new_max_q) + tl.sum(tl.exp(b_padded - new_max_q), axis=0)
+        sum_q = sum_q * tl.exp(max_q - shift_q) + tl.sum(tl.exp(b_padded - shift_q), axis=0)
         max_p = new_max_p
         max_q = new_max_q
     log_sum_p = tl.log(sum_p)
@@ -94,7 +98,8 @@ def _kl_epilogue_kernel(
             log_p = (transformed(raw_a, softcap, logit_scale, HAS_SOFTCAP) - max_p) - log_sum_p
             log_q = (transformed(raw_b, softcap, logit_scale, HAS_SOFTCAP) - max_q) - log_sum_q
             prob_p = tl.exp(log_p)
-            grad_p = scale * prob_p * ((log_p - log_q) - kl) * transform_derivative(raw_a, softcap, logit_scale, HAS_SOFTCAP)
+            grad_p = tl.where(prob_p == 0.0, 0.0, scale * prob_p * ((log_p - log_q) - kl)
+                              * transform_derivative(raw_a, softcap, logit_scale, HAS_SOFTCAP))
             grad_q = scale * (tl.exp(log_q) - prob_p) * transform_derivative(raw_b, softcap, logit_scale, HAS_SOFTCAP)
             tl.store(grad_p_row + cols, grad_p.to(grad_p_ptr.dtype.element_ty), mask=mask)
             tl.store(grad_q_row + cols, grad_q.to(grad_q_ptr.dtype.element_ty), mask=mask)

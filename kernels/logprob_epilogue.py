@@ -7,7 +7,9 @@ a gradient output of any float dtype. Same contract as ``are_fast.ops.torch_epil
 A low-precision gradient output may be the view of the first half of each float32 logits row's bytes
 (``HeadMatmuls.gradient_out``): the row is written tile by tile in order, and a tile's 2-byte stores land
 at most on float32 elements of that tile or earlier ones, all read before; one barrier per tile
-(SYNC_TILES) keeps a warp from storing before the other warps of its program have loaded the tile.
+(SYNC_TILES) keeps a warp from storing before the other warps of its program have loaded the tile. The target
+logit is read before the first sweep, whose reductions order that read before any store (in place, another
+warp's gradient store may land on x[target] first).
 
 Logit transforms, in the kernel: each logit read becomes z' = c tanh(s z / c) (HAS_SOFTCAP) or s z, and the
 gradient written is the one over z, times dz'/dz = s / cosh^2(s z / c) (or s), computed from the logit as
@@ -42,6 +44,12 @@ def transform_derivative(x, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def finite_or_zero(running_max):
+    """The running max, or 0 while it is -inf (every logit so far -inf)."""
+    return tl.where(running_max == float("-inf"), 0.0, running_max)
+
+
+@triton.jit
 def _logprob_epilogue_kernel(
     logits_ptr,
     stride_row,
@@ -67,6 +75,8 @@ def _logprob_epilogue_kernel(
     in_range = (target >= 0) & (target < vocab)
     safe_target = tl.where(in_range, target, 0)
     offsets = tl.arange(0, BLOCK_V)
+    # Before the sweeps (see the module docstring), transformed like every logit read.
+    target_logit = transformed(tl.load(row_ptr + safe_target).to(tl.float32), softcap, logit_scale, HAS_SOFTCAP)
 
     running_max = float("-inf")
     running_sum = 0.0
@@ -74,14 +84,15 @@ def _logprob_epilogue_kernel(
         mask = start + offsets < vocab
         x = tl.load(row_ptr + start + offsets, mask=mask, other=0.0).to(tl.float32)
         x = tl.where(mask, transformed(x, softcap, logit_scale, HAS_SOFTCAP), float("-inf"))
-        # Each tile holds at least one real logit, so the new max is finite and exp() never sees -inf - -inf.
+        # Terms relative to the running max, or to 0 while the row has shown only -inf logits (a masked vocabulary
+        # may fill whole tiles): exp() never sees -inf - -inf.
         new_max = tl.maximum(running_max, tl.max(x, axis=0))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+        shift = finite_or_zero(new_max)
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift), axis=0)
         running_max = new_max
     # x - lse is formed as (x - max) - log_sum: rounding lse itself to float32 would cost ulp(max) (1e-3 at 1e4).
     log_sum = tl.log(running_sum)
 
-    target_logit = transformed(tl.load(row_ptr + safe_target).to(tl.float32), softcap, logit_scale, HAS_SOFTCAP)
     picked = (target_logit - running_max) - log_sum
     logp = tl.where(in_range, picked, float("nan"))
     tl.store(out_ptr + row, tl.where(valid, logp, 0.0))

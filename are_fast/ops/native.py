@@ -23,7 +23,8 @@ PyTorch ones: ``auto`` (default) when an ahead-of-time build loads, so an op cal
 unasked and the choice does not depend on what happens to sit in a cache; ``1`` always, building on the first
 op call (falling back to the PyTorch epilogues, with the logged reason, if that fails); ``0`` never.
 
-``python -m are_fast.ops.native --check`` builds if needed and prints what was built, or why not.
+``python -m are_fast.ops.native --check`` builds if needed and prints what was built, or why not; ``--plan``
+prints what a build here would compile and with what, building nothing.
 """
 from __future__ import annotations
 
@@ -211,10 +212,40 @@ def use_by_default(device: torch.device) -> bool:
     return library.load(build=mode == "1") and supports(device)
 
 
+def print_plan() -> None:
+    """What a just-in-time build here compiles and with what: sources, compilers, CUDA toolkit and targets, and
+    the cache folder (with whether it already holds the build)."""
+    from torch.utils import cpp_extension
+
+    plan = library._make_plan()
+    if isinstance(plan, str):
+        print(f"are_fast native build: none possible: {plan}")
+        return
+    cuda = any(source.endswith(".cu") for source in plan.sources)
+    print(f"are_fast native build: {', '.join(Path(source).name for source in plan.sources)}")
+    compiler = os.environ.get("CXX", "").strip() or "c++"
+    print(f"  C++ compiler: {compiler} ({shutil.which(compiler.split()[0]) or 'not on PATH'})")
+    print(f"  CUDA_HOME (torch's): {cpp_extension.CUDA_HOME}; torch built with CUDA {torch.version.cuda}")
+    if cuda:
+        major, minor = torch.cuda.get_device_capability()
+        targets = os.environ.get("TORCH_CUDA_ARCH_LIST") or f"the visible GPU's, sm_{major}{minor}"
+        nvcc = Path(cpp_extension.CUDA_HOME, "bin", "nvcc")
+        print(f"  nvcc: {nvcc}; targets: {targets}; flags {' '.join(_CUDA_CFLAGS)}")
+    else:
+        print("  no CUDA kernels: " + ("no GPU visible" if torch.version.cuda and cpp_extension.CUDA_HOME else
+                                      "torch without CUDA or no CUDA toolkit found"))
+    cached = (plan.directory / f"{plan.name}.so").is_file()
+    print(f"  cache: {plan.directory} ({'holds this build' if cached else 'empty: the first use builds it'})")
+
+
 def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m are_fast.ops.native", description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--check", action="store_true", help="build if needed; print what was built or why not")
+    parser.add_argument("--plan", action="store_true", help="print what a build here would use; build nothing")
     args = parser.parse_args(argv)
+    if args.plan:
+        print_plan()
+        return 0
     if not args.check:
         parser.print_help()
         return 0

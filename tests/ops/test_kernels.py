@@ -9,6 +9,7 @@ by row, so that a row with small values is not hidden behind one with large valu
 """
 import importlib
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -140,6 +141,99 @@ def test_logprob_epilogue_ignore_index_inside_the_vocabulary(device):
     targets = torch.tensor([5, 7, 5, VOCAB - 1, 0, 5])
     logits[1, 5] = logits[1].max() + 1  # column 5 still enters every softmax
     check_logprob(rounded(logits), targets, torch.randn(len(targets)).double(), device, TILE, ignore_index=5)
+
+
+def test_logprob_values_do_not_depend_on_the_in_place_gradient(device):
+    """In place, the gradient sweep overwrites x[target]; the log-prob must come from the logit read before any
+    store. On CUDA: many llama3-width rows with the target in the first tile, where a late read may meet another
+    warp's store (a race shows only by chance; test_kernel_memory_order checks the order in the interpreter)."""
+    rows, vocab = (2048, 128256) if device.type == "cuda" else (3, VOCAB)
+    logits = 3 * torch.randn(rows, vocab, device=device)
+    targets = torch.randint(0, min(vocab, 4096), (rows,), device=device)
+    values = logprob_epilogue(logits.clone(), targets, IGNORE, None)
+    with_gradient = logprob_epilogue(logits, targets, IGNORE, torch.ones(rows, device=device))
+    assert torch.equal(with_gradient, values)
+
+
+MASKED = -1e4  # a logit whose probability is exactly 0 in float32 and float64 (exp(-1e4) underflows)
+
+
+def masked_kl_rows(vocab: int = VOCAB, tile: int = TILE) -> tuple:
+    """Logits p, q [5, V] float64 (float32 values) with -inf entries, a masked vocabulary, and the same rows
+    with -inf replaced by -1e4: the limit the masked rows must give (p = 0 there contributes nothing, where a
+    careless p * (log p - log q) is 0 * -inf = NaN). Rows: p masked at scattered columns, q finite; both masked
+    at the same columns, one a whole middle tile; q masked only where p is; both masked over the whole first
+    tile; none masked."""
+    a = rounded(torch.randn(5, vocab, dtype=torch.float64) * 3)
+    b = rounded(torch.randn(5, vocab, dtype=torch.float64) * 3)
+    minus_inf = torch.zeros(2, 5, vocab, dtype=torch.bool)  # [p or q, row, column]
+    minus_inf[0, 0, [0, 5, tile + 1, vocab - 1]] = True
+    minus_inf[:, 1, [1, vocab - 1]] = True
+    minus_inf[:, 1, tile:2 * tile] = True
+    minus_inf[0, 2, [2, 3, 2 * tile]] = True
+    minus_inf[1, 2, [3]] = True
+    minus_inf[:, 3, :tile] = True
+    masked = [x.masked_fill(m, float("-inf")) for x, m in zip((a, b), minus_inf)]
+    limits = [x.masked_fill(m, MASKED) for x, m in zip((a, b), minus_inf)]
+    return masked, limits
+
+
+def check_masked_kl(kl_epilogue_under_test, device):
+    """``kl_epilogue_under_test`` (the contract of torch_epilogues.kl_epilogue) on masked_kl_rows in float32:
+    values and both gradients against the float64 PyTorch epilogue on the limit rows, exact zeros where p is
+    masked; and +inf, not NaN, where only q is masked (p > 0 there: the KL is infinite)."""
+    (a, b), (limit_a, limit_b) = masked_kl_rows()
+    valid, scale = torch.ones(len(a), dtype=torch.bool), torch.randn(len(a)).double()
+    ref_a, ref_b = limit_a.clone(), limit_b.clone()
+    ref = torch_epilogues.kl_epilogue(ref_a, ref_b, valid, scale)
+    ours_a, ours_b = a.to(device, torch.float32), b.to(device, torch.float32)
+    assert_rows_close(kl_epilogue_under_test(ours_a, ours_b, valid.to(device), None), ref, "KL, values only")
+    out = kl_epilogue_under_test(ours_a, ours_b, valid.to(device), scale.to(device, torch.float32))
+    assert_rows_close(out, ref, "KL")
+    assert_rows_close(ours_a, ref_a, "d/dlogits_p")
+    assert_rows_close(ours_b, ref_b, "d/dlogits_q")
+    assert (ours_a.cpu()[a == float("-inf")] == 0).all()
+    only_q = b.clone()
+    only_q[:, 2 * TILE + 5] = float("-inf")  # a column p never masks
+    infinite = kl_epilogue_under_test(a.to(device, torch.float32), only_q.to(device, torch.float32),
+                                      valid.to(device), None)
+    assert torch.isinf(infinite).all() and (infinite > 0).all(), f"only q masked: {infinite.tolist()}"
+
+
+def test_logprob_epilogue_with_minus_inf_logits(device):
+    """-inf logits (a masked vocabulary) over the whole first tile, a middle tile, scattered columns: the values
+    and in-place gradients of the finite limit rows (-1e4 for -inf), exact zeros at the masked columns. A row that
+    starts with a masked tile has a -inf running max after it: the kernel must not form exp(-inf - -inf)."""
+    logits = rounded(torch.randn(4, VOCAB, dtype=torch.float64) * 3)
+    masked_columns = [list(range(TILE)), list(range(TILE, 2 * TILE)), [0, 5, TILE + 1, VOCAB - 1], []]
+    minus_inf = torch.zeros_like(logits, dtype=torch.bool)
+    for row, columns in enumerate(masked_columns):
+        minus_inf[row, columns] = True
+    targets = torch.tensor([TILE + 2, 3, 7, VOCAB - 1])
+    scale = torch.randn(4, dtype=torch.float64)
+    ref_grad = logits.masked_fill(minus_inf, MASKED)
+    ref = torch_epilogues.logprob_epilogue(ref_grad, targets, IGNORE, scale)
+    ours = logits.masked_fill(minus_inf, float("-inf")).to(device, torch.float32)
+    assert_rows_close(logprob_epilogue(ours.clone(), targets.to(device), IGNORE, None, block_v=TILE), ref, "values only")
+    out = logprob_epilogue(ours, targets.to(device), IGNORE, scale.to(device, torch.float32), block_v=TILE)
+    assert_rows_close(out, ref, "log-probs")
+    assert_rows_close(ours, ref_grad, "in-place gradient")
+    assert (ours.cpu()[minus_inf] == 0).all()
+
+
+def test_kl_epilogue_with_minus_inf_logits(device):
+    check_masked_kl(partial(kl_epilogue, block_v=TILE), device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_pytorch_kl_epilogue_with_minus_inf_logits(dtype, device):
+    def pytorch(a, b, valid, scale):
+        a64, b64 = a.to(dtype), b.to(dtype)
+        out = torch_epilogues.kl_epilogue(a64, b64, valid, None if scale is None else scale.to(dtype))
+        a.copy_(a64), b.copy_(b64)
+        return out.float()
+
+    check_masked_kl(pytorch, device)
 
 
 @pytest.mark.parametrize("vocab", [1, 7, 4099])

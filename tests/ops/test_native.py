@@ -19,7 +19,7 @@ from _helpers import TOLERANCE, assert_rel_close, rel_error
 from are_fast.ops import native, torch_epilogues
 from are_fast.ops.backends import resolve_backend
 from test_functional import OPS, make_inputs, run_op
-from test_kernels import assert_rows_close, cornered
+from test_kernels import assert_rows_close, check_masked_kl, cornered
 
 REPO = Path(__file__).resolve().parents[2]
 IGNORE = -100
@@ -190,6 +190,12 @@ def test_kl_error_tracks_the_pytorch_epilogue(ops, scale, kernels_on):
     error = rel_error(ops.kl(a.to(kernels_on, torch.float32), b.to(kernels_on, torch.float32),
                              valid.to(kernels_on), None), ref)
     assert error <= 1e-5 and error <= 4 * pytorch_error + 1e-7, f"native {error:.1e}, PyTorch {pytorch_error:.1e}"
+
+
+def test_kl_epilogue_with_minus_inf_logits(ops, kernels_on):
+    """A masked vocabulary (-inf logits in p, in both streams, over a whole first tile): p = 0 there adds nothing
+    (no 0 * -inf = NaN), in the C++ loop and in the CUDA kernel, which share that arithmetic (csrc/kl_terms.h)."""
+    check_masked_kl(ops.kl, torch.device(kernels_on))
 
 
 def test_epilogues_on_strided_rows_and_empty_chunks(ops, kernels_on):
@@ -367,6 +373,15 @@ def test_check_command(ops, tmp_path):
     assert missing.returncode == 1 and "NOT available: no C++ compiler" in missing.stdout, missing.stdout
     imported = run_python(["-c", "import are_fast.ops.native as n; print(n.library.path, n.library.reason)"], broken)
     assert imported.returncode == 0 and imported.stdout.split() == ["None", "None"], imported.stderr
+
+
+def test_plan_command_builds_nothing(tmp_path):
+    """--plan (what the GPU check logs before its native build step) names the sources and an empty cache."""
+    planned = run_python(["-m", "are_fast.ops.native", "--plan"], {"ARE_FAST_NATIVE_DIR": str(tmp_path)})
+    assert planned.returncode == 0, planned.stderr
+    assert "are_fast native build: epilogues.cpp" in planned.stdout and "C++ compiler:" in planned.stdout
+    assert f"cache: {tmp_path}" in planned.stdout and "empty: the first use builds it" in planned.stdout
+    assert not any(tmp_path.rglob("*.so"))
 
 
 def test_setup_py_imports_torch_only_for_the_native_build():
