@@ -8,8 +8,10 @@ See ``are_fast.ops.functional`` for the ops, ``are_fast.ops.backends`` for how a
 from .ops.backends import BACKENDS
 from .ops.checks import set_label_checks
 from .encoding.encoder import Encoder
-from .ops.functional import alignment_loss, compression_loss, conditional_kl, sequence_logprobs, token_logprobs
-from .ops.modules import AlignmentLoss, CompressionLoss, ConditionalKL, SequenceLogprobs
+from .ops.functional import (
+    alignment_loss, compression_loss, conditional_jsd, conditional_kl, sequence_logprobs, token_logprobs,
+)
+from .ops.modules import AlignmentLoss, CompressionLoss, ConditionalJSD, ConditionalKL, SequenceLogprobs
 
 __version__ = "0.1.0"
 
@@ -17,11 +19,13 @@ __all__ = [
     "BACKENDS",
     "AlignmentLoss",
     "CompressionLoss",
+    "ConditionalJSD",
     "ConditionalKL",
     "Encoder",
     "SequenceLogprobs",
     "alignment_loss",
     "compression_loss",
+    "conditional_jsd",
     "conditional_kl",
     "sequence_logprobs",
     "set_label_checks",

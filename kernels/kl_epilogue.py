@@ -105,6 +105,17 @@ def _kl_epilogue_kernel(
             tl.store(grad_q_row + cols, grad_q.to(grad_q_ptr.dtype.element_ty), mask=mask)
 
 
+def check_pair(logits_p: torch.Tensor, logits_q: torch.Tensor) -> None:
+    """The two streams' logits: float32 [C, V] with contiguous rows, the same shape."""
+    for name, logits in (("logits_p", logits_p), ("logits_q", logits_q)):
+        if logits.dtype != torch.float32:
+            raise TypeError(f"{name}: the Triton epilogue takes float32 logits, got {logits.dtype}")
+        if logits.stride(1) != 1:
+            raise ValueError(f"{name}: rows must be contiguous")
+    if logits_p.shape != logits_q.shape:
+        raise ValueError(f"logits_q: expected shape {tuple(logits_p.shape)}, got {tuple(logits_q.shape)}")
+
+
 def kl_epilogue(
     logits_p: torch.Tensor,
     logits_q: torch.Tensor,
@@ -122,13 +133,7 @@ def kl_epilogue(
 
     block_v: the vocabulary tile (a power of two; default ``block_size(V)``), smaller in tests to get many tiles.
     """
-    for name, logits in (("logits_p", logits_p), ("logits_q", logits_q)):
-        if logits.dtype != torch.float32:
-            raise TypeError(f"{name}: the Triton epilogue takes float32 logits, got {logits.dtype}")
-        if logits.stride(1) != 1:
-            raise ValueError(f"{name}: rows must be contiguous")
-    if logits_p.shape != logits_q.shape:
-        raise ValueError(f"logits_q: expected shape {tuple(logits_p.shape)}, got {tuple(logits_q.shape)}")
+    check_pair(logits_p, logits_q)
     grad_p = check_grad_out("grad_out_p", grad_out_p, logits_p)
     grad_q = check_grad_out("grad_out_q", grad_out_q, logits_q)
     rows, vocab = logits_p.shape

@@ -1,8 +1,8 @@
 """The fused ops as torch.library custom ops, with fake (shape-only) implementations and autograd.
 
 ``are_fast::linear_streams`` maps 1+ streams of hidden states [N, H] through a shared LM head to per-row values
-[N] given by a row epilogue (``kind`` "logprob": log-probability of a target; "kl": KL between two streams), on
-a fused backend. Being a custom op, it is one opaque node for torch.compile (``fullgraph=True`` compiles; the
+[N] given by a row epilogue (``kind``, one of ``are_fast.ops.registry.KINDS``: "logprob", the log-probability
+of a target; "kl" and "jsd", divergences between two streams), on a fused backend. Being a custom op, it is one opaque node for torch.compile (``fullgraph=True`` compiles; the
 fake implementation gives the shapes) and for autograd. What it computes and saves depends on ``mode``, which
 the caller picks from what needs a gradient:
 - "values": values only (nothing needs a gradient, e.g. reference scores under inference_mode);
@@ -32,8 +32,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import checks, online
-from .backends import REGISTRY, epilogues
+from . import checks, online, registry
+from .backends import REGISTRY, epilogue
 from .chunked import fused_linear_pass
 from .head_matmuls import autocast_operand_dtype
 
@@ -53,56 +53,58 @@ def allow_retain_graph(enabled: bool = True):
 _NONE = (0,)  # shape of the placeholder returned for a gradient that was not asked for
 
 
-def _epilogue(kind: str, backend: str, labels: Tensor, ignore_index: int, transform: dict):
-    impl = epilogues(backend)
-    if kind == "logprob":
-        targets = labels
-
-        def epilogue(logits, rows, grad_scale, grad_outs):
-            return impl.logprob(logits[0], targets[rows], ignore_index, grad_scale, grad_outs[0], **transform)
-
-    elif kind == "kl":
-        valid = labels
-
-        def epilogue(logits, rows, grad_scale, grad_outs):
-            return impl.kl(logits[0], logits[1], valid[rows], grad_scale, *grad_outs, **transform)
-
+def _epilogue(kind: str, backend: str, labels: Tensor, ignore_index: int, transform: dict, params):
+    """The chunk driver's epilogue (``chunked.Epilogue``) of ``kind`` on ``backend``; ``params``: the kind's float
+    parameters in the order of its ``Kind.params``."""
+    spec = registry.kind(kind)
+    impl = epilogue(kind, backend)
+    options = dict(transform, **dict(zip(spec.params, params)))
+    if spec.row_label == "target":
+        def run(logits, rows, grad_scale, grad_outs):
+            return impl(logits[0], labels[rows], ignore_index, grad_scale, grad_outs[0], **options)
     else:
-        raise ValueError(f"kind: expected 'logprob' or 'kl', got {kind!r}")
-    return epilogue
+        def run(logits, rows, grad_scale, grad_outs):
+            return impl(*logits, labels[rows], grad_scale, *grad_outs, **options)
+    return run
 
 
 def _rows(kind: str, labels: Tensor, ignore_index: int, compact: bool) -> Tensor | None:
     """int64 [M] indices of the rows that count, or None (all rows, or compaction off)."""
     if not compact or labels.numel() == 0:
         return None
-    keep = labels != ignore_index if kind == "logprob" else labels
+    keep = labels != ignore_index if registry.kind(kind).row_label == "target" else labels
     rows = keep.nonzero().squeeze(1)
     return None if rows.numel() == labels.numel() else rows
 
 
-def _runs_online(backend, weight, bias, operand_dtype, weight_grad=False, bias_grad=False) -> bool:
-    """Whether a pass with these gradients runs the online sweep (``are_fast.ops.online``) on ``backend``."""
-    return REGISTRY[backend].online and online.supported(weight, bias, operand_dtype, weight_grad, bias_grad)
+def _runs_online(kind, backend, weight, bias, operand_dtype, weight_grad=False, bias_grad=False) -> bool:
+    """Whether a pass with these gradients runs the online sweep (``are_fast.ops.online``) on ``backend``: a kind
+    without a sweep runs on the chunk driver."""
+    if not REGISTRY[backend].online or not online.supported(weight, bias, operand_dtype, weight_grad, bias_grad):
+        return False
+    if registry.kind(kind).online is None:
+        registry.say_once(f"are_fast: no online sweep for {kind!r}; the online backend runs it on the chunk driver")
+        return False
+    return True
 
 
 def _online_log_norms(kind, backend, weight, bias, operand_dtype) -> bool:
     """Whether a "recompute" forward runs the online logprob sweep, which also returns each row's log-sum-exp
     (saved, so that the backward sweeps with the final probabilities: ``online.online_weight_pass``)."""
-    return kind == "logprob" and _runs_online(backend, weight, bias, operand_dtype)
+    return kind == "logprob" and _runs_online(kind, backend, weight, bias, operand_dtype)
 
 
 def _pass(kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows, compact, operand_dtype, transform,
-          **grads):
-    """transform: dict(softcap=..., logit_scale=...), the logit transforms (None: none)."""
+          params, **grads):
+    """transform: dict(softcap=..., logit_scale=...), the logit transforms (None: none); params: the kind's."""
     rows = _rows(kind, labels, ignore_index, compact)
-    if _runs_online(backend, weight, bias, operand_dtype, grads.get("weight_grad", False), grads.get("bias_grad", False)):
+    if _runs_online(kind, backend, weight, bias, operand_dtype, grads.get("weight_grad", False), grads.get("bias_grad", False)):
         return online.online_pass(
             kind, hiddens, weight, bias, labels, ignore_index, grads.get("grad_scale"), grads.get("hidden_grads", ()),
             rows, block_rows=chunk_rows or None, **transform,
         )
     return fused_linear_pass(
-        hiddens, weight, bias, _epilogue(kind, backend, labels, ignore_index, transform),
+        hiddens, weight, bias, _epilogue(kind, backend, labels, ignore_index, transform, params),
         chunk_rows=chunk_rows or None, rows=rows, operand_dtype=operand_dtype, **grads,
     )
 
@@ -131,6 +133,7 @@ def linear_streams(
     operand_dtype: Optional[torch.dtype],
     softcap: Optional[float],
     logit_scale: Optional[float],
+    params: list[float],
 ) -> tuple[Tensor, Tensor, list[Tensor], Tensor, Tensor, Tensor]:
     """-> values [N] (compute dtype), total (scalar: sum(row_scale * values), 0 without row_scale),
     hidden gradients (one per stream, [N, H]; shape [0] where not computed), weight gradient [V, H] and bias
@@ -138,10 +141,11 @@ def linear_streams(
     log-sum-exp [N] (shape [0] otherwise). Gradients are computed in the forward only in the "rescale"
     (unit scale) and "scalar" (scale ``row_scale`` [N]) modes. operand_dtype: the matmuls' operand dtype
     (autocast's, read by the caller outside the op; None: the head's). softcap, logit_scale: the logit
-    transforms (``are_fast.ops.logit_transforms``; None: none), already checked."""
+    transforms (``are_fast.ops.logit_transforms``; None: none), already checked. params: the float parameters of
+    ``kind`` (``registry.Kind.params``, e.g. JSD's beta), already checked."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
-    if check_labels and kind == "logprob":  # the public op's check, moved here when it was traced by torch.compile
+    if check_labels and registry.kind(kind).row_label == "target":  # the public op's check, moved here when it was traced by torch.compile
         checks.check_label_range("labels", labels, weight.shape[0], ignore_index)
     in_forward = mode in ("rescale", "scalar")
     scale = None
@@ -149,7 +153,7 @@ def linear_streams(
         scale = row_scale if mode == "scalar" else torch.ones(labels.shape[0], dtype=torch.float32, device=weight.device)
     result = _pass(
         kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows, compact, operand_dtype,
-        dict(softcap=softcap, logit_scale=logit_scale), grad_scale=scale,
+        dict(softcap=softcap, logit_scale=logit_scale), params, grad_scale=scale,
         hidden_grads=hidden_grads if in_forward else (),
         weight_grad=weight_grad and mode == "scalar",
         bias_grad=bias_grad and mode == "scalar",
@@ -166,7 +170,7 @@ def linear_streams(
 
 @linear_streams.register_fake
 def _(kind, hiddens, weight, bias, labels, row_scale, ignore_index, backend, chunk_rows, compact, mode,
-      hidden_grads, weight_grad, bias_grad, check_labels, operand_dtype, softcap, logit_scale):
+      hidden_grads, weight_grad, bias_grad, check_labels, operand_dtype, softcap, logit_scale, params):
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
     n = hiddens[0].shape[0]
     in_forward = mode in ("rescale", "scalar")
@@ -200,6 +204,7 @@ def linear_streams_backward(
     operand_dtype: Optional[torch.dtype],
     softcap: Optional[float],
     logit_scale: Optional[float],
+    params: list[float],
 ) -> tuple[list[Tensor], Tensor, Tensor]:
     """The "recompute" backward: gradients of sum(grad_values * values), recomputing the logits block by block
     with the forward's per-row log-sum-exp (``log_norms`` [N], the online sweep) or chunk by chunk (shape [0])."""
@@ -213,7 +218,7 @@ def linear_streams_backward(
     else:
         result = _pass(
             kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows, compact, operand_dtype, transform,
-            grad_scale=grad_values.contiguous(), hidden_grads=hidden_grads, weight_grad=weight_grad,
+            params, grad_scale=grad_values.contiguous(), hidden_grads=hidden_grads, weight_grad=weight_grad,
             bias_grad=bias_grad and bias is not None,
         )
     dh = [g if g is not None else _placeholder(h) for g, h in zip(result.hidden_grads, hiddens)]
@@ -224,7 +229,7 @@ def linear_streams_backward(
 
 @linear_streams_backward.register_fake
 def _(kind, hiddens, weight, bias, labels, grad_values, log_norms, ignore_index, backend, chunk_rows, compact,
-      hidden_grads, weight_grad, bias_grad, operand_dtype, softcap, logit_scale):
+      hidden_grads, weight_grad, bias_grad, operand_dtype, softcap, logit_scale, params):
     dh = [h.new_empty(h.shape if need else _NONE) for h, need in zip(hiddens, hidden_grads)]
     dw = weight.new_empty(weight.shape if weight_grad else _NONE)
     db = weight.new_empty((weight.shape[0],) if bias_grad and bias is not None else _NONE)
@@ -245,11 +250,11 @@ def _(grad, scale):
 
 def _setup_context(ctx, inputs, output):
     (kind, hiddens, weight, bias, labels, row_scale, ignore_index, backend, chunk_rows, compact, mode,
-     hidden_grads, weight_grad, bias_grad, _, operand_dtype, softcap, logit_scale) = inputs
+     hidden_grads, weight_grad, bias_grad, _, operand_dtype, softcap, logit_scale, params) = inputs
     values, total, dh, dw, db, log_norms = output
     ctx.mode, ctx.streams = mode, len(hiddens)
     ctx.hidden_grads, ctx.weight_grad, ctx.bias_grad = list(hidden_grads), weight_grad, bias_grad and bias is not None
-    ctx.options = (kind, ignore_index, backend, chunk_rows, compact, operand_dtype, softcap, logit_scale)
+    ctx.options = (kind, ignore_index, backend, chunk_rows, compact, operand_dtype, softcap, logit_scale, params)
     ctx.in_place, ctx.done = not _retain_graph[0], False
     # The gradient outputs (dh, dw, db) never receive a gradient: without this autograd would hand the backward
     # a zero tensor of each one's shape (one more [N, H] per stream, and [V, H]).
@@ -261,9 +266,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_values, grad_total, *unused):
-    nones = [None] * 18  # one per input of linear_streams
+    nones = [None] * 19  # one per input of linear_streams
     hidden_slot, weight_slot, bias_slot = 1, 2, 3
     nones[hidden_slot] = [None] * ctx.streams  # the hiddens input is a list: its gradient is one too
+    # The kind's params: torch's input structure takes an empty list as a list (its gradient: []) and a list of
+    # floats as one leaf (its gradient: None).
+    nones[-1] = None if ctx.options[-1] else []
     upstream = grad_total if ctx.mode == "scalar" else grad_values
     if ctx.mode == "values" or upstream is None:  # None: the output was not used, so no gradient flows
         return tuple(nones)
@@ -288,10 +296,10 @@ def _backward(ctx, grad_values, grad_total, *unused):
             nones[bias_slot] = scaled(db) if ctx.bias_grad else None
         return tuple(nones)
     weight, bias, labels, log_norms, *hiddens = ctx.saved_tensors
-    kind, ignore_index, backend, chunk_rows, compact, operand_dtype, softcap, logit_scale = ctx.options
+    kind, ignore_index, backend, chunk_rows, compact, operand_dtype, softcap, logit_scale, params = ctx.options
     dh, dw, db = linear_streams_backward(
         kind, hiddens, weight, bias, labels, grad_values, log_norms, ignore_index, backend, chunk_rows, compact,
-        ctx.hidden_grads, ctx.weight_grad, ctx.bias_grad, operand_dtype, softcap, logit_scale,
+        ctx.hidden_grads, ctx.weight_grad, ctx.bias_grad, operand_dtype, softcap, logit_scale, params,
     )
     nones[hidden_slot] = [g if need else None for g, need in zip(dh, ctx.hidden_grads)]
     nones[weight_slot] = dw if ctx.weight_grad else None
@@ -303,12 +311,13 @@ linear_streams.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_streams(kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows, compact, row_scale=None,
-                  transform=(None, None)):
+                  transform=(None, None), params=()):
     """Values [N] (``row_scale`` None) or the scalar sum(row_scale * values) (``row_scale`` [N] float32), through
     ``are_fast::linear_streams`` in the mode that what needs a gradient calls for.
 
-    hiddens: contiguous [N, H] per stream; labels: int64 targets [N] ("logprob") or bool valid [N] ("kl");
-    transform: (softcap, logit_scale) as checked by ``checks.check_logit_transform``.
+    hiddens: contiguous [N, H] per stream; labels: int64 targets [N] or bool valid [N], as the kind's
+    ``row_label`` says; transform: (softcap, logit_scale) as checked by ``checks.check_logit_transform``;
+    params: the kind's float parameters (``registry.Kind.params``), checked.
     """
     grad_on = torch.is_grad_enabled()
     need_hidden = [grad_on and h.requires_grad for h in hiddens]
@@ -327,6 +336,6 @@ def fused_streams(kind, hiddens, weight, bias, labels, ignore_index, backend, ch
     values, total, _, _, _, _ = linear_streams(
         kind, list(hiddens), weight, bias, labels, row_scale, ignore_index, backend, chunk_rows or 0, compact, mode,
         need_hidden, need_weight, need_bias, torch.compiler.is_compiling() and checks.label_checks_enabled(),
-        operand_dtype, *transform,
+        operand_dtype, *transform, [float(p) for p in params],
     )
     return values if row_scale is None else total

@@ -14,9 +14,10 @@ Backends (``REGISTRY``, in this order; ``BACKENDS`` is their names, which the CL
 - ``native``: the chunk driver with the C++ (CPU) / CUDA epilogues of ``csrc/``, loaded by ``are_fast.ops.native``
   (built just in time on first use).
 
-Ops (``OPS``): each maps to ``reference.<op>`` on the reference backend and, on a fused backend, to the
-torch.library custom op ``are_fast::linear_streams`` (``are_fast.ops.autograd``) with the backend's row
-epilogue of ``EPILOGUE_KIND[op]``.
+Ops (``OPS``, declared with their row epilogue kinds in ``are_fast.ops.registry``): each maps to
+``reference.<op>`` on the reference backend and, on a fused backend, to the torch.library custom op
+``are_fast::linear_streams`` (``are_fast.ops.autograd``) with the backend's epilogue of the op's kind (a backend
+without one runs the kind's PyTorch epilogue on the chunk driver, saying so once).
 
 Choice, first match wins: the op's ``backend=`` argument, the ``ARE_FAST_BACKEND`` environment variable,
 then the tensors' device: ``triton`` on CUDA, else ``native`` where ``are_fast.ops.native.use_by_default`` says so
@@ -26,40 +27,21 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Callable
 
 import torch
 
-from . import reference
+from . import reference, registry
+from .registry import OPS
 
 
 @dataclass(frozen=True)
 class Backend:
     name: str
     fused: bool  # chunk driver + row epilogues through are_fast::linear_streams; False: the reference formulas
-    epilogues: Callable[[], SimpleNamespace] | None  # -> SimpleNamespace(logprob=..., kl=...), loaded on use
+    family: str | None  # its row epilogues' family in the kinds' implementations (are_fast.ops.registry)
     unavailable: Callable[[torch.device], "str | None"]  # why it cannot run on tensors of that device, or None
     online: bool = False  # full-precision heads take the online sweeps where they apply (are_fast.ops.online)
-
-
-def _torch_epilogues() -> SimpleNamespace:
-    from . import torch_epilogues as impl
-
-    return SimpleNamespace(logprob=impl.logprob_epilogue, kl=impl.kl_epilogue)
-
-
-def _triton_epilogues() -> SimpleNamespace:
-    from ..kernels.kl_epilogue import kl_epilogue
-    from ..kernels.logprob_epilogue import logprob_epilogue
-
-    return SimpleNamespace(logprob=logprob_epilogue, kl=kl_epilogue)
-
-
-def _native_epilogues() -> SimpleNamespace:
-    from . import native
-
-    return native.epilogues()
 
 
 def _triton_unavailable(device: torch.device) -> str | None:
@@ -104,27 +86,17 @@ REGISTRY = {
     b.name: b
     for b in (
         Backend("reference", False, None, lambda device: None),
-        Backend("chunked", True, _torch_epilogues, lambda device: None),
-        Backend("online", True, _torch_epilogues, lambda device: None, online=True),
-        Backend("triton", True, _triton_epilogues, _triton_unavailable),
-        Backend("native", True, _native_epilogues, _native_unavailable),
+        Backend("chunked", True, "torch", lambda device: None),
+        Backend("online", True, "torch", lambda device: None, online=True),
+        Backend("triton", True, "triton", _triton_unavailable),
+        Backend("native", True, "native", _native_unavailable),
     )
 }
 BACKENDS = tuple(REGISTRY)
 
-# op -> the row epilogue its fused implementation runs ("logprob": log p(target); "kl": KL of two streams).
-EPILOGUE_KIND = {
-    "token_logprobs": "logprob",
-    "sequence_logprobs": "logprob",
-    "compression_loss": "logprob",
-    "conditional_kl": "kl",
-}
-OPS = tuple(EPILOGUE_KIND)
-
-
 def reference_op(op: str) -> Callable:
     """The reference backend's implementation of ``op`` (``are_fast.ops.reference``)."""
-    if op not in EPILOGUE_KIND:
+    if op not in OPS:
         raise ValueError(f"op: expected one of {', '.join(OPS)}, got {op!r}")
     return getattr(reference, op)
 
@@ -156,12 +128,13 @@ def _default_backend(device_type: str) -> str:
     return "native" if native.use_by_default(torch.device(device_type)) else "online"
 
 
-def epilogues(name: str) -> SimpleNamespace:
-    """The row epilogues (``logprob``, ``kl``) of a fused backend; see are_fast.ops.torch_epilogues."""
+def epilogue(kind: str, name: str) -> Callable:
+    """The row epilogue of ``kind`` on the fused backend ``name`` (its family's, else the kind's PyTorch one,
+    said once: ``registry.epilogue_for``); see are_fast.ops.torch_epilogues for the contract."""
     backend = REGISTRY.get(name)
     if backend is None or not backend.fused:
         raise ValueError(f"backend: {name!r} has no fused epilogues")
-    return backend.epilogues()
+    return registry.epilogue_for(kind, backend.family)
 
 
 _triton_state: dict = {}

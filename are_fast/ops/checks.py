@@ -111,6 +111,15 @@ def _check_positive(name: str, value, what: str) -> None:
         raise ValueError(f"{name}: expected {what}, got {value}")
 
 
+def check_mixture_weight(beta) -> float:
+    """beta: a real number strictly between 0 and 1 (the JSD's mixture weight); returned as a float."""
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not math.isfinite(beta):
+        raise TypeError(f"beta: expected a real number in (0, 1), got {beta!r}")
+    if not 0 < beta < 1:
+        raise ValueError(f"beta: expected a real number in (0, 1) (M = beta P + (1 - beta) Q), got {beta}")
+    return float(beta)
+
+
 def check_logit_transform(softcap, logit_scale) -> tuple:
     """softcap, logit_scale: None (no transform) or a positive finite real; returned as floats (or None)."""
     _check_positive_or_none("softcap", softcap, "None or a positive cap c (logits -> c tanh(logits / c))")

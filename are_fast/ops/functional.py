@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import checks
+from . import checks, registry
 from .autograd import fused_streams
 from .backends import REGISTRY, reference_op, resolve_backend
 
@@ -170,6 +170,39 @@ def conditional_kl(
     Example:
         >>> d = are_fast.conditional_kl(h_pos_given_q, h_pos_given_pos, lm_head.weight, pos_labels)   # [B]
     """
+    return _stream_pair("conditional_kl", hidden_p, hidden_q, weight, labels, bias, reduction, ignore_index, backend,
+                        chunk_rows, softcap, logit_scale, {})
+
+
+def conditional_jsd(
+    hidden_p, hidden_q, weight, labels, beta=0.5, bias=None, reduction="sum", ignore_index=-100, *, softcap=None,
+    logit_scale=None, backend=None, chunk_rows=None,
+):
+    """Generalized Jensen-Shannon divergence JSD_beta(P || Q) = beta KL(P || M) + (1 - beta) KL(Q || M),
+    M = beta P + (1 - beta) Q, with P = softmax(W h_p,t), Q = softmax(W h_q,t), over the target positions.
+
+    Liger-Kernel's definition; bounded (by log 2 at beta = 0.5, where it is symmetric). Differentiable with
+    respect to both hidden inputs (unlike Liger's fused JSD, which gives the teacher none), and the head.
+    Safe where p or q underflows: log M is a logaddexp, and a zero probability's terms add 0.
+
+    Args:
+        hidden_p, hidden_q, weight, labels, bias, reduction, softcap, logit_scale: as in ``conditional_kl``.
+        beta: the mixture weight, 0 < beta < 1.
+    Returns:
+        float32 tensor ([B], or [B, T] for "none") as in ``conditional_kl``.
+
+    Example:
+        >>> d = are_fast.conditional_jsd(h_pos_given_q, h_pos_given_pos, lm_head.weight, pos_labels)   # [B]
+    """
+    beta = checks.check_mixture_weight(beta)
+    return _stream_pair("conditional_jsd", hidden_p, hidden_q, weight, labels, bias, reduction, ignore_index, backend,
+                        chunk_rows, softcap, logit_scale, {"beta": beta})
+
+
+def _stream_pair(op, hidden_p, hidden_q, weight, labels, bias, reduction, ignore_index, backend, chunk_rows, softcap,
+                 logit_scale, params: dict):
+    """A "pair" op of the registry (a per-position divergence of two streams, summed per sequence): checks, then
+    the reference formula or the op's kind on a fused backend. params: the kind's parameters by name, checked."""
     if reduction not in ("sum", "mean", "none"):
         raise ValueError(f"reduction: expected 'sum', 'mean' or 'none', got {reduction!r}")
     checks.check_sequences(hidden_p, weight, labels, bias, ignore_index, hidden_name="hidden_p")
@@ -184,13 +217,13 @@ def conditional_kl(
     softcap, logit_scale = transform = checks.check_logit_transform(softcap, logit_scale)
     name = resolve_backend(backend, hidden_p.device)
     if not REGISTRY[name].fused:
-        return reference_op("conditional_kl")(
-            hidden_p, hidden_q, weight, labels, bias, reduction, ignore_index, softcap=softcap, logit_scale=logit_scale
-        )
+        return reference_op(op)(hidden_p, hidden_q, weight, labels, bias=bias, reduction=reduction,
+                                ignore_index=ignore_index, softcap=softcap, logit_scale=logit_scale, **params)
+    kind = registry.kind(registry.OPS_TABLE[op].kind)
     valid = (_shifted_targets(labels, ignore_index) != ignore_index).reshape(-1)
     size = hidden_p.shape[-1]
     per_position = fused_streams(
-        "kl",
+        kind.name,
         [hidden_p.reshape(-1, size).contiguous(), hidden_q.reshape(-1, size).contiguous()],
         weight,
         bias,
@@ -200,6 +233,7 @@ def conditional_kl(
         chunk_rows,
         _compact(hidden_p.device),
         transform=transform,
+        params=[params[param] for param in kind.params],
     ).reshape(labels.shape)  # position t: the distributions predicting labels[:, t + 1]
     if reduction == "none":
         return torch.cat([per_position.new_zeros(labels.shape[0], 1), per_position[:, :-1]], dim=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import functional as F
-from .checks import check_logit_transform
+from .checks import check_logit_transform, check_mixture_weight
 
 
 def _transform(softcap, logit_scale) -> dict:
@@ -55,6 +55,24 @@ class ConditionalKL(torch.nn.Module):
         return F.conditional_kl(
             hidden_p, hidden_q, weight, labels, bias, self.reduction, self.ignore_index, backend=self.backend,
             **self.transform,
+        )
+
+
+class ConditionalJSD(torch.nn.Module):
+    """``forward(hidden_p, hidden_q [B, T, H], weight [V, H], labels [B, T], bias=None)`` -> generalized JSD
+    per sequence (``are_fast.conditional_jsd``), with the mixture weight ``beta`` (0 < beta < 1) fixed here."""
+
+    def __init__(self, beta: float = 0.5, reduction: str = "sum", ignore_index: int = -100,
+                 backend: str | None = None, *, softcap: float | None = None, logit_scale: float | None = None):
+        super().__init__()
+        self.beta = check_mixture_weight(beta)
+        self.reduction, self.ignore_index, self.backend = reduction, ignore_index, backend
+        self.transform = _transform(softcap, logit_scale)
+
+    def forward(self, hidden_p, hidden_q, weight, labels, bias=None):
+        return F.conditional_jsd(
+            hidden_p, hidden_q, weight, labels, self.beta, bias, self.reduction, self.ignore_index,
+            backend=self.backend, **self.transform,
         )
 
 

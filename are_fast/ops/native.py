@@ -41,6 +41,8 @@ from types import SimpleNamespace
 
 import torch
 
+from .torch_epilogues import store_gradient
+
 logger = logging.getLogger(__name__)
 
 _PACKAGE = Path(__file__).resolve().parents[1]  # the are_fast package (csrc/ and _native*.so live beside it)
@@ -172,26 +174,28 @@ class NativeLibrary:
 library = NativeLibrary()
 
 
+# The native row epilogues, with the gradient-output arguments of the PyTorch ones (the library must be loaded).
+# The C++/CUDA ops write the gradient over the float32 logits; a requested gradient output (a low-precision
+# head's) is then filled by one cast pass (``store_gradient``).
+def logprob_epilogue(logits, targets, ignore_index, grad_scale, grad_out=None, *, softcap=None, logit_scale=None):
+    values = torch.ops.are_fast.logprob_epilogue(logits, targets, ignore_index, grad_scale, softcap, logit_scale)
+    if grad_scale is not None:
+        store_gradient(logits, grad_out)
+    return values
+
+
+def kl_epilogue(logits_p, logits_q, valid, grad_scale, grad_out_p=None, grad_out_q=None, *, softcap=None,
+                logit_scale=None):
+    values = torch.ops.are_fast.kl_epilogue(logits_p, logits_q, valid, grad_scale, softcap, logit_scale)
+    if grad_scale is not None:
+        store_gradient(logits_p, grad_out_p)
+        store_gradient(logits_q, grad_out_q)
+    return values
+
+
 def epilogues() -> SimpleNamespace:
-    """The native row epilogues (``logprob``, ``kl``) with the gradient-output arguments of the PyTorch ones;
-    the library must be loaded. The C++/CUDA ops write the gradient over the float32 logits; a requested
-    gradient output (a low-precision head's) is then filled by one cast pass (``store_gradient``)."""
-    from .torch_epilogues import store_gradient
-
-    def logprob(logits, targets, ignore_index, grad_scale, grad_out=None, *, softcap=None, logit_scale=None):
-        values = torch.ops.are_fast.logprob_epilogue(logits, targets, ignore_index, grad_scale, softcap, logit_scale)
-        if grad_scale is not None:
-            store_gradient(logits, grad_out)
-        return values
-
-    def kl(logits_p, logits_q, valid, grad_scale, grad_out_p=None, grad_out_q=None, *, softcap=None, logit_scale=None):
-        values = torch.ops.are_fast.kl_epilogue(logits_p, logits_q, valid, grad_scale, softcap, logit_scale)
-        if grad_scale is not None:
-            store_gradient(logits_p, grad_out_p)
-            store_gradient(logits_q, grad_out_q)
-        return values
-
-    return SimpleNamespace(logprob=logprob, kl=kl)
+    """The native row epilogues (``logprob``, ``kl``) as one namespace."""
+    return SimpleNamespace(logprob=logprob_epilogue, kl=kl_epilogue)
 
 
 def supports(device: torch.device) -> bool:

@@ -32,7 +32,7 @@ import os
 
 import torch
 
-from . import logit_transforms
+from . import logit_transforms, registry
 from .chunked import PassResult
 
 # Bytes of the [rows, vocab-block] buffers of all streams together, and the rows per block.
@@ -96,7 +96,9 @@ def online_pass(
         return PassResult(values, dh, None, None, log_norms)
     capped_grad = want_grad and softcap is not None
     step, block_vocab = block_shape(active, vocab, len(hiddens), block_rows, capped_grad)
-    sweep = _LogprobSweep if kind == "logprob" else _KLSweep
+    sweep = registry.online_sweep(kind)
+    if sweep is None:
+        raise ValueError(f"kind: {kind!r} has no online sweep (are_fast.ops.registry)")
     state = sweep(step, hidden_size, block_vocab, dtype, device, want_grad, [g is not None for g in dh],
                   (softcap, logit_scale))
     for start in range(0, active, step):

@@ -7,6 +7,8 @@ assumed valid: the public ops in ``are_fast.ops.functional`` check them before d
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -69,10 +71,34 @@ def conditional_kl(hidden_p, hidden_q, weight, labels, bias=None, reduction="sum
     """
     logp = torch.log_softmax(logits(hidden_p, weight, bias, softcap=softcap, logit_scale=logit_scale), dim=-1)
     logq = torch.log_softmax(logits(hidden_q, weight, bias, softcap=softcap, logit_scale=logit_scale), dim=-1)
+    return _per_sequence(_kl_terms(logp, logq), labels, ignore_index, reduction)
+
+
+def conditional_jsd(hidden_p, hidden_q, weight, labels, beta=0.5, bias=None, reduction="sum", ignore_index=-100, *,
+                    softcap=None, logit_scale=None):
+    """Generalized Jensen-Shannon divergence beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q,
+    P = softmax(W h_p), Q = softmax(W h_q), at the positions that predict a non-ignored label; reductions as
+    ``conditional_kl``. log M = logaddexp(log P + log beta, log Q + log(1 - beta)): finite wherever P or Q is."""
+    logp = torch.log_softmax(logits(hidden_p, weight, bias, softcap=softcap, logit_scale=logit_scale), dim=-1)
+    logq = torch.log_softmax(logits(hidden_q, weight, bias, softcap=softcap, logit_scale=logit_scale), dim=-1)
+    # Where p = q = 0 (masked in both) every term is 0; 0 there keeps logaddexp's gradient from being NaN.
+    both = (logp == -torch.inf) & (logq == -torch.inf)
+    logm = torch.logaddexp(logp.masked_fill(both, 0.0) + math.log(beta), logq.masked_fill(both, 0.0) + math.log1p(-beta))
+    per_position = beta * _kl_terms(logp, logm) + (1 - beta) * _kl_terms(logq, logm)
+    return _per_sequence(per_position, labels, ignore_index, reduction)
+
+
+def _kl_terms(logp, logq):
+    """[B, T, V] log-probabilities -> [B, T]: sum p log(p / q), where p = 0 adds 0 (a -inf logit, e.g. a masked
+    vocabulary entry): not 0 * (-inf - logq) = NaN, in the value or, through the masked ratio, in the gradients."""
     p = logp.exp()
-    # p log(p / q) is 0 where p = 0 (a -inf logit, e.g. a masked vocabulary entry): not 0 * (-inf - logq) = NaN,
-    # in the value or, through the masked ratio, in the gradients.
-    per_position = (p * (logp - logq).masked_fill(p == 0, 0.0)).sum(-1)  # [B, T]: position t predicts labels[:, t + 1]
+    return (p * (logp - logq).masked_fill(p == 0, 0.0)).sum(-1)
+
+
+def _per_sequence(per_position, labels, ignore_index, reduction):
+    """[B, T] per position (position t predicts labels[:, t + 1]) -> aligned with labels ("none", entry t for the
+    distributions predicting labels[:, t], 0 at t = 0 and where ignored), summed ("sum") or averaged over the
+    targets ("mean", 0 without targets) per sequence."""
     mask = labels[:, 1:] != ignore_index
     aligned = torch.zeros_like(per_position)
     aligned[:, 1:] = per_position[:, :-1] * mask

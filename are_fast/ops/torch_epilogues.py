@@ -19,6 +19,8 @@ per-row gradient scale. The Triton kernels in
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import logit_transforms
@@ -134,3 +136,56 @@ def kl_epilogue(
     store_gradient(logits_p, grad_out_p)
     store_gradient(logits_q, grad_out_q)
     return torch.where(valid, per_row, 0.0)
+
+
+def jsd_epilogue(
+    logits_p: torch.Tensor,
+    logits_q: torch.Tensor,
+    valid: torch.Tensor,
+    grad_scale: torch.Tensor | None,
+    grad_out_p: torch.Tensor | None = None,
+    grad_out_q: torch.Tensor | None = None,
+    *,
+    beta: float,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+) -> torch.Tensor:
+    """Generalized JSD per row: beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q, with
+    P = softmax(a), Q = softmax(b), a = T(logits_p), b = T(logits_q) as in ``kl_epilogue``; 0 < beta < 1.
+
+    Arguments and result as ``kl_epilogue``. With s = log(m / (beta p)) = softplus(d), t = log(m / ((1 - beta) q))
+    = softplus(-d), d = log q - log p + log((1 - beta) / beta): KL(P || M) = -log beta - sum p s, likewise for Q,
+    and with grad_scale g logits_p becomes g * beta * p * (sum p s - s) and logits_q g * (1 - beta) * q *
+    (sum q t - t) (d/dp_v of the JSD is beta log(p_v / m_v): the mixture's own terms cancel), chained through T.
+    """
+    # Why s and t rather than log p - log m: for streams far apart log(p / m) is close to -log beta wherever p
+    # matters and the gradient is its small difference from KL(P || M); softplus keeps those small parts to full
+    # relative precision. A zero probability's terms are masked to 0 (s is +inf there, or NaN where both are 0).
+    if grad_scale is None:
+        log_p, log_q = (torch.log_softmax(logit_transforms.apply(z, softcap, logit_scale), dim=1)
+                        for z in (logits_p, logits_q))
+    else:
+        derivative_p = logit_transforms.apply_with_derivative_(logits_p, softcap, logit_scale)
+        derivative_q = logit_transforms.apply_with_derivative_(logits_q, softcap, logit_scale)
+        log_p = _log_softmax_in_place(logits_p)
+        log_q = _log_softmax_in_place(logits_q)
+    d = (log_q - log_p).add_(math.log1p(-beta) - math.log(beta))
+    s = torch.nn.functional.softplus(d)
+    t = torch.nn.functional.softplus(d.neg_())
+    out_p, out_q = (logits_p, logits_q) if grad_scale is not None else (None, None)
+    p = torch.exp(log_p, out=out_p)  # in place of the logits when they become the gradient
+    q = torch.exp(log_q, out=out_q)
+    s.masked_fill_(p == 0, 0.0)
+    t.masked_fill_(q == 0, 0.0)
+    sum_ps = torch.linalg.vecdot(p, s)  # [C]
+    sum_qt = torch.linalg.vecdot(q, t)
+    if grad_scale is not None:
+        scale = _row_scale(valid, grad_scale, logits_p.dtype, derivative_p)
+        p.mul_(s.neg_().add_(sum_ps.unsqueeze(1))).mul_(scale * beta)
+        q.mul_(t.neg_().add_(sum_qt.unsqueeze(1))).mul_(scale * (1 - beta))
+        _chain(logits_p, derivative_p)
+        _chain(logits_q, derivative_q)
+        store_gradient(logits_p, grad_out_p)
+        store_gradient(logits_q, grad_out_q)
+    entropy = -beta * math.log(beta) - (1 - beta) * math.log1p(-beta)  # the JSD of two disjoint distributions
+    return torch.where(valid, entropy - beta * sum_ps - (1 - beta) * sum_qt, 0.0)

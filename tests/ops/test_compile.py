@@ -4,10 +4,11 @@ import pytest
 import torch
 
 import are_fast
-from are_fast.ops import autograd as op_autograd
+from are_fast.ops import autograd as op_autograd, registry
 from _helpers import assert_rel_close
 
 B, T, H, V = 2, 7, 16, 61
+PAIR_OPS = [op.name for op in registry.OPS_TABLE.values() if op.inputs == "pair"]  # conditional_kl, _jsd, ...
 IGNORE = -100
 
 
@@ -27,7 +28,8 @@ class AllOps(torch.nn.Module):
             are_fast.compression_loss(h, self.head, labels, **kw)
             + are_fast.sequence_logprobs(h, self.head, labels, **kw).sum() * 0.3
             + are_fast.token_logprobs(h, self.head, labels, **kw).mean()
-            + are_fast.conditional_kl(h, hidden_q, self.head, labels, reduction="mean", **kw).sum()
+            + sum(getattr(are_fast, op)(h, hidden_q, self.head, labels, reduction="mean", **kw).sum()
+                  for op in PAIR_OPS)
         )
 
 
@@ -74,18 +76,19 @@ def _op_args(mode, kind="logprob", backend="chunked", transform=(None, None)):
     weight = torch.randn(V, H, dtype=torch.float64, requires_grad=mode in ("scalar", "recompute"))
     labels = torch.randint(0, V, (9,))
     labels[::3] = IGNORE
-    hiddens = [hidden] if kind == "logprob" else [hidden, hidden_q]
-    if kind == "kl":
+    spec = registry.kind(kind)
+    hiddens = [hidden, hidden_q][: spec.streams]
+    if spec.row_label == "valid":
         labels = labels != IGNORE
     row_scale = torch.rand(9, dtype=torch.float64) if mode == "scalar" else None
     train = mode in ("scalar", "recompute")
     return (kind, hiddens, weight, None, labels, row_scale, IGNORE, backend, 4, True, mode,
-            [True] * len(hiddens), train, False, False, None, *transform)
+            [True] * len(hiddens), train, False, False, None, *transform, [0.3] * len(spec.params))
 
 
 @pytest.mark.parametrize("transform", [(None, None), (0.7, 1.5)], ids=["plain", "softcap+scale"])
 @pytest.mark.parametrize("mode", ["values", "rescale", "scalar", "recompute"])
-@pytest.mark.parametrize("kind", ["logprob", "kl"])
+@pytest.mark.parametrize("kind", list(registry.KINDS))
 @pytest.mark.parametrize("backend", ["chunked", "online"])
 def test_opcheck_linear_streams(mode, kind, backend, transform):
     args = _op_args(mode, kind, backend, transform)

@@ -7,6 +7,7 @@ import torch
 
 import are_fast
 from _helpers import FUSED_BACKENDS, assert_rel_close, leaf
+from are_fast.ops.registry import OPS_TABLE
 
 B, T, H, V = 3, 9, 32, 203  # V on no block boundary; B*T=27 rows in chunks of 4 leave a remainder
 IGNORE = -100
@@ -26,25 +27,33 @@ def make_inputs(batch=B, length=T, hidden=H, vocab=V, logit_scale=3.0):
     )
 
 
-OPS = {
-    "token_logprobs-2d": lambda a, **k: are_fast.token_logprobs(
-        a["hidden"].reshape(-1, a["hidden"].shape[-1]), a["weight"], a["labels"].reshape(-1), a["bias"], **k
-    ),
-    "token_logprobs-3d": lambda a, **k: are_fast.token_logprobs(a["hidden"], a["weight"], a["labels"], a["bias"], **k),
-    "sequence_logprobs-sum": lambda a, **k: are_fast.sequence_logprobs(a["hidden"], a["weight"], a["labels"], a["bias"], **k),
-    "sequence_logprobs-mean": lambda a, **k: are_fast.sequence_logprobs(
-        a["hidden"], a["weight"], a["labels"], a["bias"], average=True, **k
-    ),
-    "compression_loss": lambda a, **k: are_fast.compression_loss(a["hidden"], a["weight"], a["labels"], a["bias"], **k),
-    **{
-        f"conditional_kl-{reduction}": (
-            lambda a, reduction=reduction, **k: are_fast.conditional_kl(
-                a["hidden"], a["hidden_q"], a["weight"], a["labels"], a["bias"], reduction=reduction, **k
+def _registry_ops() -> dict:
+    """name -> op(args, **kwargs) for every op of the registry, in each of its forms: token ops on [N, H] and
+    [B, T, H], sequence ops as they are (and sequence_logprobs averaged), pair ops in each reduction."""
+    ops = {}
+    for spec in OPS_TABLE.values():
+        fn = getattr(are_fast, spec.name)
+        if spec.inputs == "tokens":
+            ops[f"{spec.name}-2d"] = lambda a, fn=fn, **k: fn(
+                a["hidden"].reshape(-1, a["hidden"].shape[-1]), a["weight"], a["labels"].reshape(-1), a["bias"], **k
             )
-        )
-        for reduction in ("sum", "mean", "none")
-    },
-}
+            ops[f"{spec.name}-3d"] = lambda a, fn=fn, **k: fn(a["hidden"], a["weight"], a["labels"], a["bias"], **k)
+        elif spec.inputs == "sequences":
+            ops[spec.name] = lambda a, fn=fn, **k: fn(a["hidden"], a["weight"], a["labels"], a["bias"], **k)
+        else:
+            for reduction in ("sum", "mean", "none"):
+                ops[f"{spec.name}-{reduction}"] = lambda a, fn=fn, reduction=reduction, **k: fn(
+                    a["hidden"], a["hidden_q"], a["weight"], a["labels"], bias=a["bias"], reduction=reduction, **k
+                )
+    ops["sequence_logprobs-sum"] = ops.pop("sequence_logprobs")
+    ops["sequence_logprobs-mean"] = lambda a, **k: are_fast.sequence_logprobs(
+        a["hidden"], a["weight"], a["labels"], a["bias"], average=True, **k
+    )
+    return ops
+
+
+OPS = _registry_ops()
+PAIR_OPS = [name for name in OPS if OPS_TABLE[name.rsplit("-", 1)[0]].inputs == "pair"]  # they read hidden_q
 STREAMS = {"hidden", "hidden_q"}
 
 
@@ -103,7 +112,7 @@ def test_op_matches_float64_reference(op, backend, dtype, head, device):
     assert out.device.type == device.type
     assert out.dtype == torch.float32
     assert_rel_close(out, ref, dtype, f"{op} value")
-    used = {"hidden", "weight"} | ({"bias"} if trainable else set()) | ({"hidden_q"} if "kl" in op else set())
+    used = {"hidden", "weight"} | ({"bias"} if trainable else set()) | ({"hidden_q"} if op in PAIR_OPS else set())
     for name in used & ref_grads.keys():
         assert grads[name] is not None, f"{op}: no gradient for {name}"
         assert_rel_close(grads[name], ref_grads[name], dtype, f"{op} d/d{name}")
