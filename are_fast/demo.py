@@ -16,6 +16,7 @@ import torch
 
 from .ops import functional as F
 from .ops.backends import resolve_backend
+from .ops.registry import OPS_TABLE
 from .memory import peak_extra_memory
 
 
@@ -39,13 +40,11 @@ def _cases(hidden_size: int, vocab: int, batch: int, length: int, negatives: int
         lp_qn = F.sequence_logprobs(torch.cat(negs), weight, neg_labels, backend=backend).view(negatives, batch).T
         return F.alignment_loss(lp_qp, lp_pp, lp_qn, ref_p, ref_n)
 
-    return [
-        ("token_logprobs", lambda b: F.token_logprobs(streams[0], weight, labels, backend=b).sum()),
-        ("sequence_logprobs", lambda b: F.sequence_logprobs(streams[0], weight, labels, backend=b).sum()),
-        ("compression_loss", lambda b: F.compression_loss(streams[0], weight, labels, backend=b)),
-        ("conditional_kl", lambda b: F.conditional_kl(streams[0], streams[1], weight, labels, backend=b).sum()),
-        ("alignment_loss", alignment),
-    ], streams
+    def op_case(op):  # every op of the registry on the first stream (pair ops: the first two) and the labels
+        fn, inputs = getattr(F, op.name), streams[:2] if op.inputs == "pair" else streams[:1]
+        return lambda b: fn(*inputs, weight, labels, backend=b).sum()
+
+    return [(op.name, op_case(op)) for op in OPS_TABLE.values()] + [("alignment_loss", alignment)], streams
 
 
 # What PyTorch's CPU profiler (used to measure memory) writes straight to file descriptor 2 on every

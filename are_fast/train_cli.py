@@ -16,6 +16,7 @@ import time
 
 from .data import DEFAULT_MAX_BAD_FRACTION
 from .errors import run_guarded
+from .ops.registry import DISTANCES
 
 _PARSERS: dict = {}
 
@@ -209,8 +210,9 @@ def add_training_commands(subparsers) -> None:
     p.add_argument("--tau", type=POSITIVE, default=0.1, help="temperature of the alignment loss (default 0.1)")
     p.add_argument("--ref-sign", type=_ref_sign, default=1.0, metavar="{+1,-1}",
                    help="+1 adds the reference margin as released (default); -1 subtracts it (DPO-consistent)")
-    p.add_argument("--distance", default="logprob", choices=["logprob", "kl"],
-                   help="logprob: |log p(pos|c(q)) - log p(pos|c(pos))| as released (default); kl: conditional KL")
+    p.add_argument("--distance", default="logprob", choices=["logprob", *DISTANCES],
+                   help="logprob: |log p(pos|c(q)) - log p(pos|c(pos))| as released (default); else a pair op's "
+                        f"divergence of the two streams ({', '.join(f'{k}: {v}' for k, v in DISTANCES.items())})")
     _data_options(p, True), _model_options(p), _train_options(p), _eval_options(p, True)
     _runtime_options(p, training=True)
     _PARSERS["stage2"] = p

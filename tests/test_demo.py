@@ -2,8 +2,9 @@
 import os
 
 from are_fast.demo import profiler_chatter_filtered, run_demo
+from are_fast.ops import registry
 
-OPS = ("token_logprobs", "sequence_logprobs", "compression_loss", "conditional_kl", "alignment_loss")
+OPS = (*registry.OPS, "alignment_loss")  # every op of the registry, then the stage-2 loss
 
 
 def test_demo_prints_only_its_table(capfd, one_thread):

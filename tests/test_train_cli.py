@@ -1,5 +1,6 @@
 """The training subcommands end to end on a tiny model: flags, a YAML config file, clear errors."""
 import json
+import math
 import os
 
 import pytest
@@ -29,6 +30,14 @@ def test_stage1_ref_scores_stage2_from_the_command_line(tmp_path, capsys):
     assert main(args + common) == 0
     assert os.path.isfile(os.path.join(s2, "model", "model.safetensors"))
     assert "12 rows kept" in capsys.readouterr().out
+
+    # Stage 2 with the JSD of the two positive streams as its distance (the op registry's "jsd").
+    jsd_dir = str(tmp_path / "s2-jsd")
+    assert main(args[:10] + [jsd_dir] + args[11:] + ["--distance", "jsd"] + common) == 0
+    assert "distance jsd" in capsys.readouterr().out
+    with open(os.path.join(jsd_dir, "loss.jsonl")) as f:
+        losses = [json.loads(line)["loss"] for line in f]
+    assert len(losses) == 2 and all(math.isfinite(loss) and loss > 0 for loss in losses)
 
     # A score file for other rows is refused with a clear message, not silently misaligned.
     write_jsonl(str(tmp_path / "other.jsonl"), triplet_rows(12, 2, seed=5))

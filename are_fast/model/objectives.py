@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..ops import functional as F
+from ..ops import functional as F, registry
 from .compressor import Compressor, CompressorBatch
 from .decoder import FrozenDecoder
 from .layout import IGNORE_INDEX
@@ -177,20 +177,26 @@ def stream_logprobs(compressor: Compressor, decoder: FrozenDecoder, batch: Stage
     return hidden, labels, sums.to(logp.dtype)
 
 
+# Stage 2's distances between pos|c(q) and pos|c(pos): the released log-likelihood gap, then every pair op's.
+DISTANCES = ("logprob", *registry.DISTANCES)
+
+
 class Stage2Model(nn.Module):
     """Conditional distribution alignment: forward(batch) -> (loss, metrics).
 
     Args:
         beta, tau, ref_sign: as in ``are_fast.alignment_loss`` (released values: 0.1, 0.1, +1).
-        distance: "logprob" (released: |log p(pos|c(q)) - log p(pos|c(pos))|) or "kl" (``conditional_kl`` between
-            the decoder streams pos|c(q) and pos|c(pos), summed over the positive's tokens).
+        distance: "logprob" (released: |log p(pos|c(q)) - log p(pos|c(pos))|), or a pair op's distance name from
+            the op registry (``DISTANCES``: "kl", ``conditional_kl``; "jsd", ``conditional_jsd`` at beta 0.5,
+            bounded and symmetric) between the decoder streams pos|c(q) and pos|c(pos), summed over the
+            positive's tokens.
     """
 
     def __init__(self, compressor: Compressor, decoder: FrozenDecoder, *, beta: float = 0.1, tau: float = 0.1,
                  ref_sign: float = 1.0, distance: str = "logprob", backend: str | None = None):
         super().__init__()
-        if distance not in ("logprob", "kl"):
-            raise ValueError(f"distance: expected 'logprob' or 'kl', got {distance!r}")
+        if distance not in DISTANCES:
+            raise ValueError(f"distance: expected one of {', '.join(DISTANCES)}, got {distance!r}")
         self.compressor, self.decoder = compressor, decoder
         self.beta, self.tau, self.ref_sign, self.distance, self.backend = beta, tau, ref_sign, distance, backend
 
@@ -204,10 +210,11 @@ class Stage2Model(nn.Module):
         hidden, labels, logp = stream_logprobs(self.compressor, self.decoder, batch, self.backend)
         lp_qp, lp_pp, lp_qn = logp[:b], logp[b: 2 * b], logp[2 * b:].view(b, n)
         distance = None
-        if self.distance == "kl":
+        if self.distance != "logprob":
             weight, bias = self.decoder.head
-            distance = F.conditional_kl(hidden[:b], hidden[b: 2 * b], weight, labels[:b], bias, backend=self.backend,
-                                        **self.decoder.logit_transform)
+            pair_op = getattr(F, registry.DISTANCES[self.distance])
+            distance = pair_op(hidden[:b], hidden[b: 2 * b], weight, labels[:b], bias=bias, backend=self.backend,
+                               **self.decoder.logit_transform)
         loss = F.alignment_loss(lp_qp, lp_pp, lp_qn, batch.ref_p, batch.ref_n, self.beta, self.tau, self.ref_sign,
                                 distance)
         return loss, {"margin": float((lp_qp.detach().unsqueeze(1) - lp_qn.detach()).mean())}

@@ -4,7 +4,7 @@ import torch
 
 from _helpers import rel_error
 
-from are_fast.ops import reference
+from are_fast.ops import reference, registry
 from are_fast.data import stage2_items
 from are_fast.model import Compressor, FrozenDecoder, Stage2Model, reference_scores
 from are_fast.model.released import _score, released_stage2_loss
@@ -57,9 +57,11 @@ def test_stage2_loss_and_grads_equal_released_pattern(tiny_dir, negatives, ref_s
         assert rel_error(got, b) <= max(1e-5, 2 * rel_error(ref, b)), name
 
 
-def test_stage2_kl_distance_matches_reference(tiny_dir):
+@pytest.mark.parametrize("distance", list(registry.DISTANCES))
+def test_stage2_pair_distance_matches_reference(tiny_dir, distance):
+    """Stage 2 with each pair op's distance (kl, jsd, ...) against the reference formulas, loss and gradients."""
     comp, dec, items = _setup(tiny_dir, 2)
-    model = Stage2Model(comp, dec, distance="kl")
+    model = Stage2Model(comp, dec, distance=distance)
     batch = model.collate(items)
     loss, _ = model(batch)
     loss.backward()
@@ -71,9 +73,9 @@ def test_stage2_kl_distance_matches_reference(tiny_dir):
                          batch.targets.lengths)
     w = dec.head[0]
     logp = reference.sequence_logprobs(hidden, w, labels)
-    kl = reference.conditional_kl(hidden[:b], hidden[b: 2 * b], w, labels[:b])
+    gap = getattr(reference, registry.DISTANCES[distance])(hidden[:b], hidden[b: 2 * b], w, labels[:b])
     expected = reference.alignment_loss(logp[:b], logp[b: 2 * b], logp[2 * b:].view(b, 2), batch.ref_p, batch.ref_n,
-                                        distance=kl)
+                                        distance=gap)
     expected.backward()
     assert rel_error(loss, expected) <= 1e-5
     for got, p in zip(ours, comp.parameters()):
