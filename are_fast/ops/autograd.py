@@ -35,7 +35,7 @@ from torch import Tensor
 from . import checks, online
 from .backends import REGISTRY, epilogues
 from .chunked import fused_linear_pass
-from .head_matmuls import autocast_operand_dtype
+from .head_matmuls import autocast_off, autocast_operand_dtype
 
 MODES = ("values", "rescale", "scalar", "recompute")
 _retain_graph = [False]
@@ -95,10 +95,11 @@ def _online_log_norms(kind, backend, weight, bias, operand_dtype) -> bool:
 def _pass(kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows, compact, operand_dtype, **grads):
     rows = _rows(kind, labels, ignore_index, compact)
     if _runs_online(backend, weight, bias, operand_dtype, grads.get("weight_grad", False), grads.get("bias_grad", False)):
-        return online.online_pass(
-            kind, hiddens, weight, bias, labels, ignore_index, grads.get("grad_scale"), grads.get("hidden_grads", ()),
-            rows, block_rows=chunk_rows or None,
-        )
+        with autocast_off(weight.device):  # the sweep picks its precision (operand_dtype), not autocast
+            return online.online_pass(
+                kind, hiddens, weight, bias, labels, ignore_index, grads.get("grad_scale"),
+                grads.get("hidden_grads", ()), rows, block_rows=chunk_rows or None, operand_dtype=operand_dtype,
+            )
     return fused_linear_pass(
         hiddens, weight, bias, _epilogue(kind, backend, labels, ignore_index),
         chunk_rows=chunk_rows or None, rows=rows, operand_dtype=operand_dtype, **grads,
@@ -197,10 +198,12 @@ def linear_streams_backward(
     """The "recompute" backward: gradients of sum(grad_values * values), recomputing the logits block by block
     with the forward's per-row log-sum-exp (``log_norms`` [N], the online sweep) or chunk by chunk (shape [0])."""
     if log_norms.numel():
-        result = online.online_weight_pass(
-            hiddens[0], weight, bias, labels, ignore_index, grad_values.contiguous(), log_norms, hidden_grads[0],
-            weight_grad, bias_grad and bias is not None, _rows(kind, labels, ignore_index, compact), chunk_rows or None,
-        )
+        with autocast_off(weight.device):
+            result = online.online_weight_pass(
+                hiddens[0], weight, bias, labels, ignore_index, grad_values.contiguous(), log_norms, hidden_grads[0],
+                weight_grad, bias_grad and bias is not None, _rows(kind, labels, ignore_index, compact),
+                chunk_rows or None, operand_dtype,
+            )
     else:
         result = _pass(
             kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows, compact, operand_dtype,

@@ -9,7 +9,10 @@ of rows meets each block of the head once, the two matmuls per block have cache-
 the cache once per chunk, which on a CPU limits the chunk size to the memory budget and the speed to the
 memory bandwidth.
 
-Scope: heads whose dtype is the compute dtype (float32, float64). A frozen head: every op. A trainable head:
+Scope: float32/float64 heads, and bfloat16/float16 heads (or a float32 head under bf16/fp16 autocast), whose
+block matmuls run with low-precision operands where ``are_fast.ops.sweep_precision`` finds that faster, else on a
+float32 copy of the head (``are_fast.ops.sweep_matmuls``; statistics and accumulators float32 either way). A
+frozen head: every op. A trainable head:
 the log-probability ops whose per-row upstream gradient is unknown in the forward (token, sequence): the values
 sweep also returns each row's log-sum-exp, and the backward (``online_weight_pass``) sweeps once more with the
 final probabilities (4 block matmuls per row in all, the minimum without holding the logits). The ``online``
@@ -26,24 +29,48 @@ import os
 
 import torch
 
+from . import sweep_precision
 from .chunked import PassResult
+from .sweep_matmuls import SweepMatmuls
 
-# Bytes of the [rows, vocab-block] buffers of all streams together, and the rows per block.
+# Bytes of the [rows, vocab-block] buffers of all streams together, and the rows per block. Low-precision
+# operands take larger blocks: AMX matmuls reach their rate only on larger products.
 _BLOCK_BYTES = 2 << 20
 _BLOCK_ROWS = 512
+_LOW_PRECISION_BLOCK_BYTES = 8 << 20
 
 
 def supported(weight: torch.Tensor, bias: torch.Tensor | None, operand_dtype, weight_grad: bool, bias_grad: bool) -> bool:
-    """Whether the online sweep can run this pass: a frozen head in its compute dtype (a trainable head's
-    log-probabilities take ``online_pass`` for the values and ``online_weight_pass`` for the gradients)."""
-    full = weight.dtype in (torch.float32, torch.float64) and (bias is None or bias.dtype == weight.dtype)
-    return full and operand_dtype in (None, weight.dtype) and not weight_grad and not bias_grad
+    """Whether the online sweep can run this pass: a frozen head in its compute dtype, a low-precision head, or
+    a float32 head under low-precision autocast (``operand_dtype``); low-precision ones unless the sweep path
+    is forced to ``chunk``. A trainable head's log-probabilities take ``online_pass`` for the values and
+    ``online_weight_pass`` for the gradients."""
+    if bias is not None and bias.dtype != weight.dtype:
+        return False
+    full = weight.dtype in (torch.float32, torch.float64) and operand_dtype in (None, weight.dtype)
+    low = weight.dtype in sweep_precision.LOW_PRECISION and operand_dtype in (None, weight.dtype)
+    autocast = weight.dtype == torch.float32 and operand_dtype in sweep_precision.LOW_PRECISION
+    if (low or autocast) and not sweep_precision.takes_sweep():
+        return False
+    return (full or low or autocast) and not weight_grad and not bias_grad
 
 
-def block_shape(active: int, vocab: int, streams: int, rows: int | None = None) -> tuple[int, int]:
+def sweep_matmuls(weight: torch.Tensor, bias: torch.Tensor | None, operand_dtype=None) -> SweepMatmuls:
+    """The block products of one pass: a full-precision head as it is; a low-precision head (or autocast's
+    ``operand_dtype`` for a float32 one) in the operand dtype ``sweep_precision.choose`` picks for the device."""
+    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    low = operand_dtype if operand_dtype in sweep_precision.LOW_PRECISION else weight.dtype
+    if low not in sweep_precision.LOW_PRECISION:
+        return SweepMatmuls(weight, bias, weight.dtype, compute)
+    return SweepMatmuls(weight, bias, sweep_precision.choose(weight.device, low).operand_dtype, compute)
+
+
+def block_shape(active: int, vocab: int, streams: int, rows: int | None = None,
+                low_precision: bool = False) -> tuple[int, int]:
     """(rows, vocabulary entries) per block: ``rows`` (default 512) rows, and as many vocabulary entries as
-    keep the float32 blocks of all streams (the KL keeps three) within 2 MiB (ARE_FAST_BLOCK_BYTES overrides)."""
-    budget = int(os.environ.get("ARE_FAST_BLOCK_BYTES", _BLOCK_BYTES))
+    keep the float32 blocks of all streams (the KL keeps three) within 2 MiB, 8 MiB for ``low_precision``
+    operands (ARE_FAST_BLOCK_BYTES overrides)."""
+    budget = int(os.environ.get("ARE_FAST_BLOCK_BYTES", _LOW_PRECISION_BLOCK_BYTES if low_precision else _BLOCK_BYTES))
     block_rows = max(1, min(rows or _BLOCK_ROWS, active))
     slots = 3 if streams == 2 else 1
     block_vocab = max(16, budget // (4 * slots * block_rows))
@@ -62,6 +89,7 @@ def online_pass(
     hidden_grads=(),
     rows: torch.Tensor | None = None,
     block_rows: int | None = None,
+    operand_dtype: torch.dtype | None = None,
 ) -> PassResult:
     """Values [N] and, with ``grad_scale`` [N], the hidden gradients of sum(grad_scale * values).
 
@@ -69,11 +97,12 @@ def online_pass(
     target is ignore_index, NaN where it is otherwise outside [0, V). kind "kl": hiddens [h_p, h_q], labels
     bool valid [N]; values KL(softmax(h_p W^T + b) || softmax(h_q W^T + b)), 0 on rows that are not valid.
     rows: optional int64 [M] rows that count (the others get value 0 and zero gradients); block_rows: rows per
-    block (tests use small blocks to reach every edge). Same contract as ``chunked.fused_linear_pass`` for a
-    frozen head.
+    block (tests use small blocks to reach every edge); operand_dtype: autocast's for a float32 head. Same
+    contract as ``chunked.fused_linear_pass`` for a frozen head.
     """
     n_rows, hidden_size = hiddens[0].shape
-    vocab, dtype, device = weight.shape[0], weight.dtype, weight.device
+    matmuls = sweep_matmuls(weight, bias, operand_dtype)
+    vocab, dtype, device = weight.shape[0], matmuls.compute_dtype, weight.device
     want_grad = grad_scale is not None
     compact = rows is not None
     active = rows.numel() if compact else n_rows
@@ -84,15 +113,16 @@ def online_pass(
     log_norms = new(n_rows, dtype=dtype, device=device) if kind == "logprob" else None
     if active == 0:
         return PassResult(values, dh, None, None, log_norms)
-    step, block_vocab = block_shape(active, vocab, len(hiddens), block_rows)
+    step, block_vocab = block_shape(active, vocab, len(hiddens), block_rows, matmuls.low_precision)
     sweep = _LogprobSweep if kind == "logprob" else _KLSweep
-    state = sweep(step, hidden_size, block_vocab, dtype, device, want_grad, [g is not None for g in dh])
+    state = sweep(step, hidden_size, block_vocab, dtype, device, want_grad, [g is not None for g in dh],
+                  matmuls.operand_dtype)
     for start in range(0, active, step):
         stop = min(start + step, active)
         sel = rows[start:stop] if compact else slice(start, stop)
-        chunk = [h[sel].to(dtype) for h in hiddens]
+        chunk = [matmuls.operand(h[sel]) for h in hiddens]
         scale = None if grad_scale is None else grad_scale[sel].to(dtype)
-        chunk_values, chunk_grads, chunk_norms = state.run(chunk, weight, bias, labels[sel], ignore_index, scale)
+        chunk_values, chunk_grads, chunk_norms = state.run(chunk, matmuls, labels[sel], ignore_index, scale)
         values[sel] = chunk_values
         if log_norms is not None:
             log_norms[sel] = chunk_norms
@@ -118,41 +148,43 @@ def online_weight_pass(
     bias_grad: bool,
     rows: torch.Tensor | None = None,
     block_rows: int | None = None,
+    operand_dtype: torch.dtype | None = None,
 ) -> PassResult:
     """The gradients of sum(grad_scale * log p(target)) for a trainable head, given each row's log-sum-exp from
     the forward (``online_pass``'s ``log_norms`` [N]): with the final probabilities known, one sweep forms per
     block the logits, their gradient g (onehot - p) and its products with the head (hidden gradient [N, H]) and
     with the rows (weight gradient [V, H], bias gradient [V]): 3 matmuls per block and no [C, V] chunk.
-    hidden [N, H], targets int64 [N], grad_scale [N]; rows: optional int64 [M] rows that count."""
+    hidden [N, H], targets int64 [N], grad_scale [N]; rows: optional int64 [M] rows that count; operand_dtype:
+    autocast's for a float32 head. The weight and bias gradients accumulate in float32 (float64)."""
     n_rows, hidden_size = hidden.shape
-    vocab, dtype, device = weight.shape[0], weight.dtype, weight.device
+    matmuls = sweep_matmuls(weight, bias, operand_dtype)
+    vocab, dtype, device = weight.shape[0], matmuls.compute_dtype, weight.device
     compact = rows is not None
     active = rows.numel() if compact else n_rows
     dh = (torch.zeros if compact else torch.empty)(hidden.shape, dtype=hidden.dtype, device=device) if hidden_grad else None
-    dw = torch.zeros_like(weight) if weight_grad else None
+    dw = torch.zeros(weight.shape, dtype=dtype, device=device) if weight_grad else None
     db = torch.zeros(vocab, dtype=dtype, device=device) if bias_grad else None
-    step, block_vocab = block_shape(max(active, 1), vocab, 1, block_rows)
+    step, block_vocab = block_shape(max(active, 1), vocab, 1, block_rows, matmuls.low_precision)
     buffer = torch.empty(step * block_vocab, dtype=dtype, device=device)
     acc = torch.empty(step * hidden_size, dtype=dtype, device=device) if hidden_grad else None
     for start in range(0, active, step):
         stop = min(start + step, active)
         sel = rows[start:stop] if compact else slice(start, stop)
-        chunk, chunk_targets, size = hidden[sel].to(dtype), targets[sel], stop - start
+        chunk, chunk_targets, size = matmuls.operand(hidden[sel]), targets[sel], stop - start
         counted = (chunk_targets != ignore_index) & (chunk_targets >= 0) & (chunk_targets < vocab)
         scale = torch.where(counted, grad_scale[sel].to(dtype), 0.0)
         norm = torch.where(counted, log_norms[sel], torch.inf).unsqueeze(1)  # p = 0 on rows that do not count
         chunk_acc = acc[: size * hidden_size].view(size, hidden_size).zero_() if acc is not None else None
         for first, last in _vocab_blocks(vocab, block_vocab):
             width = last - first
-            logits = _logits_block(chunk, weight[first:last], None if bias is None else bias[first:last],
-                                   buffer[: size * width].view(size, width))
+            logits = matmuls.logits(chunk, first, last, buffer[: size * width].view(size, width))
             grad = logits.sub_(norm).exp_().mul_(-scale.unsqueeze(1))  # -g p, in place
             here, index = _targets_in_block(chunk_targets, counted, first, width)
             grad.scatter_add_(1, index, torch.where(here, scale, 0.0).unsqueeze(1))
             if chunk_acc is not None:
-                chunk_acc.addmm_(grad, weight[first:last])
+                matmuls.add_product(chunk_acc, grad, first, last)
             if dw is not None:
-                dw[first:last].addmm_(grad.T, chunk)
+                matmuls.add_weight_product(dw[first:last], grad, chunk)
             if db is not None:
                 db[first:last].add_(grad.sum(0))
         if dh is not None:
@@ -160,7 +192,7 @@ def online_weight_pass(
                 dh.index_copy_(0, sel, chunk_acc.to(dh.dtype))
             else:
                 dh[sel] = chunk_acc
-    return PassResult(None, [dh], dw, db)
+    return PassResult(None, [dh], None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype))
 
 
 def _vocab_blocks(vocab: int, block_vocab: int):
@@ -175,12 +207,6 @@ def _targets_in_block(targets: torch.Tensor, counted: torch.Tensor, first: int, 
     return here, local.clamp(0, width - 1).unsqueeze(1)
 
 
-def _logits_block(hidden: torch.Tensor, weight_block: torch.Tensor, bias_block, out: torch.Tensor) -> torch.Tensor:
-    if bias_block is None:
-        return torch.mm(hidden, weight_block.T, out=out)
-    return torch.addmm(bias_block, hidden, weight_block.T, out=out)
-
-
 def _rescale(running_max: torch.Tensor, block_max: torch.Tensor) -> torch.Tensor:
     """Updates running_max [C] in place to max(running_max, block_max); returns exp(old - new) [C]."""
     new_max = torch.maximum(running_max, block_max)
@@ -192,7 +218,7 @@ def _rescale(running_max: torch.Tensor, block_max: torch.Tensor) -> torch.Tensor
 class _LogprobSweep:
     """log p(target) and its unit hidden gradient (1 - p_t) W[t] - sum_{v != t} p_v W_v, scaled per row."""
 
-    def __init__(self, rows, hidden_size, block_vocab, dtype, device, want_grad, need):
+    def __init__(self, rows, hidden_size, block_vocab, dtype, device, want_grad, need, operand_dtype):
         self.want_grad = want_grad and need[0]
         # One buffer: a block of logits during the sweep, the rows W[t] of the targets after it.
         width = max(block_vocab, hidden_size) if self.want_grad else block_vocab
@@ -200,22 +226,23 @@ class _LogprobSweep:
         self.block_vocab = block_vocab
         self.acc = torch.empty(rows, hidden_size, dtype=dtype, device=device) if self.want_grad else None
 
-    def run(self, chunk, weight, bias, targets, ignore_index, scale):
+    def run(self, chunk, matmuls, targets, ignore_index, scale):
         hidden = chunk[0]
         size = hidden.shape[0]
-        vocab = weight.shape[0]
+        vocab = matmuls.weight.shape[0]
         valid = targets != ignore_index
         in_range = (targets >= 0) & (targets < vocab)
-        running_max = torch.full((size,), -torch.inf, dtype=hidden.dtype, device=hidden.device)
-        others = torch.zeros(size, dtype=hidden.dtype, device=hidden.device)  # sum_{v != t} exp(l_v - max)
-        target_logit = torch.zeros(size, dtype=hidden.dtype, device=hidden.device)
+        kw = dict(dtype=self.buffer.dtype, device=hidden.device)
+        running_max = torch.full((size,), -torch.inf, **kw)
+        others = torch.zeros(size, **kw)  # sum_{v != t} exp(l_v - max)
+        target_logit = torch.zeros(size, **kw)
         acc = self.acc[:size] if self.want_grad else None
         if acc is not None:
             acc.zero_()
         for first, last in _vocab_blocks(vocab, self.block_vocab):
             width = last - first
             block = self.buffer[: size * width].view(size, width)
-            logits = _logits_block(hidden, weight[first:last], None if bias is None else bias[first:last], block)
+            logits = matmuls.logits(hidden, first, last, block)
             here, index = _targets_in_block(targets, in_range, first, width)
             target_logit = torch.where(here, logits.gather(1, index).squeeze(1), target_logit)
             factor = _rescale(running_max, logits.amax(1))
@@ -223,7 +250,7 @@ class _LogprobSweep:
             probs.scatter_(1, index, torch.where(here, 0.0, probs.gather(1, index).squeeze(1)).unsqueeze(1))
             others.mul_(factor).add_(probs.sum(1))
             if acc is not None:
-                acc.mul_(factor.unsqueeze(1)).addmm_(probs, weight[first:last])
+                matmuls.add_product(acc.mul_(factor.unsqueeze(1)), probs, first, last)
         target_term = torch.exp(target_logit - running_max)
         total = others + target_term
         # log p_t = -log1p(others / e_t): exact for a confident target, where (l_t - max) - log(total) would
@@ -237,7 +264,8 @@ class _LogprobSweep:
         coef = torch.where(valid & in_range, scale / total, 0.0)
         safe = torch.where(in_range, targets, 0)
         # g (others / total) W[t] - (g / total) acc
-        target_rows = torch.index_select(weight, 0, safe, out=self.buffer[: size * weight.shape[1]].view(size, -1))
+        target_rows = self.buffer[: size * hidden.shape[1]].view(size, -1)
+        target_rows.copy_(matmuls.weight.index_select(0, safe))
         grad = acc.mul_(-coef.unsqueeze(1)).addcmul_(target_rows, (coef * others).unsqueeze(1))
         return logp, [grad], log_norm
 
@@ -249,21 +277,21 @@ class _KLSweep:
     The log-ratio is summed as d - shift with shift the running lse_a - lse_b (re-based as it moves), so at the
     end the sums hold p (log p - log q) itself: a small KL is not the difference of two large terms."""
 
-    def __init__(self, rows, hidden_size, block_vocab, dtype, device, want_grad, need):
+    def __init__(self, rows, hidden_size, block_vocab, dtype, device, want_grad, need, operand_dtype):
         # Both streams' gradients come from the same three sums, so they are formed whichever ``need`` asks for.
         # Slots: 0 exp(a - max_a), 1 exp(b - max_b), 2 exp(a - max_a) * (d - shift); one matmul serves all.
         self.blocks = torch.empty(3, rows, block_vocab, dtype=dtype, device=device)
-        self.stacked = torch.empty(2 * rows, hidden_size, dtype=dtype, device=device)
+        self.stacked = torch.empty(2 * rows, hidden_size, dtype=operand_dtype, device=device)
         # Accumulators, same slots: sum e_a W, sum e_b W, sum e_a (d - shift) W.
         self.acc = torch.empty(3, rows, hidden_size, dtype=dtype, device=device) if want_grad else None
 
-    def run(self, chunk, weight, bias, valid, ignore_index, scale):
+    def run(self, chunk, matmuls, valid, ignore_index, scale):
         size = chunk[0].shape[0]
-        vocab = weight.shape[0]
+        vocab = matmuls.weight.shape[0]
         width_max = self.blocks.shape[2]
         stacked = self.stacked[: 2 * size]
         stacked[:size], stacked[size:] = chunk[0], chunk[1]
-        kw = dict(dtype=stacked.dtype, device=stacked.device)
+        kw = dict(dtype=self.blocks.dtype, device=stacked.device)
         max_a, max_b = torch.full((size,), -torch.inf, **kw), torch.full((size,), -torch.inf, **kw)
         sum_a, sum_b, sum_ad = torch.zeros(size, **kw), torch.zeros(size, **kw), torch.zeros(size, **kw)
         shift = None  # the running lse_a - lse_b, so that the sums hold p (log p - log q) as the sweep ends
@@ -275,7 +303,7 @@ class _KLSweep:
             width = last - first
             # Logits of both streams in one matmul: the buffer's first two slots, rows [a; b].
             pair = self.blocks.view(-1)[: 2 * size * width].view(2 * size, width)
-            _logits_block(stacked, weight[first:last], None if bias is None else bias[first:last], pair)
+            matmuls.logits(stacked, first, last, pair)
             logits_a, logits_b = pair[:size], pair[size:]
             ratio = torch.sub(logits_a, logits_b, out=_slot(self.blocks, 2, size, width))  # d = a - b
             factor_a, factor_b = _rescale(max_a, logits_a.amax(1)), _rescale(max_b, logits_b.amax(1))
@@ -301,7 +329,7 @@ class _KLSweep:
             sum_ad.add_(ratio.sum(1))
             if acc is not None:
                 everything = self.blocks.view(-1)[: 3 * size * width].view(3 * size, width)
-                acc.view(3 * size, -1).addmm_(everything, weight[first:last])
+                matmuls.add_product(acc.view(3 * size, -1), everything, first, last)
         # KL = E_p[d] - (lse_a - lse_b) = E_p[d - shift], the shift being lse_a - lse_b of the whole row
         mean_ratio = sum_ad / sum_a
         values = torch.where(valid, mean_ratio, 0.0)
