@@ -28,19 +28,18 @@ class SweepMatmuls:
         self.bias = None if bias is None else bias.to(compute_dtype)
         self.operand_dtype, self.compute_dtype = operand_dtype, compute_dtype
         self.low_precision = operand_dtype != compute_dtype
-        self._scratch = torch.empty(0, dtype=operand_dtype, device=weight.device)
+        # Two low-precision scratch blocks, grown as needed: the operand block, the product block.
+        self._scratch = [torch.empty(0, dtype=operand_dtype, device=weight.device) for _ in range(2)]
 
     def operand(self, rows: torch.Tensor) -> torch.Tensor:
         """Hidden rows [C, H] (any float dtype) in the operand dtype."""
         return rows.to(self.operand_dtype)
 
     def _low(self, index: int, rows: int, cols: int) -> torch.Tensor:
-        """Slot ``index`` (0 or 1) of the low-precision scratch, as a [rows, cols] block; grows as needed."""
-        size = rows * cols
-        if self._scratch.numel() < 2 * size:
-            self._scratch = torch.empty(2 * size, dtype=self.operand_dtype, device=self._scratch.device)
-        half = self._scratch.numel() // 2
-        return self._scratch[index * half : index * half + size].view(rows, cols)
+        """Low-precision scratch block ``index`` (0: operands, 1: products) as a [rows, cols] view."""
+        if self._scratch[index].numel() < rows * cols:
+            self._scratch[index] = torch.empty(rows * cols, dtype=self.operand_dtype, device=self._scratch[index].device)
+        return self._scratch[index][: rows * cols].view(rows, cols)
 
     def logits(self, hidden: torch.Tensor, first: int, last: int, out: torch.Tensor) -> torch.Tensor:
         """out [C, last - first] (compute dtype) = hidden [C, H] (operand dtype) @ W[first:last].T + b[first:last]."""

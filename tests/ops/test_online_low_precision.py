@@ -162,4 +162,4 @@ def test_low_precision_paths_agree_with_each_other(small_blocks):
 def test_sweep_block_shape_grows_for_low_precision(monkeypatch):
     monkeypatch.delenv("ARE_FAST_BLOCK_BYTES", raising=False)
     rows, vocab = online.block_shape(4096, 32000, 1, low_precision=True)
-    assert 4 * rows * vocab <= 8 << 20 and 4 * rows * vocab > 2 << 20
+    assert rows == 1024 and 4 * rows * vocab <= 32 << 20 and 4 * rows * vocab > 16 << 20
