@@ -56,7 +56,8 @@ def _add_encode(subparsers) -> None:
     enc.add_argument("--threads", type=POSITIVE_INT, default=None,
                      help="torch CPU threads (default: torch's choice, all cores); give 1-2 when other processes share the cores")
     enc.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                     help="model dtype (default bfloat16 on CUDA, float32 on CPU); embeddings are saved in float32")
+                     help="model dtype (default bfloat16 on CUDA and on CPUs whose bf16 units measure faster, else "
+                          "float32); embeddings are saved in float32")
     enc.add_argument("--no-normalize", dest="normalize", action="store_false", help="keep embeddings unnormalized")
     enc.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     enc.add_argument("--num-embed-tokens", type=POSITIVE_INT, default=None,

@@ -91,19 +91,22 @@ def choose(device: torch.device, dtype: torch.dtype) -> SweepChoice:
     if dtype not in LOW_PRECISION:
         raise ValueError(f"dtype: expected bfloat16 or float16, got {dtype}")
     forced = forced_path()
-    if forced is not None:
-        choice = SweepChoice(device.type, dtype, forced, "forced")
-    else:
-        key = (device.type, dtype)
-        if key not in _cache:
-            _cache[key] = _automatic(device, dtype)
-            logger.info("are_fast: %s heads on %s take the %s sweep (%s)", dtype, device.type,
-                        _cache[key].path, _cache[key].reason)
-        choice = _cache[key]
+    choice = SweepChoice(device.type, dtype, forced, "forced") if forced is not None else automatic(device, dtype)
     made = _recorder.get()
     if made is not None:
         made.append(choice)
     return choice
+
+
+def automatic(device: torch.device, dtype: torch.dtype) -> SweepChoice:
+    """The machine's own answer for ``dtype`` matmuls on ``device``, ignoring any forcing: ``lowp`` where they
+    run faster than float32 ones. Measured once per process and logged; the Encoder's CPU default reads it."""
+    key = (device.type, dtype)
+    if key not in _cache:
+        _cache[key] = _automatic(device, dtype)
+        logger.info("are_fast: %s heads on %s take the %s sweep (%s)", dtype, device.type, _cache[key].path,
+                    _cache[key].reason)
+    return _cache[key]
 
 
 def cpu_units() -> dict:
