@@ -7,13 +7,16 @@ KL = sum p (log p - log q) = t / sum_a - log_sum_a + log_sum_b: every term is re
 large common offset of the logits cancels exactly instead of through the difference of two large
 log-sum-exps. The second sweep (only when a gradient is asked for) writes g * p * (log p - log q - KL) over a
 and g * (q - p) over b, or into gradient outputs (which may be low-precision views of the logits rows, as in
-logprob_epilogue). Same contract as ``are_fast.ops.torch_epilogues.kl_epilogue``.
+logprob_epilogue). Same contract as ``are_fast.ops.torch_epilogues.kl_epilogue``. Logit transforms as in
+logprob_epilogue: a and b are the transformed logits, and each gradient is chained through its stream's dz'/dz.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .logprob_epilogue import LAUNCH_OPTIONS, check_block, check_grad_out, shares_memory
+from .logprob_epilogue import (
+    LAUNCH_OPTIONS, check_block, check_grad_out, shares_memory, transform_arguments, transform_derivative, transformed,
+)
 
 
 @triton.jit
@@ -30,9 +33,12 @@ def _kl_epilogue_kernel(
     scale_ptr,
     out_ptr,
     vocab,
+    softcap,
+    logit_scale,
     BLOCK_V: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     SYNC_TILES: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     p_row = p_ptr + row * stride_p
@@ -48,8 +54,10 @@ def _kl_epilogue_kernel(
     sum_q = 0.0
     for start in range(0, vocab, BLOCK_V):
         mask = start + offsets < vocab
-        a = tl.load(p_row + start + offsets, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(q_row + start + offsets, mask=mask, other=0.0).to(tl.float32)
+        a = transformed(tl.load(p_row + start + offsets, mask=mask, other=0.0).to(tl.float32), softcap, logit_scale,
+                        HAS_SOFTCAP)
+        b = transformed(tl.load(q_row + start + offsets, mask=mask, other=0.0).to(tl.float32), softcap, logit_scale,
+                        HAS_SOFTCAP)
         # Padding lanes are -inf for the maxes and the exponentials (so exp_a = 0 there) but 0 in the log-ratio,
         # which stays finite (no -inf - -inf). Each tile holds at least one real logit: the new maxes are finite.
         a_padded = tl.where(mask, a, float("-inf"))
@@ -79,16 +87,17 @@ def _kl_epilogue_kernel(
         for start in range(0, vocab, BLOCK_V):
             cols = start + offsets
             mask = cols < vocab
-            a = tl.load(p_row + cols, mask=mask, other=0.0).to(tl.float32)
-            b = tl.load(q_row + cols, mask=mask, other=0.0).to(tl.float32)
+            raw_a = tl.load(p_row + cols, mask=mask, other=0.0).to(tl.float32)
+            raw_b = tl.load(q_row + cols, mask=mask, other=0.0).to(tl.float32)
             if SYNC_TILES:
                 tl.debug_barrier()
-            log_p = (a - max_p) - log_sum_p
-            log_q = (b - max_q) - log_sum_q
+            log_p = (transformed(raw_a, softcap, logit_scale, HAS_SOFTCAP) - max_p) - log_sum_p
+            log_q = (transformed(raw_b, softcap, logit_scale, HAS_SOFTCAP) - max_q) - log_sum_q
             prob_p = tl.exp(log_p)
-            grad_p = scale * prob_p * ((log_p - log_q) - kl)
+            grad_p = scale * prob_p * ((log_p - log_q) - kl) * transform_derivative(raw_a, softcap, logit_scale, HAS_SOFTCAP)
+            grad_q = scale * (tl.exp(log_q) - prob_p) * transform_derivative(raw_b, softcap, logit_scale, HAS_SOFTCAP)
             tl.store(grad_p_row + cols, grad_p.to(grad_p_ptr.dtype.element_ty), mask=mask)
-            tl.store(grad_q_row + cols, (scale * (tl.exp(log_q) - prob_p)).to(grad_q_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_q_row + cols, grad_q.to(grad_q_ptr.dtype.element_ty), mask=mask)
 
 
 def kl_epilogue(
@@ -100,9 +109,11 @@ def kl_epilogue(
     grad_out_q: torch.Tensor | None = None,
     *,
     block_v: int | None = None,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
 ) -> torch.Tensor:
     """logits_p, logits_q [C, V] float32; valid [C] bool; grad_scale [C] or None; grad_out_p, grad_out_q
-    [C, V] or None (see logprob_epilogue) -> KL [C] float32.
+    [C, V] or None (see logprob_epilogue) -> KL [C] float32. softcap, logit_scale: the logit transforms.
 
     block_v: the vocabulary tile (a power of two; default ``block_size(V)``), smaller in tests to get many tiles.
     """
@@ -133,9 +144,11 @@ def kl_epilogue(
         grad_scale.contiguous() if write_grad else out,
         out,
         vocab,
+        *transform_arguments(softcap, logit_scale),
         BLOCK_V=check_block(block_v, vocab),
         WRITE_GRAD=write_grad,
         SYNC_TILES=write_grad and (shares_memory(grad_p, logits_p) or shares_memory(grad_q, logits_q)),
+        HAS_SOFTCAP=softcap is not None,
         **LAUNCH_OPTIONS,
     )
     return out

@@ -53,19 +53,19 @@ def allow_retain_graph(enabled: bool = True):
 _NONE = (0,)  # shape of the placeholder returned for a gradient that was not asked for
 
 
-def _epilogue(kind: str, backend: str, labels: Tensor, ignore_index: int):
+def _epilogue(kind: str, backend: str, labels: Tensor, ignore_index: int, transform: dict):
     impl = epilogues(backend)
     if kind == "logprob":
         targets = labels
 
         def epilogue(logits, rows, grad_scale, grad_outs):
-            return impl.logprob(logits[0], targets[rows], ignore_index, grad_scale, grad_outs[0])
+            return impl.logprob(logits[0], targets[rows], ignore_index, grad_scale, grad_outs[0], **transform)
 
     elif kind == "kl":
         valid = labels
 
         def epilogue(logits, rows, grad_scale, grad_outs):
-            return impl.kl(logits[0], logits[1], valid[rows], grad_scale, *grad_outs)
+            return impl.kl(logits[0], logits[1], valid[rows], grad_scale, *grad_outs, **transform)
 
     else:
         raise ValueError(f"kind: expected 'logprob' or 'kl', got {kind!r}")
@@ -92,16 +92,19 @@ def _online_log_norms(kind, backend, weight, bias, operand_dtype) -> bool:
     return kind == "logprob" and _runs_online(backend, weight, bias, operand_dtype)
 
 
-def _pass(kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows, compact, operand_dtype, **grads):
+def _pass(kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows, compact, operand_dtype, transform,
+          **grads):
+    """transform: dict(softcap=..., logit_scale=...), the logit transforms (None: none)."""
     rows = _rows(kind, labels, ignore_index, compact)
     if _runs_online(backend, weight, bias, operand_dtype, grads.get("weight_grad", False), grads.get("bias_grad", False)):
         with autocast_off(weight.device):  # the sweep picks its precision (operand_dtype), not autocast
             return online.online_pass(
                 kind, hiddens, weight, bias, labels, ignore_index, grads.get("grad_scale"),
                 grads.get("hidden_grads", ()), rows, block_rows=chunk_rows or None, operand_dtype=operand_dtype,
+                **transform,
             )
     return fused_linear_pass(
-        hiddens, weight, bias, _epilogue(kind, backend, labels, ignore_index),
+        hiddens, weight, bias, _epilogue(kind, backend, labels, ignore_index, transform),
         chunk_rows=chunk_rows or None, rows=rows, operand_dtype=operand_dtype, **grads,
     )
 
@@ -128,13 +131,16 @@ def linear_streams(
     bias_grad: bool,
     check_labels: bool,
     operand_dtype: Optional[torch.dtype],
+    softcap: Optional[float],
+    logit_scale: Optional[float],
 ) -> tuple[Tensor, Tensor, list[Tensor], Tensor, Tensor, Tensor]:
     """-> values [N] (compute dtype), total (scalar: sum(row_scale * values), 0 without row_scale),
     hidden gradients (one per stream, [N, H]; shape [0] where not computed), weight gradient [V, H] and bias
     gradient [V] (shape [0] where not computed), and in "recompute" mode on the online sweep each row's
     log-sum-exp [N] (shape [0] otherwise). Gradients are computed in the forward only in the "rescale"
     (unit scale) and "scalar" (scale ``row_scale`` [N]) modes. operand_dtype: the matmuls' operand dtype
-    (autocast's, read by the caller outside the op; None: the head's)."""
+    (autocast's, read by the caller outside the op; None: the head's). softcap, logit_scale: the logit
+    transforms (``are_fast.ops.logit_transforms``; None: none), already checked."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
     if check_labels and kind == "logprob":  # the public op's check, moved here when it was traced by torch.compile
@@ -145,7 +151,7 @@ def linear_streams(
         scale = row_scale if mode == "scalar" else torch.ones(labels.shape[0], dtype=torch.float32, device=weight.device)
     result = _pass(
         kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows, compact, operand_dtype,
-        grad_scale=scale,
+        dict(softcap=softcap, logit_scale=logit_scale), grad_scale=scale,
         hidden_grads=hidden_grads if in_forward else (),
         weight_grad=weight_grad and mode == "scalar",
         bias_grad=bias_grad and mode == "scalar",
@@ -162,7 +168,7 @@ def linear_streams(
 
 @linear_streams.register_fake
 def _(kind, hiddens, weight, bias, labels, row_scale, ignore_index, backend, chunk_rows, compact, mode,
-      hidden_grads, weight_grad, bias_grad, check_labels, operand_dtype):
+      hidden_grads, weight_grad, bias_grad, check_labels, operand_dtype, softcap, logit_scale):
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
     n = hiddens[0].shape[0]
     in_forward = mode in ("rescale", "scalar")
@@ -194,19 +200,22 @@ def linear_streams_backward(
     weight_grad: bool,
     bias_grad: bool,
     operand_dtype: Optional[torch.dtype],
+    softcap: Optional[float],
+    logit_scale: Optional[float],
 ) -> tuple[list[Tensor], Tensor, Tensor]:
     """The "recompute" backward: gradients of sum(grad_values * values), recomputing the logits block by block
     with the forward's per-row log-sum-exp (``log_norms`` [N], the online sweep) or chunk by chunk (shape [0])."""
+    transform = dict(softcap=softcap, logit_scale=logit_scale)
     if log_norms.numel():
         with autocast_off(weight.device):
             result = online.online_weight_pass(
                 hiddens[0], weight, bias, labels, ignore_index, grad_values.contiguous(), log_norms, hidden_grads[0],
                 weight_grad, bias_grad and bias is not None, _rows(kind, labels, ignore_index, compact),
-                chunk_rows or None, operand_dtype,
+                chunk_rows or None, operand_dtype=operand_dtype, **transform,
             )
     else:
         result = _pass(
-            kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows, compact, operand_dtype,
+            kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows, compact, operand_dtype, transform,
             grad_scale=grad_values.contiguous(), hidden_grads=hidden_grads, weight_grad=weight_grad,
             bias_grad=bias_grad and bias is not None,
         )
@@ -218,7 +227,7 @@ def linear_streams_backward(
 
 @linear_streams_backward.register_fake
 def _(kind, hiddens, weight, bias, labels, grad_values, log_norms, ignore_index, backend, chunk_rows, compact,
-      hidden_grads, weight_grad, bias_grad, operand_dtype):
+      hidden_grads, weight_grad, bias_grad, operand_dtype, softcap, logit_scale):
     dh = [h.new_empty(h.shape if need else _NONE) for h, need in zip(hiddens, hidden_grads)]
     dw = weight.new_empty(weight.shape if weight_grad else _NONE)
     db = weight.new_empty((weight.shape[0],) if bias_grad and bias is not None else _NONE)
@@ -239,11 +248,11 @@ def _(grad, scale):
 
 def _setup_context(ctx, inputs, output):
     (kind, hiddens, weight, bias, labels, row_scale, ignore_index, backend, chunk_rows, compact, mode,
-     hidden_grads, weight_grad, bias_grad, _, operand_dtype) = inputs
+     hidden_grads, weight_grad, bias_grad, _, operand_dtype, softcap, logit_scale) = inputs
     values, total, dh, dw, db, log_norms = output
     ctx.mode, ctx.streams = mode, len(hiddens)
     ctx.hidden_grads, ctx.weight_grad, ctx.bias_grad = list(hidden_grads), weight_grad, bias_grad and bias is not None
-    ctx.options = (kind, ignore_index, backend, chunk_rows, compact, operand_dtype)
+    ctx.options = (kind, ignore_index, backend, chunk_rows, compact, operand_dtype, softcap, logit_scale)
     ctx.in_place, ctx.done = not _retain_graph[0], False
     # The gradient outputs (dh, dw, db) never receive a gradient: without this autograd would hand the backward
     # a zero tensor of each one's shape (one more [N, H] per stream, and [V, H]).
@@ -255,7 +264,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_values, grad_total, *unused):
-    nones = [None] * 16  # one per input of linear_streams
+    nones = [None] * 18  # one per input of linear_streams
     hidden_slot, weight_slot, bias_slot = 1, 2, 3
     nones[hidden_slot] = [None] * ctx.streams  # the hiddens input is a list: its gradient is one too
     upstream = grad_total if ctx.mode == "scalar" else grad_values
@@ -282,10 +291,10 @@ def _backward(ctx, grad_values, grad_total, *unused):
             nones[bias_slot] = scaled(db) if ctx.bias_grad else None
         return tuple(nones)
     weight, bias, labels, log_norms, *hiddens = ctx.saved_tensors
-    kind, ignore_index, backend, chunk_rows, compact, operand_dtype = ctx.options
+    kind, ignore_index, backend, chunk_rows, compact, operand_dtype, softcap, logit_scale = ctx.options
     dh, dw, db = linear_streams_backward(
         kind, hiddens, weight, bias, labels, grad_values, log_norms, ignore_index, backend, chunk_rows, compact,
-        ctx.hidden_grads, ctx.weight_grad, ctx.bias_grad, operand_dtype,
+        ctx.hidden_grads, ctx.weight_grad, ctx.bias_grad, operand_dtype, softcap, logit_scale,
     )
     nones[hidden_slot] = [g if need else None for g, need in zip(dh, ctx.hidden_grads)]
     nones[weight_slot] = dw if ctx.weight_grad else None
@@ -296,11 +305,13 @@ def _backward(ctx, grad_values, grad_total, *unused):
 linear_streams.register_autograd(_backward, setup_context=_setup_context)
 
 
-def fused_streams(kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows, compact, row_scale=None):
+def fused_streams(kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows, compact, row_scale=None,
+                  transform=(None, None)):
     """Values [N] (``row_scale`` None) or the scalar sum(row_scale * values) (``row_scale`` [N] float32), through
     ``are_fast::linear_streams`` in the mode that what needs a gradient calls for.
 
-    hiddens: contiguous [N, H] per stream; labels: int64 targets [N] ("logprob") or bool valid [N] ("kl").
+    hiddens: contiguous [N, H] per stream; labels: int64 targets [N] ("logprob") or bool valid [N] ("kl");
+    transform: (softcap, logit_scale) as checked by ``checks.check_logit_transform``.
     """
     grad_on = torch.is_grad_enabled()
     need_hidden = [grad_on and h.requires_grad for h in hiddens]
@@ -319,6 +330,6 @@ def fused_streams(kind, hiddens, weight, bias, labels, ignore_index, backend, ch
     values, total, _, _, _, _ = linear_streams(
         kind, list(hiddens), weight, bias, labels, row_scale, ignore_index, backend, chunk_rows or 0, compact, mode,
         need_hidden, need_weight, need_bias, torch.compiler.is_compiling() and checks.label_checks_enabled(),
-        operand_dtype,
+        operand_dtype, *transform,
     )
     return values if row_scale is None else total

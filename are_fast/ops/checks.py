@@ -111,6 +111,18 @@ def _check_positive(name: str, value, what: str) -> None:
         raise ValueError(f"{name}: expected {what}, got {value}")
 
 
+def check_logit_transform(softcap, logit_scale) -> tuple:
+    """softcap, logit_scale: None (no transform) or a positive finite real; returned as floats (or None)."""
+    _check_positive_or_none("softcap", softcap, "None or a positive cap c (logits -> c tanh(logits / c))")
+    _check_positive_or_none("logit_scale", logit_scale, "None or a positive scale s (logits -> s logits)")
+    return tuple(None if value is None else float(value) for value in (softcap, logit_scale))
+
+
+def _check_positive_or_none(name: str, value, what: str) -> None:
+    if value is not None:
+        _check_positive(name, value, what)
+
+
 def check_alignment(lp_qp, lp_pp, lp_qn, ref_p, ref_n, beta, tau, ref_sign, distance) -> tuple:
     """Check alignment_loss's inputs ([B], [B], [B, n], [B], [B, n], optional [B] distance; beta, tau > 0,
     ref_sign +1 or -1) and return the six tensors in the compute dtype: float64 when the policy's log-probs

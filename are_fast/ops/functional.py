@@ -35,22 +35,29 @@ def _compact(device: torch.device) -> bool:
     return device.type == "cpu" or checks.label_checks_enabled()
 
 
-def _token_logprobs_flat(hidden2d, weight, targets1d, bias, ignore_index, backend, chunk_rows, row_scale=None):
+def _token_logprobs_flat(hidden2d, weight, targets1d, bias, ignore_index, backend, chunk_rows, transform,
+                         row_scale=None):
     """hidden [N, H] contiguous, targets [N] -> [N] (or, with ``row_scale`` [N], sum(row_scale * log-probs)):
-    the fused path shared by the token and sequence ops."""
+    the fused path shared by the token and sequence ops. transform: (softcap, logit_scale), checked."""
     return fused_streams(
         "logprob", [hidden2d], weight, bias, targets1d.to(torch.int64), ignore_index, backend, chunk_rows,
-        _compact(hidden2d.device), row_scale,
+        _compact(hidden2d.device), row_scale, transform=transform,
     )
 
 
-def token_logprobs(hidden, weight, targets, bias=None, ignore_index=-100, *, backend=None, chunk_rows=None):
-    """Log-probability of each target token under softmax(hidden @ weight.T + bias).
+def token_logprobs(
+    hidden, weight, targets, bias=None, ignore_index=-100, *, backend=None, chunk_rows=None, softcap=None,
+    logit_scale=None,
+):
+    """Log-probability of each target token under softmax(softcap(logit_scale * (hidden @ weight.T + bias))).
 
     Args:
         hidden: [N, H] or [B, T, H], float32 / bfloat16 / float16 (float64 for gradcheck).
         weight: [V, H] LM head, same dtype as hidden. bias: optional [V].
         targets: integer tensor of hidden's leading shape ([N] or [B, T]); values in [0, V) or ignore_index.
+        softcap, logit_scale: None (no transform) or a positive float: the logits become s * z, then
+            c * tanh(z / c) (Gemma 2/3's final_logit_softcapping, Cohere's logit_scale, Granite's
+            1 / logits_scaling); the same keywords on every op that takes a head.
     Returns:
         float32 tensor of targets' shape; 0 where the target is ignore_index.
 
@@ -59,22 +66,28 @@ def token_logprobs(hidden, weight, targets, bias=None, ignore_index=-100, *, bac
     """
     checks.check_tokens(hidden, weight, targets, bias, ignore_index)
     checks.check_chunk_rows(chunk_rows)
+    softcap, logit_scale = transform = checks.check_logit_transform(softcap, logit_scale)
     name = resolve_backend(backend, hidden.device)
     if not REGISTRY[name].fused:
-        return reference_op("token_logprobs")(hidden, weight, targets, bias, ignore_index)
+        return reference_op("token_logprobs")(
+            hidden, weight, targets, bias, ignore_index, softcap=softcap, logit_scale=logit_scale
+        )
     flat = _token_logprobs_flat(
-        hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight, targets.reshape(-1), bias, ignore_index, name, chunk_rows
+        hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight, targets.reshape(-1), bias, ignore_index, name,
+        chunk_rows, transform,
     )
     return flat.reshape(targets.shape)
 
 
 def sequence_logprobs(
-    hidden, weight, labels, bias=None, average=False, ignore_index=-100, *, backend=None, chunk_rows=None
+    hidden, weight, labels, bias=None, average=False, ignore_index=-100, *, backend=None, chunk_rows=None,
+    softcap=None, logit_scale=None,
 ):
     """Sum (``average=True``: mean) of the log-probs of each sequence's non-ignored shifted targets.
 
     Args:
         hidden: [B, T, H]; weight: [V, H]; labels: [B, T] integer, position t predicting labels[:, t + 1].
+        softcap, logit_scale: the logit transforms, as in ``token_logprobs``.
     Returns:
         [B] float32; a sequence without targets gives 0 (also with ``average=True``).
         Applied to the decoder streams of negatives this is the negative-sample likelihood term.
@@ -84,12 +97,16 @@ def sequence_logprobs(
     """
     checks.check_sequences(hidden, weight, labels, bias, ignore_index)
     checks.check_chunk_rows(chunk_rows)
+    softcap, logit_scale = transform = checks.check_logit_transform(softcap, logit_scale)
     name = resolve_backend(backend, hidden.device)
     if not REGISTRY[name].fused:
-        return reference_op("sequence_logprobs")(hidden, weight, labels, bias, average, ignore_index)
+        return reference_op("sequence_logprobs")(
+            hidden, weight, labels, bias, average, ignore_index, softcap=softcap, logit_scale=logit_scale
+        )
     targets = _shifted_targets(labels, ignore_index)
     per_token = _token_logprobs_flat(
-        hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight, targets.reshape(-1), bias, ignore_index, name, chunk_rows
+        hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight, targets.reshape(-1), bias, ignore_index, name,
+        chunk_rows, transform,
     ).reshape(labels.shape)
     total = per_token.sum(-1)
     if average:
@@ -97,11 +114,15 @@ def sequence_logprobs(
     return total
 
 
-def compression_loss(hidden, weight, labels, bias=None, ignore_index=-100, *, backend=None, chunk_rows=None):
+def compression_loss(
+    hidden, weight, labels, bias=None, ignore_index=-100, *, backend=None, chunk_rows=None, softcap=None,
+    logit_scale=None,
+):
     """Stage-1 loss: token-mean cross-entropy of the shifted labels, equal to transformers' causal-LM loss.
 
     Args:
         hidden: [B, T, H] final hidden states of the decoder; weight: [V, H]; labels: [B, T].
+        softcap, logit_scale: the logit transforms, as in ``token_logprobs``.
     Returns:
         scalar float32; 0 (not NaN) when no label is a target.
 
@@ -110,9 +131,12 @@ def compression_loss(hidden, weight, labels, bias=None, ignore_index=-100, *, ba
     """
     checks.check_sequences(hidden, weight, labels, bias, ignore_index)
     checks.check_chunk_rows(chunk_rows)
+    softcap, logit_scale = transform = checks.check_logit_transform(softcap, logit_scale)
     name = resolve_backend(backend, hidden.device)
     if not REGISTRY[name].fused:
-        return reference_op("compression_loss")(hidden, weight, labels, bias, ignore_index)
+        return reference_op("compression_loss")(
+            hidden, weight, labels, bias, ignore_index, softcap=softcap, logit_scale=logit_scale
+        )
     targets = _shifted_targets(labels, ignore_index).reshape(-1)
     # The per-row scale of the loss is known now, so every gradient (the head's too) comes out of this pass.
     valid = targets != ignore_index
@@ -120,12 +144,13 @@ def compression_loss(hidden, weight, labels, bias=None, ignore_index=-100, *, ba
     row_scale = valid.to(compute) / -valid.sum().clamp(min=1).to(compute)
     return _token_logprobs_flat(
         hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight, targets, bias, ignore_index, name, chunk_rows,
-        row_scale,
+        transform, row_scale,
     )
 
 
 def conditional_kl(
-    hidden_p, hidden_q, weight, labels, bias=None, reduction="sum", ignore_index=-100, *, backend=None, chunk_rows=None
+    hidden_p, hidden_q, weight, labels, bias=None, reduction="sum", ignore_index=-100, *, backend=None, chunk_rows=None,
+    softcap=None, logit_scale=None,
 ):
     """KL(softmax(W h_p,t) || softmax(W h_q,t)) over the target positions of each sequence.
 
@@ -138,6 +163,7 @@ def conditional_kl(
         reduction: "sum" -> [B]; "mean" -> [B] per-sequence mean (0 without targets); "none" -> [B, T]
             aligned with labels: entry t is the KL of the distributions predicting labels[:, t], 0 at t = 0
             and where labels[:, t] is ignored.
+        softcap, logit_scale: the logit transforms, as in ``token_logprobs``; both streams get the same.
     Returns:
         float32 tensor as above.
 
@@ -155,9 +181,12 @@ def conditional_kl(
             f"got {tuple(hidden_q.shape)} {hidden_q.dtype}"
         )
     checks.check_same_device(hidden_p=hidden_p, hidden_q=hidden_q)
+    softcap, logit_scale = transform = checks.check_logit_transform(softcap, logit_scale)
     name = resolve_backend(backend, hidden_p.device)
     if not REGISTRY[name].fused:
-        return reference_op("conditional_kl")(hidden_p, hidden_q, weight, labels, bias, reduction, ignore_index)
+        return reference_op("conditional_kl")(
+            hidden_p, hidden_q, weight, labels, bias, reduction, ignore_index, softcap=softcap, logit_scale=logit_scale
+        )
     valid = (_shifted_targets(labels, ignore_index) != ignore_index).reshape(-1)
     size = hidden_p.shape[-1]
     per_position = fused_streams(
@@ -170,6 +199,7 @@ def conditional_kl(
         name,
         chunk_rows,
         _compact(hidden_p.device),
+        transform=transform,
     ).reshape(labels.shape)  # position t: the distributions predicting labels[:, t + 1]
     if reduction == "none":
         return torch.cat([per_position.new_zeros(labels.shape[0], 1), per_position[:, :-1]], dim=1)

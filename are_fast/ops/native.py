@@ -2,7 +2,8 @@
 
 Once loaded, ``torch.ops.are_fast.logprob_epilogue`` and ``torch.ops.are_fast.kl_epilogue`` follow the
 contract of ``are_fast.ops.torch_epilogues`` (logits [C, V] float32/float64, overwritten in place with their
-gradient when ``grad_scale`` is given). The library comes from, first match wins:
+gradient when ``grad_scale`` is given; optional ``softcap`` and ``logit_scale``, the logit transforms). The
+library comes from, first match wins:
 
 1. an ahead-of-time build, ``are_fast/_native*.so``
    (``ARE_FAST_BUILD_NATIVE=1 pip install --no-build-isolation -e .``);
@@ -176,14 +177,14 @@ def epilogues() -> SimpleNamespace:
     gradient output (a low-precision head's) is then filled by one cast pass (``store_gradient``)."""
     from .torch_epilogues import store_gradient
 
-    def logprob(logits, targets, ignore_index, grad_scale, grad_out=None):
-        values = torch.ops.are_fast.logprob_epilogue(logits, targets, ignore_index, grad_scale)
+    def logprob(logits, targets, ignore_index, grad_scale, grad_out=None, *, softcap=None, logit_scale=None):
+        values = torch.ops.are_fast.logprob_epilogue(logits, targets, ignore_index, grad_scale, softcap, logit_scale)
         if grad_scale is not None:
             store_gradient(logits, grad_out)
         return values
 
-    def kl(logits_p, logits_q, valid, grad_scale, grad_out_p=None, grad_out_q=None):
-        values = torch.ops.are_fast.kl_epilogue(logits_p, logits_q, valid, grad_scale)
+    def kl(logits_p, logits_q, valid, grad_scale, grad_out_p=None, grad_out_q=None, *, softcap=None, logit_scale=None):
+        values = torch.ops.are_fast.kl_epilogue(logits_p, logits_q, valid, grad_scale, softcap, logit_scale)
         if grad_scale is not None:
             store_gradient(logits_p, grad_out_p)
             store_gradient(logits_q, grad_out_q)

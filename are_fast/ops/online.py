@@ -22,6 +22,12 @@ Precision: every sum is relative to its row's running maximum. The target's prob
 running sums, so the gradient's target term (1 - p_t) W[t] is formed from the sum of the other probabilities,
 never as 1 - p_t, and a confident target's log-probability is -log1p(others / e_t), not a difference of
 nearly equal logarithms. For the KL the sums hold p (log p - log q) as the sweep ends (see ``_KLSweep``).
+
+Logit transforms (``softcap``, ``logit_scale``: ``are_fast.ops.logit_transforms``): each block of logits is
+transformed in place as it is formed, so the running maxima and sums are over the transformed logits z'. The
+hidden gradient becomes sum_v dL/dz'_v * dz'_v/dz_v * W_v: a softcap's elementwise derivative is kept in a
+block buffer of its own and weighs each block before its matmul with the head; a scale alone multiplies
+each row's gradient.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ import os
 
 import torch
 
-from . import sweep_precision
+from . import logit_transforms, sweep_precision
 from .chunked import PassResult
 from .sweep_matmuls import SweepMatmuls
 
@@ -66,15 +72,16 @@ def sweep_matmuls(weight: torch.Tensor, bias: torch.Tensor | None, operand_dtype
     return SweepMatmuls(weight, bias, sweep_precision.choose(weight.device, low).operand_dtype, compute)
 
 
-def block_shape(active: int, vocab: int, streams: int, rows: int | None = None,
-                low_precision: bool = False) -> tuple[int, int]:
+def block_shape(active: int, vocab: int, streams: int, rows: int | None = None, derivatives: bool = False,
+                low_precision: bool = False):
     """(rows, vocabulary entries) per block: ``rows`` (default 512, 1024 for ``low_precision`` operands) rows,
-    and as many vocabulary entries as keep the float32 blocks of all streams (the KL keeps three) within 2 MiB
-    (32 MiB for low-precision operands; ARE_FAST_BLOCK_BYTES overrides)."""
+    and as many vocabulary entries as keep the float32 blocks of all streams (the KL keeps three, four with a
+    softcap's gradient) and, with ``derivatives``, a softcap's derivative per stream, within 2 MiB (32 MiB for
+    low-precision operands; ARE_FAST_BLOCK_BYTES overrides)."""
     default_bytes, default_rows = _LOW_PRECISION_BLOCK if low_precision else (_BLOCK_BYTES, _BLOCK_ROWS)
     budget = int(os.environ.get("ARE_FAST_BLOCK_BYTES", default_bytes))
     block_rows = max(1, min(rows or default_rows, active))
-    slots = 3 if streams == 2 else 1
+    slots = (3 if streams == 2 else 1) + (3 if streams == 2 else 1) * derivatives
     block_vocab = max(16, budget // (4 * slots * block_rows))
     block_vocab -= block_vocab % 16
     return block_rows, min(block_vocab, vocab)
@@ -91,6 +98,8 @@ def online_pass(
     hidden_grads=(),
     rows: torch.Tensor | None = None,
     block_rows: int | None = None,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
     operand_dtype: torch.dtype | None = None,
 ) -> PassResult:
     """Values [N] and, with ``grad_scale`` [N], the hidden gradients of sum(grad_scale * values).
@@ -99,8 +108,8 @@ def online_pass(
     target is ignore_index, NaN where it is otherwise outside [0, V). kind "kl": hiddens [h_p, h_q], labels
     bool valid [N]; values KL(softmax(h_p W^T + b) || softmax(h_q W^T + b)), 0 on rows that are not valid.
     rows: optional int64 [M] rows that count (the others get value 0 and zero gradients); block_rows: rows per
-    block (tests use small blocks to reach every edge); operand_dtype: autocast's for a float32 head. Same
-    contract as ``chunked.fused_linear_pass`` for a frozen head.
+    block (tests use small blocks to reach every edge); softcap, logit_scale: the logit transforms;
+    operand_dtype: autocast's for a float32 head. Same contract as ``chunked.fused_linear_pass`` for a frozen head.
     """
     n_rows, hidden_size = hiddens[0].shape
     matmuls = sweep_matmuls(weight, bias, operand_dtype)
@@ -115,10 +124,11 @@ def online_pass(
     log_norms = new(n_rows, dtype=dtype, device=device) if kind == "logprob" else None
     if active == 0:
         return PassResult(values, dh, None, None, log_norms)
-    step, block_vocab = block_shape(active, vocab, len(hiddens), block_rows, matmuls.low_precision)
+    capped_grad = want_grad and softcap is not None
+    step, block_vocab = block_shape(active, vocab, len(hiddens), block_rows, capped_grad, matmuls.low_precision)
     sweep = _LogprobSweep if kind == "logprob" else _KLSweep
     state = sweep(step, hidden_size, block_vocab, dtype, device, want_grad, [g is not None for g in dh],
-                  matmuls.operand_dtype)
+                  (softcap, logit_scale), matmuls.operand_dtype)
     for start in range(0, active, step):
         stop = min(start + step, active)
         sel = rows[start:stop] if compact else slice(start, stop)
@@ -150,13 +160,16 @@ def online_weight_pass(
     bias_grad: bool,
     rows: torch.Tensor | None = None,
     block_rows: int | None = None,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
     operand_dtype: torch.dtype | None = None,
 ) -> PassResult:
     """The gradients of sum(grad_scale * log p(target)) for a trainable head, given each row's log-sum-exp from
     the forward (``online_pass``'s ``log_norms`` [N]): with the final probabilities known, one sweep forms per
     block the logits, their gradient g (onehot - p) and its products with the head (hidden gradient [N, H]) and
     with the rows (weight gradient [V, H], bias gradient [V]): 3 matmuls per block and no [C, V] chunk.
-    hidden [N, H], targets int64 [N], grad_scale [N]; rows: optional int64 [M] rows that count; operand_dtype:
+    hidden [N, H], targets int64 [N], grad_scale [N]; rows: optional int64 [M] rows that count; softcap,
+    logit_scale: the logit transforms (the log-sum-exp is that of the transformed logits); operand_dtype:
     autocast's for a float32 head. The weight and bias gradients accumulate in float32 (float64)."""
     n_rows, hidden_size = hidden.shape
     matmuls = sweep_matmuls(weight, bias, operand_dtype)
@@ -166,8 +179,9 @@ def online_weight_pass(
     dh = (torch.zeros if compact else torch.empty)(hidden.shape, dtype=hidden.dtype, device=device) if hidden_grad else None
     dw = torch.zeros(weight.shape, dtype=dtype, device=device) if weight_grad else None
     db = torch.zeros(vocab, dtype=dtype, device=device) if bias_grad else None
-    step, block_vocab = block_shape(max(active, 1), vocab, 1, block_rows, matmuls.low_precision)
+    step, block_vocab = block_shape(max(active, 1), vocab, 1, block_rows, softcap is not None, matmuls.low_precision)
     buffer = torch.empty(step * block_vocab, dtype=dtype, device=device)
+    capped = torch.empty_like(buffer) if softcap is not None else None  # the softcap's derivative per block
     acc = torch.empty(step * hidden_size, dtype=dtype, device=device) if hidden_grad else None
     for start in range(0, active, step):
         stop = min(start + step, active)
@@ -180,9 +194,14 @@ def online_weight_pass(
         for first, last in _vocab_blocks(vocab, block_vocab):
             width = last - first
             logits = matmuls.logits(chunk, first, last, buffer[: size * width].view(size, width))
+            derivative = logit_transforms.apply_with_derivative_(
+                logits, softcap, logit_scale, None if capped is None else capped[: size * width].view(size, width)
+            )
             grad = logits.sub_(norm).exp_().mul_(-scale.unsqueeze(1))  # -g p, in place
             here, index = _targets_in_block(chunk_targets, counted, first, width)
             grad.scatter_add_(1, index, torch.where(here, scale, 0.0).unsqueeze(1))
+            if derivative is not None:  # the gradient over the raw logits
+                grad.mul_(derivative)
             if chunk_acc is not None:
                 matmuls.add_product(chunk_acc, grad, first, last)
             if dw is not None:
@@ -220,13 +239,16 @@ def _rescale(running_max: torch.Tensor, block_max: torch.Tensor) -> torch.Tensor
 class _LogprobSweep:
     """log p(target) and its unit hidden gradient (1 - p_t) W[t] - sum_{v != t} p_v W_v, scaled per row."""
 
-    def __init__(self, rows, hidden_size, block_vocab, dtype, device, want_grad, need, operand_dtype):
+    def __init__(self, rows, hidden_size, block_vocab, dtype, device, want_grad, need, transform, operand_dtype):
         self.want_grad = want_grad and need[0]
         # One buffer: a block of logits during the sweep, the rows W[t] of the targets after it.
         width = max(block_vocab, hidden_size) if self.want_grad else block_vocab
         self.buffer = torch.empty(rows * width, dtype=dtype, device=device)
         self.block_vocab = block_vocab
         self.acc = torch.empty(rows, hidden_size, dtype=dtype, device=device) if self.want_grad else None
+        self.softcap, self.logit_scale = transform
+        capped_grad = self.want_grad and self.softcap is not None
+        self.derivative = torch.empty(rows * block_vocab, dtype=dtype, device=device) if capped_grad else None
 
     def run(self, chunk, matmuls, targets, ignore_index, scale):
         hidden = chunk[0]
@@ -238,6 +260,7 @@ class _LogprobSweep:
         running_max = torch.full((size,), -torch.inf, **kw)
         others = torch.zeros(size, **kw)  # sum_{v != t} exp(l_v - max)
         target_logit = torch.zeros(size, **kw)
+        target_derivative = torch.ones(size, **kw)  # dz'/dz at the target
         acc = self.acc[:size] if self.want_grad else None
         if acc is not None:
             acc.zero_()
@@ -245,14 +268,23 @@ class _LogprobSweep:
             width = last - first
             block = self.buffer[: size * width].view(size, width)
             logits = matmuls.logits(hidden, first, last, block)
+            if self.derivative is None:
+                derivative = logit_transforms.apply_(logits, self.softcap, self.logit_scale)
+            else:
+                derivative = logit_transforms.apply_with_derivative_(
+                    logits, self.softcap, self.logit_scale, self.derivative[: size * width].view(size, width)
+                )
             here, index = _targets_in_block(targets, in_range, first, width)
             target_logit = torch.where(here, logits.gather(1, index).squeeze(1), target_logit)
+            if self.derivative is not None:
+                target_derivative = torch.where(here, derivative.gather(1, index).squeeze(1), target_derivative)
             factor = _rescale(running_max, logits.amax(1))
             probs = logits.sub_(running_max.unsqueeze(1)).exp_()  # exp(l - running max), in place
             probs.scatter_(1, index, torch.where(here, 0.0, probs.gather(1, index).squeeze(1)).unsqueeze(1))
             others.mul_(factor).add_(probs.sum(1))
             if acc is not None:
-                matmuls.add_product(acc.mul_(factor.unsqueeze(1)), probs, first, last)
+                weighted = probs.mul_(derivative) if self.derivative is not None else probs  # d/dz'_v -> d/dz_v
+                matmuls.add_product(acc.mul_(factor.unsqueeze(1)), weighted, first, last)
         target_term = torch.exp(target_logit - running_max)
         total = others + target_term
         # log p_t = -log1p(others / e_t): exact for a confident target, where (l_t - max) - log(total) would
@@ -264,11 +296,13 @@ class _LogprobSweep:
         if acc is None:
             return logp, [None], log_norm
         coef = torch.where(valid & in_range, scale / total, 0.0)
+        if self.derivative is None and self.logit_scale is not None:  # a constant dz'/dz
+            coef.mul_(self.logit_scale)
         safe = torch.where(in_range, targets, 0)
-        # g (others / total) W[t] - (g / total) acc
+        # g (others / total) d_t W[t] - (g / total) acc, d_t = dz'/dz at the target
         target_rows = self.buffer[: size * hidden.shape[1]].view(size, -1)
         target_rows.copy_(matmuls.weight.index_select(0, safe))
-        grad = acc.mul_(-coef.unsqueeze(1)).addcmul_(target_rows, (coef * others).unsqueeze(1))
+        grad = acc.mul_(-coef.unsqueeze(1)).addcmul_(target_rows, (coef * others * target_derivative).unsqueeze(1))
         return logp, [grad], log_norm
 
 
@@ -277,15 +311,23 @@ class _KLSweep:
     gradients sum_v p_v (d_v - E_p[d]) W_v (stream p, d = a - b) and sum_v (q_v - p_v) W_v (stream q).
 
     The log-ratio is summed as d - shift with shift the running lse_a - lse_b (re-based as it moves), so at the
-    end the sums hold p (log p - log q) itself: a small KL is not the difference of two large terms."""
+    end the sums hold p (log p - log q) itself: a small KL is not the difference of two large terms.
 
-    def __init__(self, rows, hidden_size, block_vocab, dtype, device, want_grad, need, operand_dtype):
+    With logit transforms a and b are the transformed logits; a softcap's derivatives D_a, D_b (one more
+    [2 rows, block] buffer) weigh the slots, and a fourth slot e_a D_b gives stream q's p-term."""
+
+    def __init__(self, rows, hidden_size, block_vocab, dtype, device, want_grad, need, transform, operand_dtype):
         # Both streams' gradients come from the same three sums, so they are formed whichever ``need`` asks for.
-        # Slots: 0 exp(a - max_a), 1 exp(b - max_b), 2 exp(a - max_a) * (d - shift); one matmul serves all.
-        self.blocks = torch.empty(3, rows, block_vocab, dtype=dtype, device=device)
+        # Slots: 0 exp(a - max_a), 1 exp(b - max_b), 2 exp(a - max_a) * (d - shift) (with a softcap's gradient
+        # times D_a, D_b, D_a, and 3 exp(a - max_a) D_b); one matmul serves all.
+        self.softcap, self.logit_scale = transform
+        capped_grad = want_grad and self.softcap is not None
+        self.slots = 4 if capped_grad else 3
+        self.blocks = torch.empty(self.slots, rows, block_vocab, dtype=dtype, device=device)
+        self.derivatives = torch.empty(2 * rows * block_vocab, dtype=dtype, device=device) if capped_grad else None
         self.stacked = torch.empty(2 * rows, hidden_size, dtype=operand_dtype, device=device)
-        # Accumulators, same slots: sum e_a W, sum e_b W, sum e_a (d - shift) W.
-        self.acc = torch.empty(3, rows, hidden_size, dtype=dtype, device=device) if want_grad else None
+        # Accumulators, same slots: sum e_a W, sum e_b W, sum e_a (d - shift) W (, sum e_a D_b W).
+        self.acc = torch.empty(self.slots, rows, hidden_size, dtype=dtype, device=device) if want_grad else None
 
     def run(self, chunk, matmuls, valid, ignore_index, scale):
         size = chunk[0].shape[0]
@@ -298,14 +340,21 @@ class _KLSweep:
         sum_a, sum_b, sum_ad = torch.zeros(size, **kw), torch.zeros(size, **kw), torch.zeros(size, **kw)
         shift = None  # the running lse_a - lse_b, so that the sums hold p (log p - log q) as the sweep ends
         acc = None
+        slots = self.slots
         if self.acc is not None:
-            acc = self.acc.view(-1)[: 3 * size * self.acc.shape[2]].view(3, size, -1)  # packed, like the blocks
+            acc = self.acc.view(-1)[: slots * size * self.acc.shape[2]].view(slots, size, -1)  # packed, like the blocks
             acc.zero_()
         for first, last in _vocab_blocks(vocab, width_max):
             width = last - first
             # Logits of both streams in one matmul: the buffer's first two slots, rows [a; b].
             pair = self.blocks.view(-1)[: 2 * size * width].view(2 * size, width)
             matmuls.logits(stacked, first, last, pair)
+            if self.derivatives is None:
+                logit_transforms.apply_(pair, self.softcap, self.logit_scale)
+            else:  # D_a; D_b, rows as in pair
+                derivatives = logit_transforms.apply_with_derivative_(
+                    pair, self.softcap, self.logit_scale, self.derivatives[: 2 * size * width].view(2 * size, width)
+                )
             logits_a, logits_b = pair[:size], pair[size:]
             ratio = torch.sub(logits_a, logits_b, out=_slot(self.blocks, 2, size, width))  # d = a - b
             factor_a, factor_b = _rescale(max_a, logits_a.amax(1)), _rescale(max_b, logits_b.amax(1))
@@ -319,6 +368,8 @@ class _KLSweep:
                 acc[0].mul_(factor_a.unsqueeze(1))
                 acc[1].mul_(factor_b.unsqueeze(1))
                 acc[2].mul_(factor_a.unsqueeze(1))
+                if slots == 4:
+                    acc[3].mul_(factor_a.unsqueeze(1))
             # lse_a - lse_b as (max_a - max_b) + log(sum_a / sum_b): no rounding of a common logit offset
             new_shift = (max_a - max_b) + (torch.log(sum_a) - torch.log(sum_b))
             if shift is not None:  # re-base the earlier blocks' sums on the new shift
@@ -330,20 +381,29 @@ class _KLSweep:
             ratio.sub_(shift.unsqueeze(1)).mul_(exp_a)
             sum_ad.add_(ratio.sum(1))
             if acc is not None:
-                everything = self.blocks.view(-1)[: 3 * size * width].view(3 * size, width)
-                matmuls.add_product(acc.view(3 * size, -1), everything, first, last)
+                if slots == 4:  # gradients over z' -> over z: weigh by D_a (slots 0, 2) and D_b (1, 3)
+                    derivative_a, derivative_b = derivatives[:size], derivatives[size:]
+                    torch.mul(exp_a, derivative_b, out=_slot(self.blocks, 3, size, width))
+                    exp_a.mul_(derivative_a)
+                    exp_b.mul_(derivative_b)
+                    ratio.mul_(derivative_a)
+                everything = self.blocks.view(-1)[: slots * size * width].view(slots * size, width)
+                matmuls.add_product(acc.view(slots * size, -1), everything, first, last)
         # KL = E_p[d] - (lse_a - lse_b) = E_p[d - shift], the shift being lse_a - lse_b of the whole row
         mean_ratio = sum_ad / sum_a
         values = torch.where(valid, mean_ratio, 0.0)
         if acc is None:
             return values, [None, None], None
         coef = torch.where(valid, scale, 0.0)
+        if slots == 3 and self.logit_scale is not None:  # a constant dz'/dz
+            coef.mul_(self.logit_scale)
         coef_a, coef_b = (coef / sum_a).unsqueeze(1), (coef / sum_b).unsqueeze(1)
         grad_p = acc[2].addcmul_(acc[0], mean_ratio.unsqueeze(1), value=-1).mul_(coef_a)
-        grad_q = acc[1].mul_(coef_b).sub_(acc[0].mul_(coef_a))
+        p_term = acc[3] if slots == 4 else acc[0]  # sum e_a W, weighed by D_b with a softcap
+        grad_q = acc[1].mul_(coef_b).sub_(p_term.mul_(coef_a))
         return values, [grad_p, grad_q], None
 
 
 def _slot(blocks: torch.Tensor, slot: int, size: int, width: int) -> torch.Tensor:
-    """The contiguous [size, width] view of slot ``slot`` when the slots are packed as [3, size, width]."""
+    """The contiguous [size, width] view of slot ``slot`` when the slots are packed as [slots, size, width]."""
     return blocks.view(-1)[slot * size * width : (slot + 1) * size * width].view(size, width)

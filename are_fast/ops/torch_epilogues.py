@@ -7,13 +7,20 @@ be the low-precision view of the first half of each logits row's bytes that
 ``are_fast.ops.head_matmuls.HeadMatmuls.gradient_out`` makes, and the logits are then left undefined). The
 gradient output is how a low-precision head gets its gradient in the dtype of the next matmul without a
 separate cast pass. These PyTorch epilogues cannot write such an overlapping view row by row, so they
-compute the gradient in place and stage it through one temporary (``store_gradient``). The Triton kernels in
+compute the gradient in place and stage it through one temporary (``store_gradient``).
+
+Logit transforms (keywords ``softcap`` and ``logit_scale``, see ``are_fast.ops.logit_transforms``): the logits
+come in untransformed; the statistics are over softcap(s * z) and the gradient written is the one over z. With a
+gradient they are transformed in place first; a softcap then keeps its derivative in one [C, V] temporary until
+the gradient is formed, a scale alone is folded into the per-row gradient scale. The Triton kernels in
 ``are_fast.kernels`` implement the same two functions with the same signatures, so the chunk driver in
 ``are_fast.ops.chunked`` serves every backend.
 """
 from __future__ import annotations
 
 import torch
+
+from . import logit_transforms
 
 
 def store_gradient(gradient: torch.Tensor, grad_out: torch.Tensor | None) -> None:
@@ -32,26 +39,47 @@ def logprob_epilogue(
     ignore_index: int,
     grad_scale: torch.Tensor | None,
     grad_out: torch.Tensor | None = None,
+    *,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
 ) -> torch.Tensor:
-    """log softmax(logits)[target] per row.
+    """log softmax(z')[target] per row, z' = softcap(logit_scale * logits) (no transform by default).
 
     logits [C, V] float, targets [C] int64, grad_scale [C] float or None. Returns [C] in logits' dtype: 0 where
     target == ignore_index, NaN where the target is otherwise outside [0, V). With grad_scale, logits becomes
-    grad_scale * (onehot(target) - softmax(logits)), zero on ignored rows.
+    grad_scale * (onehot(target) - softmax(z')) * dz'/dlogits, zero on ignored rows.
     """
     vocab = logits.shape[1]
     valid = targets != ignore_index
     in_range = (targets >= 0) & (targets < vocab)
     safe = torch.where(in_range, targets, 0).unsqueeze(1)
-    log_probs = _log_softmax_in_place(logits) if grad_scale is not None else torch.log_softmax(logits, dim=1)
+    if grad_scale is None:
+        log_probs = torch.log_softmax(logit_transforms.apply(logits, softcap, logit_scale), dim=1)
+    else:
+        derivative = logit_transforms.apply_with_derivative_(logits, softcap, logit_scale)
+        log_probs = _log_softmax_in_place(logits)
     picked = log_probs.gather(1, safe).squeeze(1)
     logp = torch.where(valid, torch.where(in_range, picked, torch.nan), 0.0)
     if grad_scale is not None:
-        scale = torch.where(valid & in_range, grad_scale.to(logits.dtype), 0.0).unsqueeze(1)
+        scale = _row_scale(valid & in_range, grad_scale, logits.dtype, derivative)
         torch.exp(log_probs, out=logits).mul_(-scale)  # -scale * softmax, in place of the logits
         logits.scatter_add_(1, safe, scale)
+        _chain(logits, derivative)
         store_gradient(logits, grad_out)
     return logp
+
+
+def _row_scale(counted: torch.Tensor, grad_scale: torch.Tensor, dtype: torch.dtype, derivative) -> torch.Tensor:
+    """[C, 1]: grad_scale where ``counted``, else 0; times the transform's derivative when it is a constant
+    (a logit scale without a softcap)."""
+    scale = torch.where(counted, grad_scale.to(dtype), 0.0).unsqueeze(1)
+    return scale * derivative if isinstance(derivative, float) else scale
+
+
+def _chain(gradient: torch.Tensor, derivative) -> None:
+    """gradient over z' -> gradient over z, in place, for an elementwise derivative (a softcap's)."""
+    if isinstance(derivative, torch.Tensor):
+        gradient.mul_(derivative)
 
 
 def _log_softmax_in_place(logits: torch.Tensor) -> torch.Tensor:
@@ -69,8 +97,12 @@ def kl_epilogue(
     grad_scale: torch.Tensor | None,
     grad_out_p: torch.Tensor | None = None,
     grad_out_q: torch.Tensor | None = None,
+    *,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
 ) -> torch.Tensor:
-    """KL(softmax(a) || softmax(b)) per row, with a = logits_p, b = logits_q.
+    """KL(softmax(a) || softmax(b)) per row, with a = T(logits_p), b = T(logits_q), T(z) = softcap(logit_scale * z)
+    (the identity by default); the gradients below are over a and b, then chained through T.
 
     logits_p, logits_q [C, V] float; valid [C] bool (False rows give 0 and zero gradients); grad_scale [C] or
     None; grad_out_p, grad_out_q [C, V] or None (where the gradients go instead of over the logits). Returns
@@ -80,16 +112,21 @@ def kl_epilogue(
     # ATen's fused log_softmax (in place on CPU), and KL as sum p (log p - log q): no cancellation between two
     # log-sum-exps; one [C, V] temporary (log p - log q).
     if grad_scale is None:  # values only: the logits stay as they are
-        log_p, log_q = torch.log_softmax(logits_p, dim=1), torch.log_softmax(logits_q, dim=1)
+        log_p, log_q = (torch.log_softmax(logit_transforms.apply(z, softcap, logit_scale), dim=1)
+                        for z in (logits_p, logits_q))
         return torch.where(valid, torch.linalg.vecdot(log_p.exp(), log_p - log_q), 0.0)
+    derivative_p = logit_transforms.apply_with_derivative_(logits_p, softcap, logit_scale)
+    derivative_q = logit_transforms.apply_with_derivative_(logits_q, softcap, logit_scale)
     log_p = _log_softmax_in_place(logits_p)
     log_q = _log_softmax_in_place(logits_q)
     log_ratio = log_p - log_q
     p = torch.exp(log_p, out=logits_p)  # in place
     per_row = torch.linalg.vecdot(p, log_ratio)  # without a [C, V] temporary
-    scale = torch.where(valid, grad_scale.to(logits_p.dtype), 0.0).unsqueeze(1)
+    scale = _row_scale(valid, grad_scale, logits_p.dtype, derivative_p)
     torch.exp(log_q, out=logits_q).sub_(p).mul_(scale)  # g * (q - p)
     p.mul_(log_ratio.sub_(per_row.unsqueeze(1))).mul_(scale)  # g * p * (log p/q - KL)
+    _chain(logits_p, derivative_p)
+    _chain(logits_q, derivative_q)
     store_gradient(logits_p, grad_out_p)
     store_gradient(logits_q, grad_out_q)
     return torch.where(valid, per_row, 0.0)

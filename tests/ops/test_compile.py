@@ -14,18 +14,20 @@ IGNORE = -100
 class AllOps(torch.nn.Module):
     """A module that calls every fused op on shared inputs, as a training step would."""
 
-    def __init__(self, trainable: bool):
+    def __init__(self, trainable: bool, **transform):
         super().__init__()
         self.head = torch.nn.Parameter(torch.randn(V, H) / H**0.5, requires_grad=trainable)
         self.proj = torch.nn.Linear(H, H)
+        self.options = dict(backend="chunked", **transform)  # transform: softcap= / logit_scale=, or none
 
     def forward(self, hidden, hidden_q, labels):
         h = self.proj(hidden)
+        kw = self.options
         return (
-            are_fast.compression_loss(h, self.head, labels, backend="chunked")
-            + are_fast.sequence_logprobs(h, self.head, labels, backend="chunked").sum() * 0.3
-            + are_fast.token_logprobs(h, self.head, labels, backend="chunked").mean()
-            + are_fast.conditional_kl(h, hidden_q, self.head, labels, reduction="mean", backend="chunked").sum()
+            are_fast.compression_loss(h, self.head, labels, **kw)
+            + are_fast.sequence_logprobs(h, self.head, labels, **kw).sum() * 0.3
+            + are_fast.token_logprobs(h, self.head, labels, **kw).mean()
+            + are_fast.conditional_kl(h, hidden_q, self.head, labels, reduction="mean", **kw).sum()
         )
 
 
@@ -36,10 +38,14 @@ def _inputs():
     return torch.randn(B, T, H), torch.randn(B, T, H, requires_grad=True), labels
 
 
+TRANSFORMS = {"plain": {}, "softcap+scale": dict(softcap=0.7, logit_scale=1.5)}
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
 @pytest.mark.parametrize("head", ["frozen", "trainable"])
-def test_fullgraph_compile_matches_eager(head):
+def test_fullgraph_compile_matches_eager(head, transform):
     torch._dynamo.reset()
-    module = AllOps(head == "trainable")
+    module = AllOps(head == "trainable", **TRANSFORMS[transform])
     hidden, hidden_q, labels = _inputs()
     eager = module(hidden, hidden_q, labels)
     params = [p for p in module.parameters() if p.requires_grad] + [hidden_q]
@@ -62,7 +68,7 @@ def test_compiled_label_check_still_raises():
         torch.compile(module, fullgraph=True, backend="aot_eager")(hidden, hidden_q, labels)
 
 
-def _op_args(mode, kind="logprob", backend="chunked"):
+def _op_args(mode, kind="logprob", backend="chunked", transform=(None, None)):
     hidden = torch.randn(9, H, dtype=torch.float64, requires_grad=True)
     hidden_q = torch.randn(9, H, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(V, H, dtype=torch.float64, requires_grad=mode in ("scalar", "recompute"))
@@ -74,16 +80,17 @@ def _op_args(mode, kind="logprob", backend="chunked"):
     row_scale = torch.rand(9, dtype=torch.float64) if mode == "scalar" else None
     train = mode in ("scalar", "recompute")
     return (kind, hiddens, weight, None, labels, row_scale, IGNORE, backend, 4, True, mode,
-            [True] * len(hiddens), train, False, False, None)
+            [True] * len(hiddens), train, False, False, None, *transform)
 
 
+@pytest.mark.parametrize("transform", [(None, None), (0.7, 1.5)], ids=["plain", "softcap+scale"])
 @pytest.mark.parametrize("mode", ["values", "rescale", "scalar", "recompute"])
 @pytest.mark.parametrize("kind", ["logprob", "kl"])
 @pytest.mark.parametrize("backend", ["chunked", "online"])
-def test_opcheck_linear_streams(mode, kind, backend):
-    args = _op_args(mode, kind, backend)
+def test_opcheck_linear_streams(mode, kind, backend, transform):
+    args = _op_args(mode, kind, backend, transform)
     if mode == "values":
-        args = args[:11] + ([False] * len(args[1]), False, False, False, None)
+        args = args[:11] + ([False] * len(args[1]), False, False, False, None) + args[16:]
         for h in args[1]:
             h.requires_grad_(False)
     with op_autograd.allow_retain_graph():  # opcheck runs the backward more than once

@@ -53,14 +53,14 @@ def representable(masters, dtype):
     return {n: v.to(dtype).double() if v.dtype.is_floating_point else v for n, v in masters.items()}
 
 
-def run_op(op, masters, dtype, backend, trainable_head, upstream=None, device="cpu", **kwargs):
+def run_op(op, masters, dtype, backend, trainable_head, upstream=None, device="cpu", frozen_bias=False, **kwargs):
     """Run op on dtype copies of the (CPU) masters on device; return (output, upstream grad used (CPU),
-    {name: grad}); output and grads stay on device."""
+    {name: grad}); output and grads stay on device. A frozen head has no bias unless ``frozen_bias``."""
     args = {}
     for name, value in masters.items():
         if name == "labels":
             args[name] = value.to(device)
-        elif name == "bias" and not trainable_head:
+        elif name == "bias" and not trainable_head and not frozen_bias:
             args[name] = None
         else:
             args[name] = leaf(value, dtype, name in STREAMS or trainable_head, device)

@@ -57,13 +57,14 @@ def assert_rows_close(out: torch.Tensor, ref: torch.Tensor, what: str, peer: tor
         assert error <= bound, f"{what}, row {row}: relative error {error:.2e} > {bound:.1e}"
 
 
-def check_logprob(logits64, targets, scale, device, block_v=None, ignore_index=IGNORE):
-    """Values and in-place gradient of the Triton logprob epilogue against the float64 PyTorch one."""
+def check_logprob(logits64, targets, scale, device, block_v=None, ignore_index=IGNORE, **transform):
+    """Values and in-place gradient of the Triton logprob epilogue against the float64 PyTorch one
+    (transform: the logit transforms' keywords)."""
     ref_grad = logits64.clone()
-    ref = torch_epilogues.logprob_epilogue(ref_grad, targets, ignore_index, scale)
+    ref = torch_epilogues.logprob_epilogue(ref_grad, targets, ignore_index, scale, **transform)
     ours = logits64.to(device, torch.float32)
     out = logprob_epilogue(ours, targets.to(device), ignore_index,
-                                   None if scale is None else scale.to(device), block_v=block_v)
+                                   None if scale is None else scale.to(device), block_v=block_v, **transform)
     assert out.device.type == device.type and out.dtype == torch.float32
     assert_rows_close(out, ref, "log-probs")
     assert (out.cpu()[targets == ignore_index] == 0).all()
@@ -74,13 +75,13 @@ def check_logprob(logits64, targets, scale, device, block_v=None, ignore_index=I
         assert (ours.cpu()[targets == ignore_index] == 0).all()
 
 
-def check_kl(a64, b64, valid, scale, device, block_v=None):
+def check_kl(a64, b64, valid, scale, device, block_v=None, **transform):
     """Values and both in-place gradients of the Triton KL epilogue against the float64 PyTorch one."""
     ref_a, ref_b = a64.clone(), b64.clone()
-    ref = torch_epilogues.kl_epilogue(ref_a, ref_b, valid, scale)
+    ref = torch_epilogues.kl_epilogue(ref_a, ref_b, valid, scale, **transform)
     ours_a, ours_b = a64.to(device, torch.float32), b64.to(device, torch.float32)
     out = kl_epilogue(ours_a, ours_b, valid.to(device), None if scale is None else scale.to(device),
-                              block_v=block_v)
+                              block_v=block_v, **transform)
     assert out.device.type == device.type and out.dtype == torch.float32
     assert_rows_close(out, ref, "KL")
     assert (out.cpu()[~valid] == 0).all() and (out.cpu()[valid] >= -1e-6).all()
@@ -88,7 +89,7 @@ def check_kl(a64, b64, valid, scale, device, block_v=None):
         assert torch.equal(ours_a.cpu().double(), a64) and torch.equal(ours_b.cpu().double(), b64)
     else:  # where p ~ q, q - p and log p/q - KL cancel: float32 PyTorch is the bar on such rows
         peer_a, peer_b = a64.float(), b64.float()
-        torch_epilogues.kl_epilogue(peer_a, peer_b, valid, scale.float())
+        torch_epilogues.kl_epilogue(peer_a, peer_b, valid, scale.float(), **transform)
         assert_rows_close(ours_a, ref_a, "d/dlogits_p", peer_a)
         assert_rows_close(ours_b, ref_b, "d/dlogits_q", peer_b)
         assert (ours_a.cpu()[~valid] == 0).all() and (ours_b.cpu()[~valid] == 0).all()
@@ -113,6 +114,24 @@ def test_logprob_epilogue_many_tiles(with_grad, offset, device):
     logits = cornered(torch.randn(len(PEAKS) + 2, VOCAB, dtype=torch.float64) * 3, list(PEAKS.values()), offset)
     targets = torch.tensor([PEAKS["first"], VOCAB - 2, 0, VOCAB - 1, IGNORE, VOCAB - 3])
     check_logprob(logits, targets, torch.randn(len(targets)).double() if with_grad else None, device, TILE)
+
+
+TRANSFORMS = {"softcap": dict(softcap=2.0), "logit_scale": dict(logit_scale=0.7), "both": dict(softcap=3.0, logit_scale=2.0)}
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+@pytest.mark.parametrize("with_grad", [False, True], ids=["values", "grad"])
+def test_epilogues_with_logit_transforms_many_tiles(with_grad, transform, device):
+    """The cornered rows through both kernels with a softcap (the rising and falling rows run far beyond it)
+    and/or a logit scale; the tile's padding must stay out after the transform (it maps -inf to -softcap)."""
+    peaks = list(PEAKS.values())
+    logits = cornered(torch.randn(len(PEAKS) + 2, VOCAB, dtype=torch.float64) * 3, peaks, 0.0)
+    other = cornered(torch.randn(len(PEAKS) + 2, VOCAB, dtype=torch.float64) * 3, peaks[::-1], 0.0)
+    targets = torch.tensor([PEAKS["first"], VOCAB - 2, 0, VOCAB - 1, IGNORE, VOCAB - 3])
+    scale = torch.randn(len(targets)).double() if with_grad else None
+    check_logprob(logits, targets, scale, device, TILE, **TRANSFORMS[transform])
+    valid = torch.tensor([True, True, False, True, True, True])
+    check_kl(logits, other, valid, scale, device, TILE, **TRANSFORMS[transform])
 
 
 def test_logprob_epilogue_ignore_index_inside_the_vocabulary(device):

@@ -108,6 +108,50 @@ def test_kl_epilogue_matches_float64(ops, dtype, vocab, magnitude, kernels_on):
     assert (grad_p.cpu()[~valid] == 0).all() and (grad_q.cpu()[~valid] == 0).all()
 
 
+TRANSFORMS = {"softcap": dict(softcap=2.0), "logit_scale": dict(logit_scale=0.7), "both": dict(softcap=3.0, logit_scale=2.0)}
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+@pytest.mark.parametrize("vocab", [7, 1025, 3001])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_epilogues_with_logit_transforms(ops, dtype, vocab, transform, kernels_on):
+    """Both epilogues with the transforms (logit_transform.h: the CPU and the CUDA code share it) against the
+    float64 PyTorch ones; a third of the rows run far beyond the cap (tanh saturated); the logits stay
+    untouched without a gradient."""
+    kw = TRANSFORMS[transform]
+    logits, targets, scale = logprob_case(37, vocab, 3.0)
+    logits[::3] *= 10
+    logits = logits.to(dtype).double()
+    ref_grad = logits.clone()
+    ref = torch_epilogues.logprob_epilogue(ref_grad, targets, IGNORE, scale, **kw)
+    values_only = logits.to(kernels_on, dtype, copy=True)
+    assert_matches(ops.logprob(values_only, targets.to(kernels_on), IGNORE, None, **kw), ref, dtype, "values only")
+    assert torch.equal(values_only.cpu().double(), logits), "logits changed without grad_scale"
+    grad = logits.to(kernels_on, dtype, copy=True)
+    assert_matches(ops.logprob(grad, targets.to(kernels_on), IGNORE, scale.to(kernels_on), **kw), ref, dtype, "values")
+    assert_rel_close(grad.cpu(), ref_grad, dtype, "gradient")
+    q = (logits + torch.randn_like(logits) * 2).to(dtype).double()
+    valid = torch.rand(len(targets)) > 0.25
+    ref_p, ref_q = logits.clone(), q.clone()
+    ref = torch_epilogues.kl_epilogue(ref_p, ref_q, valid, scale, **kw)
+    grad_p, grad_q = logits.to(kernels_on, dtype, copy=True), q.to(kernels_on, dtype, copy=True)
+    values = ops.kl(grad_p.clone(), grad_q.clone(), valid.to(kernels_on), None, **kw)
+    assert_matches(values, ref, dtype, "KL, no gradient")
+    assert_matches(ops.kl(grad_p, grad_q, valid.to(kernels_on), scale.to(kernels_on), **kw), ref, dtype, "KL")
+    assert_rel_close(grad_p.cpu(), ref_p, dtype, "d/dlogits_p")
+    assert_rel_close(grad_q.cpu(), ref_q, dtype, "d/dlogits_q")
+
+
+@pytest.mark.parametrize("name", ["softcap", "logit_scale"])
+@pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), float("nan")])
+def test_native_ops_refuse_bad_transforms(ops, name, value):
+    logits, targets = torch.randn(2, 5), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match=f"{name}: expected None or a positive finite float"):
+        torch.ops.are_fast.logprob_epilogue(logits, targets, IGNORE, None, **{name: value})
+    with pytest.raises(ValueError, match=f"{name}: expected None or a positive finite float"):
+        torch.ops.are_fast.kl_epilogue(logits, logits.clone(), torch.ones(2, dtype=torch.bool), None, **{name: value})
+
+
 @pytest.mark.parametrize("offset", [0.0, 1e4], ids=["offset0", "offset1e4"])
 def test_epilogues_corner_the_online_logsumexp(ops, offset, kernels_on):
     """float32 rows of 3 CPU tiles and a ragged tail (V = 3077) with the max in the first, a middle, the last

@@ -76,12 +76,12 @@ def _run(op, masters, labels, dtype, trainable, upstream=None, autocast=False, *
     return out, upstream, {n: args[n].grad for n in names}
 
 
-def _check(op, dtype, trainable, path, autocast=False):
+def _check(op, dtype, trainable, path, autocast=False, **transform):
     masters, labels = _masters(torch.bfloat16 if autocast else dtype)
-    ref, upstream, ref_grads = _run(op, masters, labels, torch.float64, trainable, backend="reference")
+    ref, upstream, ref_grads = _run(op, masters, labels, torch.float64, trainable, backend="reference", **transform)
     with sweep_precision.use_path(path) as choices:
         out, _, grads = _run(op, masters, labels, torch.float32 if autocast else dtype, trainable, upstream,
-                             autocast=autocast, backend="online", chunk_rows=4)
+                             autocast=autocast, backend="online", chunk_rows=4, **transform)
     assert choices and {c.path for c in choices} == {path}
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     if op == "conditional_kl":
@@ -119,6 +119,13 @@ def test_trainable_bf16_head(op, path, small_blocks, operands):
     _check(op, torch.bfloat16, True, path)
     expected = torch.bfloat16 if path == "lowp" else torch.float32
     assert set(seen) == {(expected, expected)} and len(made) == 2  # forward and backward
+
+
+@pytest.mark.parametrize(("op", "trainable"), [("token_logprobs", False), ("token_logprobs", True),
+                                                ("conditional_kl", False)])
+def test_logit_transforms_in_bf16(op, trainable, small_blocks):
+    """A softcap (its derivative weighs each block before the low-precision product) and a logit scale."""
+    _check(op, torch.bfloat16, trainable, "lowp", softcap=2.5, logit_scale=1.3)
 
 
 @pytest.mark.parametrize("op", ["token_logprobs", "conditional_kl"])
