@@ -68,7 +68,8 @@ def machine_lines() -> list[str]:
         load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     except OSError:
         load = "?"
-    return [f"- CPU: {_cpu_model()}, {os.cpu_count()} cores; bf16/fp16 ISA flags: {', '.join(units['flags']) or 'none'}; "
+    flags = ", ".join(units["flags"]) or "none"
+    return [f"- CPU: {_cpu_model()}, {os.cpu_count()} cores; bf16/fp16 ISA flags: {flags}; "
             f"torch CPU capability {units['capability']}; oneDNN bf16 {units['onednn_bf16']}; load average {load}"]
 
 
@@ -126,7 +127,8 @@ def table(results: dict, impl_specs: list[str]) -> list[str]:
             shape = case.shape.id.replace("-fp32-", f"-{_SHORT[dtype]}-")
             lines.append(
                 f"| {case.op} | {shape} | {_label(spec)} | {median[spec] * 1e3:.0f} | {spread:.2f} | "
-                f"{ratio(median, ours)} | {ratio(median, same['reference'])} | {ratio(median, same['torch-chunked'])} | "
+                f"{ratio(median, ours)} | {ratio(median, same['reference'])} | "
+                f"{ratio(median, same['torch-chunked'])} | "
                 f"{rss[spec] / 2**20:.1f} | {ratio(rss, same['torch-chunked'])} |"
             )
     return lines
@@ -152,7 +154,8 @@ def main(argv=None) -> int:
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     head = [f"- date: {when}; {torch.get_num_threads()} torch threads; torch {torch.__version__}; commit {_commit()}",
             *machine_lines(),
-            f"- {args.rounds} rounds x {args.calls} timed call(s) per process, round-robin; spread = max / min over rounds", ""]
+            f"- {args.rounds} rounds x {args.calls} timed call(s) per process, round-robin; "
+            "spread = max / min over rounds", ""]
     text = "\n".join(head + table(results, args.impls))
     print(text)
     if args.out:

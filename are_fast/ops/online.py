@@ -213,7 +213,8 @@ def online_weight_pass(
                 dh.index_copy_(0, sel, chunk_acc.to(dh.dtype))
             else:
                 dh[sel] = chunk_acc
-    return PassResult(None, [dh], None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype))
+    dw = None if dw is None else dw.to(weight.dtype)  # accumulated in the compute dtype
+    return PassResult(None, [dh], dw, None if db is None else db.to(bias.dtype))
 
 
 def _vocab_blocks(vocab: int, block_vocab: int):

@@ -38,7 +38,8 @@ class SweepMatmuls:
     def _low(self, index: int, rows: int, cols: int) -> torch.Tensor:
         """Low-precision scratch block ``index`` (0: operands, 1: products) as a [rows, cols] view."""
         if self._scratch[index].numel() < rows * cols:
-            self._scratch[index] = torch.empty(rows * cols, dtype=self.operand_dtype, device=self._scratch[index].device)
+            device = self._scratch[index].device
+            self._scratch[index] = torch.empty(rows * cols, dtype=self.operand_dtype, device=device)
         return self._scratch[index][: rows * cols].view(rows, cols)
 
     def logits(self, hidden: torch.Tensor, first: int, last: int, out: torch.Tensor) -> torch.Tensor:
