@@ -102,8 +102,7 @@ __global__ void __launch_bounds__(kThreads) logprob_kernel(T* logits, int64_t st
     }
     return;
   }
-  const T target_raw = x[target];  // read by every thread before block_merge's barrier, so before any write
-  const T target_logit = f(target_raw);
+  const T target_logit = f(x[target]);  // read by every thread before block_merge's barrier, so before any write
   Stat<T> s{neg_inf<T>(), T(0), T(0)};
   for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
     s = merge(s, element(f(x[i]), T(0)));

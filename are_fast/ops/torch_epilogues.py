@@ -11,8 +11,9 @@ compute the gradient in place and stage it through one temporary (``store_gradie
 
 Logit transforms (keywords ``softcap`` and ``logit_scale``, see ``are_fast.ops.logit_transforms``): the logits
 come in untransformed; the statistics are over softcap(s * z) and the gradient written is the one over z. With a
-gradient they are transformed in place first; a softcap then keeps its derivative in one [C, V] temporary until
-the gradient is formed, a scale alone is folded into the per-row gradient scale. The Triton kernels in
+gradient they are transformed in place first; a softcap then keeps its derivative in one [C, V] temporary per
+stream until the gradient is formed (O(C x V) like the chunk, never N x V), a scale alone is folded into the
+per-row gradient scale. The Triton kernels in
 ``are_fast.kernels`` implement the same two functions with the same signatures, so the chunk driver in
 ``are_fast.ops.chunked`` serves every backend.
 """
