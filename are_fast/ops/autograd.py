@@ -2,9 +2,9 @@
 
 ``are_fast::linear_streams`` maps 1+ streams of hidden states [N, H] through a shared LM head to per-row values
 [N] given by a row epilogue (``kind``, one of ``are_fast.ops.registry.KINDS``: "logprob", the log-probability
-of a target; "kl" and "jsd", divergences between two streams), on a fused backend. Being a custom op, it is one opaque node for torch.compile (``fullgraph=True`` compiles; the
-fake implementation gives the shapes) and for autograd. What it computes and saves depends on ``mode``, which
-the caller picks from what needs a gradient:
+of a target; "kl" and "jsd", divergences between two streams), on a fused backend. Being a custom op, it is
+one opaque node for torch.compile (``fullgraph=True`` compiles; the fake implementation gives the shapes) and
+for autograd. What it computes and saves depends on ``mode``, which the caller picks from what needs a gradient:
 - "values": values only (nothing needs a gradient, e.g. reference scores under inference_mode);
 - "rescale" (frozen head): the hidden gradients of each row at unit scale are computed in the forward, so the
   backward only rescales rows, in place (no recomputation, no weight-gradient work, one [N, H] per stream);
@@ -35,7 +35,7 @@ from torch import Tensor
 from . import checks, online, registry
 from .backends import REGISTRY, epilogue
 from .chunked import fused_linear_pass
-from .head_matmuls import autocast_operand_dtype
+from .head_matmuls import autocast_off, autocast_operand_dtype
 
 MODES = ("values", "rescale", "scalar", "recompute")
 _retain_graph = [False]
@@ -99,10 +99,12 @@ def _pass(kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows
     """transform: dict(softcap=..., logit_scale=...), the logit transforms (None: none); params: the kind's."""
     rows = _rows(kind, labels, ignore_index, compact)
     if _runs_online(kind, backend, weight, bias, operand_dtype, grads.get("weight_grad", False), grads.get("bias_grad", False)):
-        return online.online_pass(
-            kind, hiddens, weight, bias, labels, ignore_index, grads.get("grad_scale"), grads.get("hidden_grads", ()),
-            rows, block_rows=chunk_rows or None, **transform,
-        )
+        with autocast_off(weight.device):  # the sweep picks its precision (operand_dtype), not autocast
+            return online.online_pass(
+                kind, hiddens, weight, bias, labels, ignore_index, grads.get("grad_scale"),
+                grads.get("hidden_grads", ()), rows, block_rows=chunk_rows or None, operand_dtype=operand_dtype,
+                **transform,
+            )
     return fused_linear_pass(
         hiddens, weight, bias, _epilogue(kind, backend, labels, ignore_index, transform, params),
         chunk_rows=chunk_rows or None, rows=rows, operand_dtype=operand_dtype, **grads,
@@ -210,11 +212,12 @@ def linear_streams_backward(
     with the forward's per-row log-sum-exp (``log_norms`` [N], the online sweep) or chunk by chunk (shape [0])."""
     transform = dict(softcap=softcap, logit_scale=logit_scale)
     if log_norms.numel():
-        result = online.online_weight_pass(
-            hiddens[0], weight, bias, labels, ignore_index, grad_values.contiguous(), log_norms, hidden_grads[0],
-            weight_grad, bias_grad and bias is not None, _rows(kind, labels, ignore_index, compact), chunk_rows or None,
-            **transform,
-        )
+        with autocast_off(weight.device):
+            result = online.online_weight_pass(
+                hiddens[0], weight, bias, labels, ignore_index, grad_values.contiguous(), log_norms, hidden_grads[0],
+                weight_grad, bias_grad and bias is not None, _rows(kind, labels, ignore_index, compact),
+                chunk_rows or None, operand_dtype=operand_dtype, **transform,
+            )
     else:
         result = _pass(
             kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows, compact, operand_dtype, transform,
