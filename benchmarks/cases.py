@@ -4,7 +4,7 @@ A shape is (head, N, dtype, frozen or trainable head); N counts the LM-head rows
 together, so every op at one shape does the same matmul work and shares one bare-matmul floor:
 - token_logprobs: hidden [N, H], targets [N];
 - compression_loss, sequence_logprobs: hidden [N / T, T, H], labels [N / T, T];
-- conditional_kl: two streams (p, q) of [N / (2T), T, H];
+- the pair ops of the registry (conditional_kl, conditional_jsd): two streams (p, q) of [N / (2T), T, H];
 - alignment_loss: three decoder streams, q->pos and pos->pos [B, T, H] and q->neg_j [B * NEGATIVES, T, H],
   with B * T * (2 + NEGATIVES) = N.
 Labels ignore the first positions of each sequence, where AutoRegEmbed's decoder reads the compressed tokens.
@@ -17,7 +17,9 @@ from types import SimpleNamespace
 
 import torch
 
-OPS = ("token_logprobs", "compression_loss", "sequence_logprobs", "conditional_kl", "alignment_loss")
+from are_fast.ops.registry import OPS_TABLE
+
+OPS = (*OPS_TABLE, "alignment_loss")  # every op of the registry, then the stage-2 loss built on them
 NEGATIVES = 2  # q->neg_j streams per query in alignment_loss
 IGNORE_INDEX = -100
 
@@ -143,15 +145,16 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> SimpleNamesp
     weight.requires_grad_(shape.trainable)
     x = SimpleNamespace(weight=weight)
     n, seq = shape.tokens, shape.seq_len
-    if case.op == "token_logprobs":
+    inputs = OPS_TABLE[case.op].inputs if case.op in OPS_TABLE else None
+    if inputs == "tokens":
         x.hidden = hidden(n)
         x.targets = torch.randint(0, head.vocab, (n,), generator=generator, device=device)
         x.leaves = [x.hidden]
-    elif case.op in ("compression_loss", "sequence_logprobs"):
+    elif inputs == "sequences":
         x.hidden = hidden(_batch(n, seq, 1), seq)
         x.labels = _labels(x.hidden.shape[0], seq, head.vocab, generator, device)
         x.leaves = [x.hidden]
-    elif case.op == "conditional_kl":
+    elif inputs == "pair":
         batch = _batch(n, seq, 2)
         x.hidden_p, x.hidden_q = hidden(batch, seq), hidden(batch, seq)
         x.labels = _labels(batch, seq, head.vocab, generator, device)

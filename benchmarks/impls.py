@@ -18,6 +18,7 @@ Peers (the ``bench`` extra) run the closest op they have:
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -28,10 +29,13 @@ import torch
 import are_fast
 from are_fast.ops.backends import resolve_backend
 
+from are_fast.ops.registry import OPS_TABLE
+
 from .cases import IGNORE_INDEX, NEGATIVES, OPS
 
-# Per-implementation primitives: token(h [N, H], W, targets [N]) -> [N] log-probs; compression(h [B, T, H],
-# W, labels) -> scalar; sequence(h, W, labels) -> [B] summed log-probs; kl(h_p, h_q, W, labels) -> [B] or scalar.
+# Per-implementation primitives, named by op (those it has): token_logprobs(h [N, H], W, targets [N]) -> [N];
+# compression_loss(h [B, T, H], W, labels) -> scalar; sequence_logprobs(h, W, labels) -> [B]; each pair op of the
+# registry (conditional_kl, conditional_jsd, ...)(h_p, h_q, W, labels) -> [B] or scalar.
 Primitives = SimpleNamespace
 
 
@@ -41,7 +45,7 @@ class Impl:
     kind: str  # "backend" (are_fast) or "peer"
     primitives: Callable[[torch.device], Primitives]
     skip_reason: Callable[[torch.device], "str | None"]
-    ops: tuple = OPS  # the ops it has
+    ops: tuple = OPS  # the ops it has (are_fast's backends: every op)
     devices: tuple = ("cpu", "cuda")  # device types it is a candidate on (others: a device-specific variant)
     jit: bool = True  # compiles on first use: warm it up before measuring
     notes: dict = field(default_factory=dict)  # op, "trainable" or "*" -> caveat shown in the report
@@ -61,20 +65,20 @@ def _shifted(labels: torch.Tensor) -> torch.Tensor:
 def loss_fn(impl: Impl, op: str, device: torch.device) -> Callable[[SimpleNamespace], torch.Tensor]:
     """The scalar to differentiate for ``op`` under ``impl``."""
     p = impl.primitives(device)
-    if op == "token_logprobs":
-        return lambda x: p.token(x.hidden, x.weight, x.targets).sum()
-    if op == "compression_loss":
-        return lambda x: p.compression(x.hidden, x.weight, x.labels)
-    if op == "sequence_logprobs":
-        return lambda x: p.sequence(x.hidden, x.weight, x.labels).sum()
-    if op == "conditional_kl":
-        return lambda x: p.kl(x.hidden_p, x.hidden_q, x.weight, x.labels).sum()
+    spec = OPS_TABLE.get(op)
+    if spec is not None:  # an op of the registry, by the shape of its inputs
+        fn = getattr(p, op)
+        if spec.inputs == "tokens":
+            return lambda x: fn(x.hidden, x.weight, x.targets).sum()
+        if spec.inputs == "pair":
+            return lambda x: fn(x.hidden_p, x.hidden_q, x.weight, x.labels).sum()
+        return lambda x: fn(x.hidden, x.weight, x.labels).sum()
     if op == "alignment_loss":
 
         def alignment(x):
-            lp_qp = p.sequence(x.h_qp, x.weight, x.pos_labels)
-            lp_pp = p.sequence(x.h_pp, x.weight, x.pos_labels)
-            lp_qn = p.sequence(x.h_qn, x.weight, x.neg_labels).reshape(-1, NEGATIVES)
+            lp_qp = p.sequence_logprobs(x.h_qp, x.weight, x.pos_labels)
+            lp_pp = p.sequence_logprobs(x.h_pp, x.weight, x.pos_labels)
+            lp_qn = p.sequence_logprobs(x.h_qn, x.weight, x.neg_labels).reshape(-1, NEGATIVES)
             return are_fast.alignment_loss(lp_qp, lp_pp, lp_qn, x.ref_p, x.ref_n)
 
         return alignment
@@ -83,12 +87,7 @@ def loss_fn(impl: Impl, op: str, device: torch.device) -> Callable[[SimpleNamesp
 
 def _backend(name: str) -> Impl:
     def primitives(device):
-        return SimpleNamespace(
-            token=lambda h, w, t: are_fast.token_logprobs(h, w, t, backend=name),
-            compression=lambda h, w, y: are_fast.compression_loss(h, w, y, backend=name),
-            sequence=lambda h, w, y: are_fast.sequence_logprobs(h, w, y, backend=name),
-            kl=lambda hp, hq, w, y: are_fast.conditional_kl(hp, hq, w, y, backend=name),
-        )
+        return SimpleNamespace(**{op: functools.partial(getattr(are_fast, op), backend=name) for op in OPS_TABLE})
 
     def skip_reason(device):
         if name == "triton" and device.type != "cuda":
@@ -134,7 +133,8 @@ def _liger_primitives(device):
         )
         return mean * (targets != IGNORE_INDEX).sum()  # its mean over target positions, back to the sum
 
-    return SimpleNamespace(token=per_token, compression=compression, sequence=sequence, kl=kl)
+    return SimpleNamespace(token_logprobs=per_token, compression_loss=compression, sequence_logprobs=sequence,
+                           conditional_kl=kl)
 
 
 def _liger_skip(device):
@@ -159,7 +159,7 @@ def _cce_primitives(**options):
         def sequence(h, w, y):
             return -lce(h, w, y, ignore_index=IGNORE_INDEX, shift=True, reduction="none", **options).sum(-1)
 
-        return SimpleNamespace(token=token, compression=compression, sequence=sequence, kl=None)
+        return SimpleNamespace(token_logprobs=token, compression_loss=compression, sequence_logprobs=sequence)
 
     return primitives
 
@@ -179,10 +179,9 @@ def _torch_chunked_primitives(device):
         return ce(h[:, :-1].reshape(-1, h.shape[-1]), w, y[:, 1:].reshape(-1), reduction)
 
     return SimpleNamespace(
-        token=lambda h2d, w, t: -ce(h2d, w, t, "none"),
-        compression=lambda h, w, y: shifted(h, w, y, "mean"),
-        sequence=lambda h, w, y: -shifted(h, w, y, "none").reshape(h.shape[0], -1).sum(-1),
-        kl=None,
+        token_logprobs=lambda h2d, w, t: -ce(h2d, w, t, "none"),
+        compression_loss=lambda h, w, y: shifted(h, w, y, "mean"),
+        sequence_logprobs=lambda h, w, y: -shifted(h, w, y, "none").reshape(h.shape[0], -1).sum(-1),
     )
 
 
@@ -196,14 +195,16 @@ _LIGER_NOTES = {
     "conditional_kl": "Liger's fused linear JSD (beta=0): no gradient to the teacher stream (p)",
     "trainable": "reduction='none' is known to give a wrong weight gradient (Liger issue 1298)",
 }
-_CCE_OPS = tuple(op for op in OPS if op != "conditional_kl")
+# The peers have the cross-entropy ops (and the alignment loss built on them); of the pair ops only Liger's KL.
+_CCE_OPS = tuple(op for op in OPS if op not in OPS_TABLE or OPS_TABLE[op].inputs != "pair")
+_LIGER_OPS = _CCE_OPS + ("conditional_kl",)
 
 
 def implementations() -> list[Impl]:
     """Every implementation, in table order: are_fast's backends (as registered now), then the peers."""
     impls = [_backend(name) for name in are_fast.BACKENDS]
     impls.append(Impl("torch-chunked", "peer", _torch_chunked_primitives, _torch_chunked_skip, _CCE_OPS, jit=False))
-    impls.append(Impl("liger", "peer", _liger_primitives, _liger_skip, notes=dict(_LIGER_NOTES)))
+    impls.append(Impl("liger", "peer", _liger_primitives, _liger_skip, _LIGER_OPS, notes=dict(_LIGER_NOTES)))
     # CCE's Triton kernels on CUDA; on CPU its torch_compile fallback, the only implementation that runs there.
     impls.append(
         Impl("cce", "peer", _cce_primitives(), _cce_skip, _CCE_OPS, ("cuda",),
