@@ -140,6 +140,34 @@ def test_triton_kernel_matches_the_pytorch_epilogue_over_many_tiles(with_grad, t
         assert_rel_close(ours[1], ref_logits[1], torch.float32, "gradient over logits_q")
 
 
+@pytest.mark.parametrize("epilogue", ["pytorch", "triton"])
+def test_gradients_of_nearly_disjoint_distributions_keep_their_precision(epilogue, device):
+    """P splits its mass between entries A and B; Q sits on C, with ~1e-3 of it on A and ~e^-30 on B: the JSD is near
+    its bound H(beta), and P's gradient on A is a small s_A = log(m_A / (beta p_A)) ~ 1e-3, which must keep full
+    relative precision (log(1 + x) instead of log1p(x) would err by ~eps / 1e-3)."""
+    if epilogue == "triton":
+        from are_fast.kernels.jsd_epilogue import jsd_epilogue
+    else:
+        jsd_epilogue = torch_epilogues.jsd_epilogue
+    rows, vocab = 4, 37
+    a = torch.zeros(rows, vocab, dtype=torch.float64)
+    b = torch.zeros(rows, vocab, dtype=torch.float64)
+    for row in range(rows):
+        a[row, row] = a[row, row + 10] = 30.0  # A and B
+        b[row, row + 20] = 30.0  # C
+        b[row, row] = 23.0 - row  # q_A / p_A ~ 2e-3 .. 5e-5
+    valid = torch.ones(rows, dtype=torch.bool)
+    scale = torch.ones(rows, dtype=torch.float64)
+    ref_logits = [a.clone(), b.clone()]
+    ref = torch_epilogues.jsd_epilogue(*ref_logits, valid, scale, beta=0.3)
+    ours = [a.to(device, torch.float32), b.to(device, torch.float32)]
+    out = jsd_epilogue(*ours, valid.to(device), scale.to(device, torch.float32), beta=0.3)
+    assert_rel_close(out, ref, torch.float32, "JSD")
+    for stream in range(2):
+        for row in range(rows):
+            assert_rel_close(ours[stream][row], ref_logits[stream][row], torch.float32, f"gradient {stream}, row {row}")
+
+
 @pytest.mark.parametrize("backend", ["native", "online"])
 def test_backends_without_a_jsd_say_so_once_and_run_its_pytorch_epilogue(backend, caplog):
     """native has no JSD kernels and online no JSD sweep: both run the JSD's PyTorch epilogue on the chunk driver
