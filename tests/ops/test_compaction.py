@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import are_fast
-from are_fast.ops import autograd as op_autograd
+from are_fast.ops import autograd as op_autograd, registry
 from are_fast.ops.head_matmuls import HeadMatmuls
 from _helpers import assert_rel_close
 
@@ -40,18 +40,20 @@ def _inputs(ignored_fraction=0.8):
     )
 
 
-OPS = {
-    "token_logprobs": lambda a, **k: are_fast.token_logprobs(a["hidden"], a["weight"], a["labels"], a["bias"], **k),
-    "sequence_logprobs": lambda a, **k: are_fast.sequence_logprobs(a["hidden"], a["weight"], a["labels"], a["bias"], **k),
-    "compression_loss": lambda a, **k: are_fast.compression_loss(a["hidden"], a["weight"], a["labels"], a["bias"], **k),
-    "conditional_kl": lambda a, **k: are_fast.conditional_kl(
-        a["hidden"], a["hidden_q"], a["weight"], a["labels"], a["bias"], reduction="none", **k
-    ),
-}
+def _call(spec):
+    """op(args, **kwargs) for an op of the registry (pair ops per position: reduction="none")."""
+    fn = getattr(are_fast, spec.name)
+    if spec.inputs == "pair":
+        return lambda a, **k: fn(a["hidden"], a["hidden_q"], a["weight"], a["labels"], bias=a["bias"],
+                                 reduction="none", **k)
+    return lambda a, **k: fn(a["hidden"], a["weight"], a["labels"], a["bias"], **k)
+
+
+OPS = {name: _call(spec) for name, spec in registry.OPS_TABLE.items()}
 
 
 def _target_rows(labels, op):
-    if op == "token_logprobs":
+    if registry.OPS_TABLE[op].inputs == "tokens":
         return int((labels != IGNORE).sum())
     return int((labels[:, 1:] != IGNORE).sum())  # position t predicts labels[:, t + 1]
 
@@ -75,7 +77,7 @@ def test_ignored_rows_skip_the_matmuls_and_match_reference(op, head, head_rows):
     ref, upstream, ref_grads = _run(op, masters, torch.float64, trainable, backend="reference")
     head_rows.clear()
     out, _, grads = _run(op, masters, torch.float32, trainable, upstream, backend="chunked", chunk_rows=5)
-    streams = 2 if op == "conditional_kl" else 1
+    streams = registry.kind(registry.OPS_TABLE[op].kind).streams
     # One forward pass (and for a trainable head with a per-row output, one recomputing backward pass).
     passes = 2 if trainable and op != "compression_loss" else 1
     assert sum(head_rows) == _target_rows(masters["labels"], op) * streams * passes
