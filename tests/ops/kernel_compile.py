@@ -24,6 +24,12 @@ ARGUMENTS = {
         "grad_q_ptr": "GRAD", "stride_grad_p": "i32", "stride_grad_q": "i32", "valid_ptr": "*u8",
         "scale_ptr": "*fp32", "out_ptr": "*fp32", "vocab": "i32", "softcap": "fp32", "logit_scale": "fp32",
     },
+    "jsd_epilogue": {
+        "p_ptr": "*fp32", "q_ptr": "*fp32", "stride_p": "i32", "stride_q": "i32", "grad_p_ptr": "GRAD",
+        "grad_q_ptr": "GRAD", "stride_grad_p": "i32", "stride_grad_q": "i32", "valid_ptr": "*u8",
+        "scale_ptr": "*fp32", "out_ptr": "*fp32", "vocab": "i32", "beta": "fp32", "log_odds": "fp32",
+        "entropy": "fp32", "softcap": "fp32", "logit_scale": "fp32",
+    },
 }
 GRADIENT_TYPES = ("*fp32", "*bf16", "*fp16")
 

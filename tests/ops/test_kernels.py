@@ -283,7 +283,8 @@ def test_kl_epilogue_error_tracks_the_chunked_backend(scale, device):
 def test_kernels_are_compiled_on_cuda_and_interpreted_on_cpu(device):
     """The conftest sets TRITON_INTERPRET for a CPU run only, so a CUDA run tests the compiled kernels."""
     assert (os.environ.get("TRITON_INTERPRET") == "1") == (device.type == "cpu")
-    for module, kernel in (("logprob_epilogue", "_logprob_epilogue_kernel"), ("kl_epilogue", "_kl_epilogue_kernel")):
+    for module in ("logprob_epilogue", "kl_epilogue", "jsd_epilogue"):
+        kernel = f"_{module}_kernel"
         jitted = getattr(importlib.import_module(f"are_fast.kernels.{module}"), kernel)
         assert isinstance(jitted, InterpretedFunction) == (device.type == "cpu"), kernel
 
