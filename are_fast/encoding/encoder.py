@@ -30,11 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from ..model.compressor import Compressor
-from ..ops import sweep_precision
 from ..model.st_files import read_sentence_transformers_files, write_sentence_transformers_files
 from ..model.layout import flash_attention_available
 from .batching import DEFAULT_MAX_TOKENS, check_positive
-from .defaults import NORMALIZE
+from .defaults import NORMALIZE, default_dtype
 from .mteb_adapter import MTEBModel
 from .pipeline import EncodedChunk, PreparedChunk, check_texts, pipelined, prepare_chunk, run_chunk
 
@@ -54,11 +53,9 @@ def _as_matrix(embeddings, name: str) -> torch.Tensor:
 
 
 def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    """The given dtype, else bfloat16 on CUDA, and on a CPU whose bf16 matrix units measure faster than float32
-    (``sweep_precision.automatic``: ISA flags, then a one-time matmul measurement), else float32."""
+    """The given dtype (a torch dtype or its name), else ``defaults.default_dtype(device)``."""
     if dtype is None:
-        cpu_units = device.type == "cpu" and sweep_precision.automatic(device, torch.bfloat16).path == "lowp"
-        return torch.bfloat16 if device.type == "cuda" or cpu_units else torch.float32
+        return default_dtype(device)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:

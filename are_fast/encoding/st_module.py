@@ -29,6 +29,7 @@ from sentence_transformers.base.modules import InputModule
 
 from ..model.compressor import Compressor, CompressorBatch
 from ..model.st_files import MODULE_CONFIG_FILE, module_config, read_sentence_transformers_files, write_module_config
+from .defaults import default_dtype
 from .pipeline import check_texts
 
 
@@ -98,13 +99,16 @@ class AutoRegEmbedModule(InputModule):
     def load(cls, model_name_or_path: str, subfolder: str = "", token: bool | str | None = None,
              cache_folder: str | None = None, revision: str | None = None, local_files_only: bool = False,
              model_kwargs: dict[str, Any] | None = None, **kwargs) -> "AutoRegEmbedModule":
-        """Load the folder's compressor. ``model_kwargs`` may give ``dtype`` (default: as saved); any
-        ``trust_remote_code`` is ignored: the transformers model is always loaded without remote code."""
+        """Load the folder's compressor. ``model_kwargs`` may give ``dtype`` (default: ``defaults.default_dtype``
+        of the device sentence-transformers picks by default, as Encoder and the file job; the device is not known
+        here); any ``trust_remote_code`` is ignored: the transformers model is always loaded without remote code."""
         hub = dict(subfolder=subfolder, token=token, cache_folder=cache_folder, revision=revision,
                    local_files_only=local_files_only)
         config = cls.load_config(model_name_or_path, **hub)
         folder = cls.load_dir_path(model_name_or_path, **hub)
         dtype = (model_kwargs or {}).get("dtype", (model_kwargs or {}).get("torch_dtype"))
+        if dtype is None:
+            dtype = default_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         compressor = Compressor.from_pretrained(folder, config.get("num_embed_tokens"), dtype=dtype,
                                                 max_text_tokens=config.get("max_length", "auto"))
         return cls(compressor)
