@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from .encoding.defaults import NORMALIZE
-from .errors import run_guarded
+from .runtime import run_guarded
 from .ops.backends import BACKENDS
 from .train_cli import FRACTION, POSITIVE_INT, add_training_commands, parse_training_args, run_training_command
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from . import toy
-from .errors import check_writable
+from .runtime import check_writable
 from .model.directory import model_fingerprint
 from .model.layout import IGNORE_INDEX, pad_right
 from .ops import functional as F

@@ -3,7 +3,7 @@
 Every option can come from a flag or from a config file (``--config run.yaml`` or ``.json``) whose keys are
 the flags' names (``max-steps`` or ``max_steps``; a switch such as ``no-progress`` takes true or false); the
 file's values are checked exactly as flags are (types, ranges, choices), and flags win over the file.
-Every numeric option is range-checked. Errors print one line and exit 2 (see ``are_fast.errors``).
+Every numeric option is range-checked. Errors print one line and exit 2 (see ``are_fast.runtime``).
 Run under ``torchrun`` for DDP.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 import time
 
 from .data import DEFAULT_MAX_BAD_FRACTION
-from .errors import run_guarded
+from .runtime import run_guarded
 
 _PARSERS: dict = {}
 
@@ -322,7 +322,7 @@ def _pick(cls, args, **renames):
 
 def run_training_command(args: argparse.Namespace) -> int:
     """Run a parsed training subcommand: one line and exit 2 for bad input, 1 for run-time failures, 130/143
-    on SIGINT/SIGTERM (after the current step; a rerun resumes); see ``are_fast.errors``."""
+    on SIGINT/SIGTERM (after the current step; a rerun resumes); see ``are_fast.runtime``."""
     return run_guarded(args.command, lambda: _run(args), "rerun the same command to resume")
 
 

@@ -524,7 +524,7 @@ def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_after_the_same_ste
     script.write_text(
         "import os, signal\n"
         "import torch.distributed as dist\n"
-        "from are_fast.errors import StopSignals\n"
+        "from are_fast.runtime import StopSignals\n"
         "dist.init_process_group('gloo')\n"
         "rank = dist.get_rank()\n"
         "with StopSignals() as stop:\n"

@@ -16,7 +16,7 @@ uninterrupted process (same device, thread count and batching options; other bat
 Bad rows (empty, invalid UTF-8 or JSON, no text field, not a string) are skipped, reported with their 1-based
 line (or parquet record) number and recorded; texts over ``max_length`` tokens are cut and counted.
 
-Faults (see ``are_fast.errors``): exit 2, before any work, for bad options, a model that is not usable (no
+Faults (see ``are_fast.runtime``): exit 2, before any work, for bad options, a model that is not usable (no
 config, weights or tokenizer; a --num-embed-tokens that disagrees with its <EMBED*> tokens), an input that
 cannot be read, an output folder that cannot be written or holds another job (``overwrite`` replaces it);
 exit 2 too when more than ``max_bad_fraction`` of the rows are bad (the shards and manifest are written). Exit
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..errors import RunFailure, StopSignals, check_writable, run_guarded, writing
+from ..runtime import RunFailure, StopSignals, check_writable, run_guarded, writing
 from ..model.directory import inspect_model_dir, model_fingerprint, resolve_num_embed_tokens
 from . import readers
 from .defaults import NORMALIZE

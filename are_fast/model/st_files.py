@@ -19,6 +19,8 @@ import os
 from collections import Counter
 from typing import Iterable, Mapping
 
+from ..runtime import written_atomically
+
 ST_MODULE_TYPE = "are_fast.encoding.st_module.AutoRegEmbedModule"
 MODULES_FILE = "modules.json"
 MODULE_CONFIG_FILE = "are_fast_module.json"
@@ -47,11 +49,9 @@ def instruction_prompts(instructions: Iterable[str | None]) -> dict:
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with written_atomically(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
-    os.replace(tmp, path)  # a reader never sees half a file
 
 
 def write_module_config(path: str | os.PathLike, num_embed_tokens: int, max_length: int | None) -> None:

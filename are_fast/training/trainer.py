@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from ..errors import StopSignals, writing
+from ..runtime import StopSignals, writing
 from . import runstate
 from .checkpoint import checkpoint_dirs, load_checkpoint, read_checkpoint_state, save_checkpoint
 from .evaluate import BestModel
