@@ -14,7 +14,7 @@ import math
 import os
 import time
 
-from .data import DEFAULT_MAX_BAD_FRACTION
+from .training.data import DEFAULT_MAX_BAD_FRACTION
 from .runtime import run_guarded
 
 _PARSERS: dict = {}

@@ -30,7 +30,7 @@ import tempfile
 import pytest
 import torch
 
-from are_fast.data import stage2_items
+from are_fast.training.data import stage2_items
 from are_fast.model import Compressor, FrozenDecoder, Stage2Model
 from are_fast.model.layout import ROUTES, computed_tokens, default_route
 from are_fast.model.released import released_stage2_loss

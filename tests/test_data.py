@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from are_fast.data import fingerprint, load_stage1, load_stage2
+from are_fast.training.data import fingerprint, load_stage1, load_stage2
 
 
 def _write(path, lines):
@@ -59,7 +59,7 @@ def test_unreadable_files_raise_clear_errors(tmp_path):
 
 
 def test_truncation_is_counted(tmp_path):
-    from are_fast.data import stage1_items
+    from are_fast.training.data import stage1_items
     from are_fast.model import Compressor, FrozenDecoder
     from are_fast.toy import tiny_llama
 

@@ -16,7 +16,7 @@ import os
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from ..data import fingerprint, stage2_items
+from .data import fingerprint, stage2_items
 from ..model import reference_scores
 from ..runtime import written_atomically
 from .progress import Progress

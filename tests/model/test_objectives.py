@@ -5,7 +5,7 @@ import torch
 from _helpers import rel_error
 
 from are_fast.ops import reference
-from are_fast.data import stage2_items
+from are_fast.training.data import stage2_items
 from are_fast.model import Compressor, FrozenDecoder, Stage2Model, reference_scores
 from are_fast.model.released import _score, released_stage2_loss
 from are_fast.toy import triplet_rows

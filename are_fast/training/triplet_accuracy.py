@@ -11,7 +11,7 @@ import random
 
 import torch
 
-from .model import Compressor
+from ..model import Compressor
 
 
 @torch.inference_mode()

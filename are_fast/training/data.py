@@ -16,7 +16,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .model.objectives import Stage1Item, Stage2Item
+from ..model.objectives import Stage1Item, Stage2Item
 
 STAGE1_FIELDS = ("context", "instruction", "output")
 STAGE2_FIELDS = ("query", "pos", "neg", "instruction")
