@@ -215,7 +215,7 @@ def add_training_commands(subparsers) -> None:
     _runtime_options(p, training=True)
     _PARSERS["stage2"] = p
 
-    from .main_job import MainJobConfig
+    from .toy.job import MainJobConfig
 
     d = MainJobConfig()
     p = subparsers.add_parser("main", help="the main job on the embedded default (tiny Llama, ByT5 bytes, toy data)",
@@ -340,7 +340,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.command == "main":
-        from .main_job import MainJobConfig, run_main_job
+        from .toy.job import MainJobConfig, run_main_job
 
         run_main_job(_pick(MainJobConfig, args))
         return

@@ -31,13 +31,13 @@ def leaf(tensor: torch.Tensor, dtype, requires_grad: bool, device="cpu") -> torc
 
 def byte_level_bpe_tokenizer(merges: int = 300, seed: int = 0):
     """A real byte-level BPE tokenizer (GPT-2 / Llama 3 / Qwen style), trained offline here with the ``tokenizers``
-    package on generated text (``are_fast.toy``): ByteLevel pre-tokenizer and decoder, 256 byte symbols plus
+    package on generated text (``are_fast.toy.data``): ByteLevel pre-tokenizer and decoder, 256 byte symbols plus
     up to ``merges`` merges (the toy text's few words give about 170), "<|endoftext|>" as bos/eos and "<pad>".
     Returns a ``PreTrainedTokenizerFast``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from are_fast.toy import compression_rows, triplet_rows
+    from are_fast.toy.data import compression_rows, triplet_rows
 
     texts = [r[key] for r in compression_rows(400, seed) for key in ("context", "output")]
     texts += [r["query"] + " " + r["pos"] for r in triplet_rows(200, 1, seed)]

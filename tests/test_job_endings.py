@@ -10,7 +10,7 @@ import pytest
 from are_fast import errors
 from are_fast.cli import build_parser, main
 from are_fast.training.data import load_stage1, load_stage2
-from are_fast.toy import compression_rows, tiny_llama, triplet_rows, write_jsonl
+from are_fast.toy.data import compression_rows, tiny_llama, triplet_rows, write_jsonl
 from are_fast.train_cli import _PARSERS, objective_line, parse_training_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")

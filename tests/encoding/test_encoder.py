@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from are_fast.encoding.encoder import Encoder
 from are_fast.model import Compressor
-from are_fast.toy import tiny_llama
+from are_fast.toy.data import tiny_llama
 
 K = 3
 MAX_LENGTH = 48

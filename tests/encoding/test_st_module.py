@@ -87,7 +87,7 @@ def test_without_the_flag(st_dir):
 
 def test_training_job_writes_the_files(tmp_path):
     from are_fast.cli import main
-    from are_fast.toy import compression_rows, tiny_llama, write_jsonl
+    from are_fast.toy.data import compression_rows, tiny_llama, write_jsonl
 
     base, out = str(tmp_path / "base"), str(tmp_path / "s1")
     tiny_llama(base, hidden_size=16, layers=1)

@@ -118,7 +118,7 @@ def test_stage2_loss_and_reference_scores_use_the_models_own_logits(family, dist
     from are_fast.training.data import stage2_items
     from are_fast.model import Stage2Model, reference_scores
     from are_fast.ops import reference
-    from are_fast.toy import triplet_rows
+    from are_fast.toy.data import triplet_rows
 
     compressor = Compressor(build(family).requires_grad_(True), ByT5Tokenizer(), K, route="varlen").double()
     decoder = FrozenDecoder(build(family), ByT5Tokenizer(), num_embed_tokens=K, route="varlen").double()

@@ -7,7 +7,7 @@ import torch
 from are_fast.training.data import stage1_items
 from are_fast.training.triplet_accuracy import random_negative_index, triplet_accuracies
 from are_fast.model import Stage1Model
-from are_fast.toy import compression_rows, triplet_rows
+from are_fast.toy.data import compression_rows, triplet_rows
 from are_fast.training.evaluate import BestModel, HeldOut, read_best, stage1_evaluator
 from are_fast.training.jobs import ModelOptions, build_models
 from are_fast.training.reporting import read_log, run_summary
