@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         args.command = command
         return run_training_command(args)
     if args.command == "demo":
-        from .demo import run_demo
+        from .tools.demo import run_demo
 
         def demo() -> None:  # run_demo returns its table's rows; the command's result is the printed tables
             for backend in args.backend or [None]:
