@@ -59,7 +59,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["are_fast", "are_fast.ops", "are_fast.encoding", "are_fast.model", "are_fast.training", "are_fast.kernels", "are_fast.csrc"],
+    packages=["are_fast", "are_fast.ops", "are_fast.model", "are_fast.training", "are_fast.encoding", "are_fast.toy",
+              "are_fast.tools", "are_fast.cli", "are_fast.kernels", "are_fast.csrc"],
     package_dir={"are_fast": "are_fast", "are_fast.csrc": "csrc"},
     package_data={"are_fast.csrc": ["*.cpp", "*.cu", "*.h"]},
     install_requires=[
