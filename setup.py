@@ -81,7 +81,7 @@ setup(
                  "tensorboard", "numpy<2.4"],
         "parquet": ["pyarrow"],
         "st": ["sentence-transformers>=6,<7"],  # SentenceTransformer(path); 6.x passes the prompt to our module
-        "mteb": ["mteb>=2,<3"],  # mteb.evaluate(encoder.for_mteb(...), tasks)
+        "mteb": ["mteb>=2,<3"],  # mteb.evaluate(MTEBModel(encoder, ...), tasks)
         "lora": ["peft"],
         "bench": ["pytest-benchmark>=4", "liger-kernel", "cut-cross-entropy"],
         "flash": ["flash-attn"],

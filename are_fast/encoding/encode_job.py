@@ -59,7 +59,7 @@ class JobError(RunFailure):
 
 @dataclass
 class JobConfig:
-    """Everything ``are-fast encode`` takes (see ``are_fast.cli`` for each option's help)."""
+    """Everything ``are-fast encode`` takes (see ``are_fast.cli.encode`` for each option's help)."""
 
     model: str
     input: str

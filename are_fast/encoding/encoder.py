@@ -17,7 +17,7 @@ the AutoRegEmbed instruction, placed after the text. An embedding is the mean of
 - the CPU side: tokenization, sorting and collation of the next chunk run in a background thread while the
   model computes the current one (``encode_chunks``, built on ``are_fast.encoding.pipeline``), which also feeds
   the file job (``are_fast.encoding.encode_job``).
-Results come back in input order. Batch planning: ``batching``; MTEB's interface: ``mteb_adapter``;
+Results come back in input order. Batch planning: ``batching``; MTEB's interface over an Encoder: ``mteb_adapter``;
 sentence-transformers: ``st_module``.
 """
 from __future__ import annotations
@@ -34,7 +34,6 @@ from ..model.st_files import read_sentence_transformers_files, write_sentence_tr
 from ..model.layout import flash_attention_available
 from .batching import DEFAULT_MAX_TOKENS, check_positive
 from .defaults import NORMALIZE
-from .mteb_adapter import MTEBModel
 from .pipeline import EncodedChunk, PreparedChunk, check_texts, pipelined, prepare_chunk, run_chunk
 
 CHUNK_TEXTS = 2048  # texts tokenized, sorted and collated together in the background thread
@@ -299,8 +298,3 @@ class Encoder:
             self.compressor.save_pretrained(target)
         write_sentence_transformers_files(target, self.compressor, self.prompts, self.default_prompt_name)
         return target
-
-    def for_mteb(self, instructions: Mapping[str, str] | None = None, default_instruction: str | None = None,
-                 **encode_kwargs) -> "MTEBModel":
-        """This encoder behind MTEB's model interface (see ``MTEBModel``)."""
-        return MTEBModel(self, instructions, default_instruction, **encode_kwargs)
