@@ -128,7 +128,7 @@ class _Pretrain(torch.nn.Module):
 def _pretrain(base: str, rows, cfg: "MainJobConfig", identity: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .training.trainer import Trainer
+    from ..training.trainer import Trainer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     lm = AutoModelForCausalLM.from_pretrained(base)
