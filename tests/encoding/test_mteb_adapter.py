@@ -6,13 +6,13 @@ import mteb  # the test extra installs it (and the mteb extra), so this test nev
 import numpy as np
 import pytest
 import torch
+from _helpers import random_texts
 from datasets import Dataset, DatasetDict  # mteb's own dependency
 from mteb.abstasks.retrieval import AbsTaskRetrieval
 from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 from mteb.abstasks.sts import AbsTaskSTS
 from mteb.abstasks.task_metadata import TaskMetadata
 from scipy.stats import spearmanr
-from test_encoder import encoder, model_dir, random_texts  # noqa: F401
 
 from are_fast.encoding.mteb_adapter import MTEBModel
 

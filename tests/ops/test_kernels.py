@@ -17,44 +17,12 @@ from triton.runtime.interpreter import InterpretedFunction
 from are_fast.kernels.kl_epilogue import kl_epilogue
 from are_fast.kernels.logprob_epilogue import logprob_epilogue
 from are_fast.ops import torch_epilogues
-from _helpers import TOLERANCE, rel_error
+from _helpers import assert_rows_close, cornered, rel_error, rounded
 
 IGNORE = -100
 TILE = 16
 VOCAB = 5 * TILE + 3  # four full tiles after the first, then a ragged tail of 3
 PEAKS = {"first": 3, "middle": 2 * TILE + 5, "last-full": 4 * TILE + 7, "tail": VOCAB - 1}
-
-
-def rounded(x: torch.Tensor) -> torch.Tensor:
-    """x as the float32 values the kernel sees, kept in float64 for the oracle."""
-    return x.float().double()
-
-
-def cornered(base: torch.Tensor, peaks: list, offset: float) -> torch.Tensor:
-    """base [len(peaks) + 2, V] float64 logits with the row max lifted 4 above the rest at column peaks[i] of
-    row i, the next row rising by 12 over its length (the max moves up with every tile) and the last falling by
-    200 (each tile's max is far below the first's: exp(first max - tile max) overflows float32). All shifted by
-    ``offset`` and rounded to float32."""
-    rows = base.clone()
-    for row, column in enumerate(peaks):
-        rows[row, column] = rows[row].max() + 4
-    rows[-2] += torch.linspace(0, 12, rows.shape[1], dtype=torch.float64)
-    rows[-1] += torch.linspace(0, -200, rows.shape[1], dtype=torch.float64)
-    return rounded(rows + offset)
-
-
-def assert_rows_close(out: torch.Tensor, ref: torch.Tensor, what: str, peer: torch.Tensor | None = None) -> None:
-    """Each row (a value, or a row of gradients) within the float32 tolerance of its own reference, or within
-    twice the error of ``peer`` (the PyTorch epilogue's float32 result) on a row so ill-conditioned that float32
-    itself cannot do better."""
-    assert out.shape == ref.shape, what
-    out = out.cpu()
-    for row in range(len(ref)):
-        bound = TOLERANCE[torch.float32]
-        if peer is not None:
-            bound = max(bound, 2 * rel_error(peer[row], ref[row]))
-        error = rel_error(out[row], ref[row])
-        assert error <= bound, f"{what}, row {row}: relative error {error:.2e} > {bound:.1e}"
 
 
 def check_logprob(logits64, targets, scale, device, block_v=None, ignore_index=IGNORE):
