@@ -1,16 +1,6 @@
-"""The jobs' run-time helpers: exit codes, one-line endings, signals and atomic writes.
-
-    exit 0    done
-    exit 2    usage or input error (a bad option, model, data file or output folder), found before the work
-    exit 1    failure at run time (a write fails, the disk is full, an internal error); finished outputs are kept
-    exit 130  SIGINT (Ctrl-C) / 143 SIGTERM: the job stopped after its current step or batch
-
-Jobs raise ``ValueError`` / ``TypeError`` for input errors, ``RunFailure`` or ``OSError`` at run time and
-``Interrupted`` on a signal; ``run_guarded`` turns each into its line and exit code. ``ARE_FAST_TRACEBACK=1``
-prints the traceback too (for bug reports). ``StopSignals`` lets a loop finish its current step on SIGINT or
-SIGTERM instead of dying in the middle of a write; ``written_atomically`` lets a reader never see half a file
-or folder.
-"""
+"""The jobs' run-time helpers: how a job ends (``run_guarded``: exit 0, 2 for input errors, 1 at run time,
+130/143 on a signal, one line on stderr, never a raw traceback), ``StopSignals`` (finish the current step on
+SIGINT/SIGTERM), write checks and ``written_atomically``. README "Faults" has the table."""
 from __future__ import annotations
 
 import contextlib
