@@ -5,6 +5,7 @@ From the bottom: the run-time helpers (``are_fast.runtime``); the Triton kernels
 as ``are_fast.kernels``); the ops; the model; training and encoding (side by side, apart); the toy main job and
 the tools; the command line; the package root (the public names, ``python -m are_fast``)."""
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,10 @@ def test_the_checks_find_an_upward_import_and_a_cycle(tmp_path):
     assert "are_fast.ops.functional (ops) -> are_fast.training.trainer (training)" in bad
     assert f"are_fast.kernels.{kernel.stem} (kernels) -> are_fast.model.layout (model)" in bad
     assert any({"are_fast.ops.functional", "are_fast.training.trainer"} <= set(c) for c in import_cycles(graph))
+
+
+def test_setup_installs_every_subpackage():
+    """A new layer folder must be listed in setup.py's packages, or the wheel ships without it."""
+    listed = set(re.findall(r'"(are_fast(?:\.\w+)*)"', (REPO / "setup.py").read_text()))
+    folders = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "are_fast").rglob("__init__.py")}
+    assert folders <= listed, sorted(folders - listed)
