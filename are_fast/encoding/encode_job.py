@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..runtime import RunFailure, StopSignals, check_writable, run_guarded, writing
+from ..runtime import RunFailure, StopSignals, check_writable, run_guarded, writing, written_atomically
 from ..model.directory import inspect_model_dir, model_fingerprint, resolve_num_embed_tokens
 from . import readers
 from .defaults import NORMALIZE
@@ -91,14 +91,13 @@ def _test_kill(point: str, shard: int) -> None:
 
 
 def _write_atomic(path: str, data: bytes, shard: int = -1) -> None:
-    """Write to ``path + ".tmp"``, flush it to disk, then rename over ``path`` (readers never see half a file)."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    _test_kill("tmp", shard)
-    os.replace(tmp, path)
+    """Write ``data`` to a temporary file, flush it to disk, then rename it over ``path``."""
+    with written_atomically(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        _test_kill("tmp", shard)
 
 
 def _dumps(obj) -> bytes:
