@@ -77,8 +77,8 @@ setup(
     extras_require={
         # The test extra holds every optional integration, so CI tests them all (none is skipped).
         # numpy < 2.4: the Triton interpreter of triton < 3.7, which runs the kernel tests on CPU, fails on newer.
-        "test": ["pytest>=8", "pytest-benchmark>=4", "pyarrow", "peft", "sentence-transformers>=6,<7", "mteb>=2,<3",
-                 "tensorboard", "numpy<2.4"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout", "pyarrow", "peft", "sentence-transformers>=6,<7",
+                 "mteb>=2,<3", "tensorboard", "numpy<2.4"],
         "parquet": ["pyarrow"],
         "st": ["sentence-transformers>=6,<7"],  # SentenceTransformer(path); 6.x passes the prompt to our module
         "mteb": ["mteb>=2,<3"],  # mteb.evaluate(MTEBModel(encoder, ...), tasks)

@@ -1,11 +1,22 @@
 """A roofline model of the fused LM-head ops on a GPU: the time each kernel needs at the chip's matmul rate
 and memory bandwidth, summed over the kernels that run one after another, so a GPU run is read against a
-prediction (``benchmarks.report`` prints it beside the measured times).
+prediction (``benchmarks.report`` prints it beside the measured times and the measured floor).
 
 Each kernel takes max(flops / FLOPS, bytes / BANDWIDTH); the chunk driver runs its matmuls and epilogues in
-series, so their times add. Rates: an H200's dense bf16 matmul (about 790 TFLOP/s measured, below the
-datasheet's 990) and HBM bandwidth (about 4.3 TB/s measured). Shapes: N rows of hidden states [N, H], a bf16
-head [V, H]; every op at a shape does the same head work (the KL's two streams split the N rows).
+series, so their times add. Rates by GPU (``rates_for``, from the name torch reports), achievable figures
+rather than datasheet peaks:
+- H200: 790 TFLOP/s dense bf16 and 4.3 TB/s, measured in this workplace (datasheet: 990 TFLOP/s, 4.8 TB/s);
+- H100 SXM (HBM3): 790 TFLOP/s, what an 8192^3 bf16 product reached on this workplace's H100 (798; the
+  datasheet's 989 is not reached by cuBLAS), and 3.0 TB/s, its measured device-to-device copy (datasheet
+  3.35 TB/s).
+The run's own bare matmuls (the floor) give a third reading: ``predict(..., flops_rate=achieved_rate(...))``
+at the rate the floor reached on the run's card.
+
+Shapes: N rows of hidden states [N, H], a bf16 head [V, H]; every op at a shape does the same head work (the
+KL's two streams split the N rows). Every per-chunk matmul reads the whole head (2VH bytes) again: N / rows
+chunks times two matmuls frozen (64 head reads at N=16384 in 512-row chunks, 67 GB), three trainable; those
+bytes are in each launch's count (``Prediction.bytes``, ``head_reads``), though at 512 rows a chunk's matmul
+does about 400 flops per byte and stays bound by arithmetic on both chips.
 
 Paths (bf16 head on CUDA):
 - ``triton``: the data path of ``are_fast.ops.head_matmuls`` today: float32 logits written into the chunk
@@ -19,10 +30,32 @@ Paths (bf16 head on CUDA):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-FLOPS = 790e12  # H200 dense bf16 matmul, FLOP/s
-BANDWIDTH = 4.3e12  # H200 HBM, bytes/s
+
+@dataclass(frozen=True)
+class Rates:
+    name: str
+    flops: float  # dense bf16 matmul, FLOP/s
+    bandwidth: float  # HBM, bytes/s (read + written)
+
+
+H200 = Rates("H200", 790e12, 4.3e12)
+H100_SXM = Rates("H100 SXM", 790e12, 3.0e12)
+FLOPS, BANDWIDTH = H200.flops, H200.bandwidth  # the defaults of predict()
+
+
+def rates_for(gpu_name: str | None) -> Rates | None:
+    """The rates of a GPU by the name torch.cuda.get_device_name gives ("NVIDIA H100 80GB HBM3", "NVIDIA
+    H200"); None for any other card (an H100 PCIe or NVL has other rates), whose rows then get no model."""
+    name = (gpu_name or "").upper()
+    if "H200" in name:
+        return H200
+    if "H100" in name and ("HBM3" in name or "SXM" in name):
+        return H100_SXM
+    return None
+
+
 BF16, FP32 = 2, 4  # bytes per element
 PATHS = ("triton", "native", "before")
 
@@ -33,6 +66,7 @@ class Kernel:
     flops: float
     bytes: float
     count: int = 1  # launches of this kernel (one per chunk for per-chunk work)
+    reads_head: bool = False  # each launch reads the whole head [V, H]
 
     def seconds(self, flops_rate: float = FLOPS, bandwidth: float = BANDWIDTH) -> float:
         return self.count * max(self.flops / flops_rate, self.bytes / bandwidth)
@@ -86,8 +120,9 @@ def head_kernels(tokens: int, hidden: int, vocab: int, trainable: bool, chunk_ro
     chunks = -(-tokens // chunk_rows)
     rows = tokens / chunks  # the mean chunk: totals stay exact
     logits_gemm = _gemm("logits h @ W.T (fp32 out)", rows, vocab, hidden, BF16, BF16, FP32, chunks)
+    logits_gemm = replace(logits_gemm, reads_head=True)
     epilogue = Kernel("epilogue", 0.0, tokens * vocab * epilogue_bytes_per_logit(path))
-    hidden_gemm = _gemm("hidden grad G @ W", rows, hidden, vocab, BF16, BF16, BF16, chunks)
+    hidden_gemm = replace(_gemm("hidden grad G @ W", rows, hidden, vocab, BF16, BF16, BF16, chunks), reads_head=True)
     if not trainable:
         rescale = Kernel("backward rescale of [N, H]", 0.0, tokens * hidden * 2 * BF16)
         return [logits_gemm, epilogue, hidden_gemm, rescale]
@@ -107,6 +142,8 @@ def head_kernels(tokens: int, hidden: int, vocab: int, trainable: bool, chunk_ro
 class Prediction:
     seconds: float
     floor_seconds: float
+    bytes: float  # HBM bytes of the fused call, the head's re-reads by every per-chunk matmul included
+    head_reads: int  # matmul launches that each read the whole head
 
     @property
     def floor_ratio(self) -> float:
@@ -116,30 +153,41 @@ class Prediction:
 def predict(tokens: int, hidden: int, vocab: int, trainable: bool, chunk_rows: int | None = None,
             path: str = "triton", flops_rate: float = FLOPS, bandwidth: float = BANDWIDTH) -> Prediction:
     """Predicted time of one fused op call and of its floor. ``chunk_rows`` defaults to the chunk driver's
-    choice on CUDA (are_fast.ops.chunked.chunk_rows_for)."""
+    choice on CUDA (are_fast.ops.chunked.chunk_rows_for, which reads ARE_FAST_CHUNK_BYTES)."""
     if chunk_rows is None:
         import torch
 
         from are_fast.ops.chunked import chunk_rows_for
 
         chunk_rows = chunk_rows_for(tokens, vocab, 1, torch.device("cuda"))
-    total = sum(k.seconds(flops_rate, bandwidth) for k in head_kernels(tokens, hidden, vocab, trainable, chunk_rows, path))
+    kernels = head_kernels(tokens, hidden, vocab, trainable, chunk_rows, path)
+    total = sum(k.seconds(flops_rate, bandwidth) for k in kernels)
     floor = sum(k.seconds(flops_rate, bandwidth) for k in floor_kernels(tokens, hidden, vocab, trainable))
-    return Prediction(total, floor)
+    head_reads = sum(k.count for k in kernels if k.reads_head)
+    return Prediction(total, floor, sum(k.count * k.bytes for k in kernels), head_reads)
+
+
+def achieved_flops(tokens: int, hidden: int, vocab: int, trainable: bool, floor_seconds: float) -> float:
+    """The matmul rate (FLOP/s) a measured floor reached: its flops over its time."""
+    return sum(k.count * k.flops for k in floor_kernels(tokens, hidden, vocab, trainable)) / floor_seconds
 
 
 def main() -> None:
-    """Print the model's table for the llama3-8b head (H=4096, V=128256) at N=8192 and 16384."""
-    print(f"H200 model: {FLOPS / 1e12:.0f} TFLOP/s bf16, {BANDWIDTH / 1e12:.1f} TB/s; llama3-8b head, bf16")
-    print("| N | head | path | bytes/logit | predicted ms | floor ms | x floor |")
-    print("|---|---|---|---|---|---|---|")
-    for tokens in (8192, 16384):
-        for trainable in (False, True):
-            for path in PATHS:
-                p = predict(tokens, 4096, 128256, trainable, path=path)
-                mode = "trainable" if trainable else "frozen"
-                print(f"| {tokens} | {mode} | {path} | {bytes_per_logit(path, trainable)} | {p.seconds * 1e3:.1f} | "
-                      f"{p.floor_seconds * 1e3:.1f} | {p.floor_ratio:.2f} |")
+    """Print the model's table for the llama3-8b head (H=4096, V=128256) at N=8192 and 16384, per GPU."""
+    for rates in (H100_SXM, H200):
+        print(f"{rates.name} model: {rates.flops / 1e12:.0f} TFLOP/s bf16, {rates.bandwidth / 1e12:.1f} TB/s; "
+              "llama3-8b head, bf16, chunks of 256 MiB (512 rows)")
+        print("| N | head | path | bytes/logit | head reads | GB moved | predicted ms | floor ms | x floor |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for tokens in (8192, 16384):
+            for trainable in (False, True):
+                for path in PATHS:
+                    p = predict(tokens, 4096, 128256, trainable, 512, path, rates.flops, rates.bandwidth)
+                    mode = "trainable" if trainable else "frozen"
+                    print(f"| {tokens} | {mode} | {path} | {bytes_per_logit(path, trainable)} | {p.head_reads} | "
+                          f"{p.bytes / 1e9:.0f} | {p.seconds * 1e3:.1f} | {p.floor_seconds * 1e3:.1f} | "
+                          f"{p.floor_ratio:.2f} |")
+        print()
 
 
 if __name__ == "__main__":

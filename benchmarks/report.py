@@ -5,9 +5,11 @@
 
 Times are the median of the timed rounds. For each op case: its time against the reference backend, each
 peer and the bare-matmul floor of the same shape (lower is better for the row: 0.50 means twice as fast),
-and its peak extra memory against the reference's. On a GPU run of bf16 heads, the fused backends and the
-floor also get the time ``benchmarks.gpu_model`` predicts for an H200 and the measured / predicted ratio.
-Results of other suites are listed with time and memory.
+and its peak extra memory against the reference's. On a GPU run of bf16 heads on a card that
+``benchmarks.gpu_model.rates_for`` knows (H100 SXM, H200), the fused backends and the floor also get, side by
+side: the model's time at that card's rates, the model's time at the matmul rate the run's own floor reached,
+and measured / model. A fused backend measured with ARE_FAST_CHUNK_BYTES set is listed as its own row
+("triton @1024MiB"). Results of other suites are listed with time and memory.
 """
 from __future__ import annotations
 
@@ -39,12 +41,16 @@ def load(paths) -> tuple[list, dict, dict, str | None]:
 
 def _row(result: dict) -> dict:
     info = result.get("extra_info", {})
+    label = info.get("impl")
+    if info.get("chunk_bytes") and info.get("kind") == "backend" and label != "reference":
+        label = f"{label} @{int(info['chunk_bytes']) >> 20}MiB"  # beside the same backend at the default budget
     return dict(info, name=result["name"], seconds=result["stats"]["median"], peak=info.get("peak_extra_bytes"),
-                rss=info.get("peak_rss_bytes"))
+                rss=info.get("peak_rss_bytes"), label=label)
 
 
-def _impl_key(impl: str) -> tuple:
-    return (_ORDER.index(impl) if impl in _ORDER else len(_ORDER), impl)
+def _impl_key(label: str) -> tuple:
+    impl = label.split(" @")[0]
+    return (_ORDER.index(impl) if impl in _ORDER else len(_ORDER), label)
 
 
 def _index(results: list) -> tuple[dict, dict, list]:
@@ -56,7 +62,7 @@ def _index(results: list) -> tuple[dict, dict, list]:
         elif row.get("kind") == "floor":
             floors[row["shape"]] = row
         else:
-            groups[(row["op"], row["shape"])][row["impl"]] = row
+            groups[(row["op"], row["shape"])][row["label"]] = row
     return groups, floors, others
 
 
@@ -73,17 +79,27 @@ def _ratio(a, b) -> str:
     return "" if a is None or not b else f"{a / b:.2f}"
 
 
-def predicted_seconds(row: dict) -> float | None:
-    """The H200 model's time for a CUDA bf16 row of a fused backend (its own path) or of the floor."""
+def predicted_seconds(row: dict, rates: gpu_model.Rates, flops_rate: float | None = None) -> float | None:
+    """The model's time for a CUDA bf16 row of a fused backend (its own path, its own chunk rows) or of the
+    floor, at ``rates`` (its matmul rate replaced by ``flops_rate`` when given)."""
     if not str(row.get("device", "")).startswith("cuda") or row.get("dtype") != "bfloat16":
         return None
     impl = "floor" if row.get("kind") == "floor" else row.get("impl")
     if impl not in ("floor", *FUSED_GPU_BACKENDS) or not all(row.get(k) for k in ("tokens", "hidden", "vocab")):
         return None
     prediction = gpu_model.predict(
-        row["tokens"], row["hidden"], row["vocab"], row.get("mode") == "trainable", path=impl if impl != "floor" else "triton"
+        row["tokens"], row["hidden"], row["vocab"], row.get("mode") == "trainable", row.get("chunk_rows"),
+        path=impl if impl != "floor" else "triton", flops_rate=flops_rate or rates.flops, bandwidth=rates.bandwidth,
     )
     return prediction.floor_seconds if impl == "floor" else prediction.seconds
+
+
+def floor_rate(floor: dict | None) -> float | None:
+    """The matmul rate (FLOP/s) the measured floor row reached, or None."""
+    if not floor or not all(floor.get(k) for k in ("tokens", "hidden", "vocab")):
+        return None
+    trainable = floor.get("mode") == "trainable"
+    return gpu_model.achieved_flops(floor["tokens"], floor["hidden"], floor["vocab"], trainable, floor["seconds"])
 
 
 def _header(machine: dict, commit: dict, when: str | None) -> list[str]:
@@ -100,14 +116,14 @@ def _header(machine: dict, commit: dict, when: str | None) -> list[str]:
     return lines if (machine or commit or when) else []
 
 
-def ops_table(groups: dict, floors: dict) -> list[str]:
+def ops_table(groups: dict, floors: dict, rates: gpu_model.Rates | None = None) -> list[str]:
     peers = sorted({i for g in groups.values() for i, r in g.items() if r.get("kind") == "peer"}, key=_impl_key)
     head = ["op", "shape", "impl", "median ms", "x ref"] + [f"x {p}" for p in peers]
     head += ["x floor", "peak extra MiB", "mem x ref", "peak extra RSS MiB", "note"]
     rows = [r for g in groups.values() for r in g.values()] + list(floors.values())
-    modelled = any(predicted_seconds(r) for r in rows)
+    modelled = rates is not None and any(predicted_seconds(r, rates) for r in rows)
     if modelled:
-        head += ["H200 model ms", "x model"]
+        head += [f"{rates.name} model ms", "x model", "model at floor's rate ms"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (op, shape), impls in groups.items():
         reference = impls.get("reference")
@@ -119,19 +135,32 @@ def ops_table(groups: dict, floors: dict) -> list[str]:
             cells += [_ratio(row["seconds"], floor and floor["seconds"]), _mib(row["peak"])]
             cells += [_ratio(row["peak"], reference and reference["peak"]), _mib(row.get("rss")), row.get("note") or ""]
             if modelled:
-                cells += _model_cells(row)
+                cells += _model_cells(row, rates, floor)
             lines.append("| " + " | ".join(cells) + " |")
     if floors:
         lines += ["", "Floor (bare matmuls: h @ W.T, G @ W, and G.T @ h for a trainable head):", ""]
-        lines += ["| shape | median ms |" + " H200 model ms | x model |" * modelled, "|---|---|" + "---|---|" * modelled]
+        if modelled:
+            lines += [f"| shape | median ms | {rates.name} model ms | x model | achieved TFLOP/s |",
+                      "|---|---|---|---|---|"]
+        else:
+            lines += ["| shape | median ms |", "|---|---|"]
         for shape, row in floors.items():
-            lines.append(f"| {shape} | {_ms(row['seconds'])} |" + (" " + " | ".join(_model_cells(row)) + " |") * modelled)
+            cells = [shape, _ms(row["seconds"])]
+            if modelled:
+                achieved = floor_rate(row)
+                cells += _model_cells(row, rates, None)[:2] + [f"{achieved / 1e12:.0f}" if achieved else ""]
+            lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def _model_cells(row: dict) -> list[str]:
-    predicted = predicted_seconds(row)
-    return ["", ""] if predicted is None else [_ms(predicted), _ratio(row["seconds"], predicted)]
+def _model_cells(row: dict, rates: gpu_model.Rates, floor: dict | None) -> list[str]:
+    """model ms, measured / model, and the model at the floor's measured matmul rate ("" where none applies)."""
+    predicted = predicted_seconds(row, rates)
+    if predicted is None:
+        return ["", "", ""]
+    achieved = floor_rate(floor)
+    at_floor = predicted_seconds(row, rates, achieved) if achieved else None
+    return [_ms(predicted), _ratio(row["seconds"], predicted), _ms(at_floor) if at_floor else ""]
 
 
 def _matches(row: dict, spec: dict) -> bool:
@@ -208,11 +237,26 @@ def target_lines(groups: dict, floors: dict) -> list[str]:
     return lines
 
 
+def model_lines(machine: dict) -> tuple[gpu_model.Rates | None, list[str]]:
+    """The model's rates for this run's GPU, and a line saying which (or why there are none)."""
+    gpu = machine.get("are_fast", {}).get("gpu")
+    if not gpu:
+        return None, []
+    rates = gpu_model.rates_for(gpu)
+    if rates is None:
+        return None, [f"- model: no rates for {gpu} (benchmarks.gpu_model knows H100 SXM and H200): no model columns"]
+    return rates, [
+        f"- model: benchmarks.gpu_model at {rates.name} rates ({rates.flops / 1e12:.0f} TFLOP/s bf16, "
+        f"{rates.bandwidth / 1e12:.1f} TB/s), and at the matmul rate each shape's measured floor reached"
+    ]
+
+
 def markdown(results: list, machine: dict, commit: dict, when: str | None) -> str:
     groups, floors, others = _index(results)
-    lines = _header(machine, commit, when)
+    rates, model = model_lines(machine)
+    lines = _header(machine, commit, when) + model
     if groups or floors:
-        lines += ["", *ops_table(groups, floors), "", "### Targets", "", *target_lines(groups, floors)]
+        lines += ["", *ops_table(groups, floors, rates), "", "### Targets", "", *target_lines(groups, floors)]
     if others:
         lines += ["", "| benchmark | median ms | peak extra MiB |", "|---|---|---|"]
         lines += [f"| {r['name']} | {_ms(r['seconds'])} | {_mib(r['peak'])} |" for r in others]

@@ -13,6 +13,8 @@ import os
 import pytest
 import torch
 
+from are_fast.ops.chunked import chunk_rows_for
+
 from . import rss
 from .cases import Case, bench_device, clear_grads, floor_shapes, make_inputs, op_cases, smoke_mode
 from .impls import floor_fn, implementations, loss_fn
@@ -34,7 +36,12 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize(("case", "impl"), params)
 
 
-def _shape_info(shape) -> dict:
+def _shape_info(shape, device) -> dict:
+    """What the report needs of a case's shape, and the chunking the fused backends use there (ARE_FAST_CHUNK_BYTES,
+    when set, is recorded too: the report lists such rows apart)."""
+    chunking = {"chunk_rows": chunk_rows_for(shape.tokens, shape.head.vocab, 1, device)}
+    if os.environ.get("ARE_FAST_CHUNK_BYTES"):
+        chunking["chunk_bytes"] = int(os.environ["ARE_FAST_CHUNK_BYTES"])
     return {
         "suite": "ops",
         "shape": shape.id,
@@ -44,6 +51,7 @@ def _shape_info(shape) -> dict:
         "tokens": shape.tokens,
         "dtype": str(shape.dtype).replace("torch.", ""),
         "mode": shape.mode,
+        **chunking,
     }
 
 
@@ -73,7 +81,7 @@ def test_op(case, impl, measure):
         impl=impl.name,
         kind=impl.kind,
         note=impl.note(case.op, case.shape.trainable),
-        **_shape_info(case.shape),
+        **_shape_info(case.shape, device),
         **extra,
     )
 
@@ -87,4 +95,4 @@ def _floor(shape, device, measure):
 
     hidden, weight = randn(shape.tokens, head.hidden), randn(head.vocab, head.hidden)
     run = floor_fn(hidden, weight, randn(shape.tokens, head.vocab), shape.trainable)
-    measure(run, group=f"floor-{shape.id}", op="floor", impl="floor", kind="floor", **_shape_info(shape))
+    measure(run, group=f"floor-{shape.id}", op="floor", impl="floor", kind="floor", **_shape_info(shape, device))

@@ -12,7 +12,12 @@
 // exponentials relative to the running max (online log-sum-exp). The gradient is a second pass, made while
 // the row is still in L2. Rows are spread over threads; inner loops are written to vectorize (omp simd, a
 // branch-free float32 exp) and, on x86-64 with GCC, compiled for AVX-512, AVX2 and a baseline, picked at load.
-// An infinite logit gives an infinite log-sum-exp (log-probs -inf or NaN) and a NaN KL.
+// A +inf logit gives an infinite log-sum-exp (log-probs -inf or NaN) and a NaN KL; -inf logits (a masked
+// vocabulary) have probability 0 and add nothing to a KL (kl_terms.h).
+//
+// Both take optional softcap and logit_scale (logit_transform.h): the statistics are over the transformed
+// logits, which the first pass forms tile by tile in a stack buffer (the logits stay untouched without a
+// gradient); the gradient pass transforms each logit again and chains its gradient through dz'/dz.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -26,6 +31,8 @@
 #include <limits>
 
 #include "epilogue_checks.h"
+#include "kl_terms.h"
+#include "logit_transform.h"
 
 #if defined(__GNUC__)
 #define ARE_FAST_INLINE inline __attribute__((always_inline))
@@ -113,13 +120,26 @@ struct Lse {
   T log_sum;
 };
 
+// The tile the statistics read: the logits themselves, or their transform written into `scratch` [kTile].
 template <typename T>
-ARE_FAST_INLINE Lse<T> row_logsumexp(const T* x, int64_t n) {
+ARE_FAST_INLINE const T* transformed_tile(const T* x, int64_t len, const LogitTransform<T>& f, T* scratch) {
+  if (f.identity()) {
+    return x;
+  }
+  for (int64_t i = 0; i < len; ++i) {
+    scratch[i] = f(x[i]);
+  }
+  return scratch;
+}
+
+template <typename T>
+ARE_FAST_INLINE Lse<T> row_logsumexp(const T* x, int64_t n, const LogitTransform<T>& f) {
   T m = -kInf<T>;
   T s = 0;  // sum of exp(x - shift_of(m)) over the tiles so far
+  T scratch[kTile];
   for (int64_t start = 0; start < n; start += kTile) {
-    const T* tile = x + start;
     const int64_t len = std::min(kTile, n - start);
+    const T* tile = transformed_tile(x + start, len, f, scratch);
     const T factor = raise_max(m, tile_max(tile, len));
     if (m == kInf<T>) {
       return {m, T(0)};
@@ -144,6 +164,7 @@ struct LogprobArgs {
   int64_t ignore_index;
   const T* scale;  // nullptr: values only
   T* out;
+  LogitTransform<T> f;
 };
 
 template <typename T>
@@ -158,15 +179,24 @@ ARE_FAST_INLINE void logprob_rows(const LogprobArgs<T>& a, int64_t begin, int64_
       }
       continue;
     }
-    const Lse<T> lse = row_logsumexp(x, a.vocab);
-    a.out[row] = (x[target] - lse.max) - lse.log_sum;
+    const LogitTransform<T>& f = a.f;
+    const Lse<T> lse = row_logsumexp(x, a.vocab, f);
+    a.out[row] = (f(x[target]) - lse.max) - lse.log_sum;
     if (a.scale != nullptr) {
       const T g = a.scale[row];
+      if (f.identity()) {
 #pragma omp simd
-      for (int64_t i = 0; i < a.vocab; ++i) {
-        x[i] = -g * exp_nonpositive((x[i] - lse.max) - lse.log_sum);
+        for (int64_t i = 0; i < a.vocab; ++i) {
+          x[i] = -g * exp_nonpositive((x[i] - lse.max) - lse.log_sum);
+        }
+        x[target] += g;
+      } else {
+        const T target_derivative = f.derivative(x[target]);  // before the raw logit is overwritten
+        for (int64_t i = 0; i < a.vocab; ++i) {
+          x[i] = -g * exp_nonpositive((f(x[i]) - lse.max) - lse.log_sum) * f.derivative(x[i]);
+        }
+        x[target] += g * target_derivative;
       }
-      x[target] += g;
     }
   }
 }
@@ -181,6 +211,7 @@ struct KlArgs {
   const bool* valid;
   const T* scale;  // nullptr: values only
   T* out;
+  LogitTransform<T> f;
 };
 
 template <typename T>
@@ -193,13 +224,14 @@ struct KlStats {
 // Online over tiles: running maxes of a and b, s = sum exp(a - max a), t = sum exp(a - max a) (a - b) and the
 // sum for b; then cross = t / s.
 template <typename T>
-ARE_FAST_INLINE KlStats<T> row_kl_stats(const T* a, const T* b, int64_t n) {
+ARE_FAST_INLINE KlStats<T> row_kl_stats(const T* a, const T* b, int64_t n, const LogitTransform<T>& f) {
   T max_a = -kInf<T>, max_b = -kInf<T>;
   T s = 0, t = 0, s_b = 0;
+  T scratch_a[kTile], scratch_b[kTile];
   for (int64_t start = 0; start < n; start += kTile) {
-    const T* ta = a + start;
-    const T* tb = b + start;
     const int64_t len = std::min(kTile, n - start);
+    const T* ta = transformed_tile(a + start, len, f, scratch_a);
+    const T* tb = transformed_tile(b + start, len, f, scratch_b);
     const T factor_a = raise_max(max_a, tile_max(ta, len));
     const T factor_b = raise_max(max_b, tile_max(tb, len));
     if (max_a == kInf<T> || max_b == kInf<T>) {
@@ -212,7 +244,7 @@ ARE_FAST_INLINE KlStats<T> row_kl_stats(const T* a, const T* b, int64_t n) {
     for (int64_t i = 0; i < len; ++i) {
       const T e = exp_nonpositive(ta[i] - shift_a);
       tile_s += e;
-      tile_t += e * (ta[i] - tb[i]);
+      tile_t += kl_term(e, ta[i] - tb[i]);
       tile_s_b += exp_nonpositive(tb[i] - shift_b);
     }
     s = s * factor_a + tile_s;
@@ -235,17 +267,29 @@ ARE_FAST_INLINE void kl_rows(const KlArgs<T>& k, int64_t begin, int64_t end) {
       }
       continue;
     }
-    const KlStats<T> st = row_kl_stats(a, b, k.vocab);
+    const LogitTransform<T>& f = k.f;
+    const KlStats<T> st = row_kl_stats(a, b, k.vocab, f);
     k.out[row] = st.cross - (st.p.max - st.q.max) - (st.p.log_sum - st.q.log_sum);
     if (k.scale != nullptr) {
       const T g = k.scale[row];
+      if (f.identity()) {
 #pragma omp simd
-      for (int64_t i = 0; i < k.vocab; ++i) {
-        const T p = exp_nonpositive((a[i] - st.p.max) - st.p.log_sum);
-        const T q = exp_nonpositive((b[i] - st.q.max) - st.q.log_sum);
-        const T diff = a[i] - b[i];
-        a[i] = g * p * (diff - st.cross);
-        b[i] = g * (q - p);
+        for (int64_t i = 0; i < k.vocab; ++i) {
+          const T p = exp_nonpositive((a[i] - st.p.max) - st.p.log_sum);
+          const T q = exp_nonpositive((b[i] - st.q.max) - st.q.log_sum);
+          const T diff = a[i] - b[i];
+          a[i] = g * kl_term(p, diff - st.cross);
+          b[i] = g * (q - p);
+        }
+      } else {
+        for (int64_t i = 0; i < k.vocab; ++i) {
+          const T za = f(a[i]), zb = f(b[i]);
+          const T derivative_a = f.derivative(a[i]), derivative_b = f.derivative(b[i]);
+          const T p = exp_nonpositive((za - st.p.max) - st.p.log_sum);
+          const T q = exp_nonpositive((zb - st.q.max) - st.q.log_sum);
+          a[i] = g * kl_term(p, (za - zb) - st.cross) * derivative_a;
+          b[i] = g * (q - p) * derivative_b;
+        }
       }
     }
   }
@@ -262,7 +306,8 @@ ARE_FAST_CLONES void kl_range(const KlArgs<float>& k, int64_t begin, int64_t end
 ARE_FAST_CLONES void kl_range(const KlArgs<double>& k, int64_t begin, int64_t end) { kl_rows(k, begin, end); }
 
 at::Tensor logprob_epilogue_cpu(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
-                                const std::optional<at::Tensor>& grad_scale) {
+                                const std::optional<at::Tensor>& grad_scale, std::optional<double> softcap,
+                                std::optional<double> logit_scale) {
   check_logprob_args(logits, targets, c10::DeviceType::CPU);
   const std::optional<at::Tensor> scale = checked_scale(grad_scale, logits);
   const at::Tensor targets_c = targets.contiguous();
@@ -274,14 +319,16 @@ at::Tensor logprob_epilogue_cpu(const at::Tensor& logits, const at::Tensor& targ
                                      targets_c.const_data_ptr<int64_t>(),
                                      ignore_index,
                                      scale ? scale->const_data_ptr<scalar_t>() : nullptr,
-                                     out.mutable_data_ptr<scalar_t>()};
+                                     out.mutable_data_ptr<scalar_t>(),
+                                     make_transform<scalar_t>(softcap, logit_scale)};
     at::parallel_for(0, logits.size(0), 1, [&](int64_t begin, int64_t end) { logprob_range(args, begin, end); });
   });
   return out;
 }
 
 at::Tensor kl_epilogue_cpu(const at::Tensor& logits_p, const at::Tensor& logits_q, const at::Tensor& valid,
-                           const std::optional<at::Tensor>& grad_scale) {
+                           const std::optional<at::Tensor>& grad_scale, std::optional<double> softcap,
+                           std::optional<double> logit_scale) {
   check_kl_args(logits_p, logits_q, valid, c10::DeviceType::CPU);
   const std::optional<at::Tensor> scale = checked_scale(grad_scale, logits_p);
   const at::Tensor valid_c = valid.contiguous();
@@ -294,7 +341,8 @@ at::Tensor kl_epilogue_cpu(const at::Tensor& logits_p, const at::Tensor& logits_
                                 logits_p.size(1),
                                 valid_c.const_data_ptr<bool>(),
                                 scale ? scale->const_data_ptr<scalar_t>() : nullptr,
-                                out.mutable_data_ptr<scalar_t>()};
+                                out.mutable_data_ptr<scalar_t>(),
+                                make_transform<scalar_t>(softcap, logit_scale)};
     at::parallel_for(0, logits_p.size(0), 1, [&](int64_t begin, int64_t end) { kl_range(args, begin, end); });
   });
   return out;
@@ -302,12 +350,12 @@ at::Tensor kl_epilogue_cpu(const at::Tensor& logits_p, const at::Tensor& logits_
 
 // Shape-only versions for fake/meta tensors (torch.compile tracing).
 at::Tensor logprob_epilogue_meta(const at::Tensor& logits, const at::Tensor&, int64_t,
-                                 const std::optional<at::Tensor>&) {
+                                 const std::optional<at::Tensor>&, std::optional<double>, std::optional<double>) {
   return at::empty({logits.size(0)}, logits.options());
 }
 
 at::Tensor kl_epilogue_meta(const at::Tensor& logits_p, const at::Tensor&, const at::Tensor&,
-                            const std::optional<at::Tensor>&) {
+                            const std::optional<at::Tensor>&, std::optional<double>, std::optional<double>) {
   return at::empty({logits_p.size(0)}, logits_p.options());
 }
 
@@ -315,8 +363,12 @@ at::Tensor kl_epilogue_meta(const at::Tensor& logits_p, const at::Tensor&, const
 }  // namespace are_fast
 
 TORCH_LIBRARY(are_fast, m) {
-  m.def("logprob_epilogue(Tensor(a!) logits, Tensor targets, int ignore_index, Tensor? grad_scale) -> Tensor");
-  m.def("kl_epilogue(Tensor(a!) logits_p, Tensor(b!) logits_q, Tensor valid, Tensor? grad_scale) -> Tensor");
+  m.def(
+      "logprob_epilogue(Tensor(a!) logits, Tensor targets, int ignore_index, Tensor? grad_scale, float? softcap=None, "
+      "float? logit_scale=None) -> Tensor");
+  m.def(
+      "kl_epilogue(Tensor(a!) logits_p, Tensor(b!) logits_q, Tensor valid, Tensor? grad_scale, float? softcap=None, "
+      "float? logit_scale=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(are_fast, CPU, m) {

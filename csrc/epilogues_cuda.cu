@@ -1,7 +1,8 @@
 // CUDA versions of the row epilogues of epilogues.cpp (same contract and schemas, registered for the CUDA
 // dispatch key): one thread block per row. Each thread folds its strided share of the row into a running
 // (max, sum of exp(x - max)) pair, the block merges the pairs with warp shuffles, and a second sweep writes
-// the gradient over the logits. Arithmetic runs in the logits' dtype (float32 or float64).
+// the gradient over the logits. Arithmetic runs in the logits' dtype (float32 or float64). The logit transforms
+// (softcap, logit_scale) are those of logit_transform.h, applied to each logit as it is read.
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -14,6 +15,8 @@
 #include <limits>
 
 #include "epilogue_checks.h"
+#include "kl_terms.h"
+#include "logit_transform.h"
 
 namespace are_fast {
 namespace {
@@ -34,11 +37,11 @@ struct Stat {
   T weighted;
 };
 
-// A single element x with weight w; -inf contributes nothing.
+// A single element x with weight w; -inf contributes nothing (not even 0 * an infinite w).
 template <typename T>
 __device__ __forceinline__ Stat<T> element(T x, T w) {
   const T one = x == neg_inf<T>() ? T(0) : T(1);
-  return {x, one, one * w};
+  return {x, one, kl_term(one, w)};
 }
 
 // Merges two statistics (associative). fmax ignores NaN in the maxes; a NaN element still poisons the sums.
@@ -84,7 +87,7 @@ __device__ Stat<T> block_merge(Stat<T> s, Stat<T>* shared) {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) logprob_kernel(T* logits, int64_t stride, int64_t vocab,
                                                            const int64_t* targets, int64_t ignore_index,
-                                                           const T* scale, T* out) {
+                                                           const T* scale, T* out, LogitTransform<T> f) {
   __shared__ Stat<T> shared[kThreads / kWarp];
   const int64_t row = blockIdx.x;
   T* x = logits + row * stride;
@@ -100,10 +103,10 @@ __global__ void __launch_bounds__(kThreads) logprob_kernel(T* logits, int64_t st
     }
     return;
   }
-  const T target_logit = x[target];  // read by every thread before block_merge's barrier, so before any write
+  const T target_logit = f(x[target]);  // read by every thread before block_merge's barrier, so before any write
   Stat<T> s{neg_inf<T>(), T(0), T(0)};
   for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
-    s = merge(s, element(x[i], T(0)));
+    s = merge(s, element(f(x[i]), T(0)));
   }
   s = block_merge(s, shared);
   const T log_sum = log(s.sum);  // x - lse is formed as (x - max) - log_sum, exact for large logits
@@ -113,14 +116,16 @@ __global__ void __launch_bounds__(kThreads) logprob_kernel(T* logits, int64_t st
   if (scale != nullptr) {
     const T g = scale[row];
     for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
-      x[i] = (i == target ? g : T(0)) - g * exp((x[i] - s.max) - log_sum);
+      const T z = x[i];
+      x[i] = ((i == target ? g : T(0)) - g * exp((f(z) - s.max) - log_sum)) * f.derivative(z);
     }
   }
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) kl_kernel(T* logits_p, T* logits_q, int64_t stride_p, int64_t stride_q,
-                                                      int64_t vocab, const bool* valid, const T* scale, T* out) {
+                                                      int64_t vocab, const bool* valid, const T* scale, T* out,
+                                                      LogitTransform<T> f) {
   __shared__ Stat<T> shared[kThreads / kWarp];
   const int64_t row = blockIdx.x;
   T* a = logits_p + row * stride_p;
@@ -140,8 +145,9 @@ __global__ void __launch_bounds__(kThreads) kl_kernel(T* logits_p, T* logits_q, 
   Stat<T> sa{neg_inf<T>(), T(0), T(0)};  // weighted: sum exp(a - max a) (a - b)
   Stat<T> sb{neg_inf<T>(), T(0), T(0)};
   for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
-    sa = merge(sa, element(a[i], a[i] - b[i]));
-    sb = merge(sb, element(b[i], T(0)));
+    const T za = f(a[i]), zb = f(b[i]);
+    sa = merge(sa, element(za, za - zb));
+    sb = merge(sb, element(zb, T(0)));
   }
   sa = block_merge(sa, shared);
   sb = block_merge(sb, shared);
@@ -154,17 +160,19 @@ __global__ void __launch_bounds__(kThreads) kl_kernel(T* logits_p, T* logits_q, 
   if (scale != nullptr) {
     const T g = scale[row];
     for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
-      const T p = exp((a[i] - sa.max) - log_sum_p);
-      const T q = exp((b[i] - sb.max) - log_sum_q);
-      const T diff = a[i] - b[i];
-      a[i] = g * p * (diff - cross);
-      b[i] = g * (q - p);
+      const T raw_a = a[i], raw_b = b[i];
+      const T za = f(raw_a), zb = f(raw_b);
+      const T p = exp((za - sa.max) - log_sum_p);
+      const T q = exp((zb - sb.max) - log_sum_q);
+      a[i] = g * kl_term(p, (za - zb) - cross) * f.derivative(raw_a);
+      b[i] = g * (q - p) * f.derivative(raw_b);
     }
   }
 }
 
 at::Tensor logprob_epilogue_cuda(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
-                                 const std::optional<at::Tensor>& grad_scale) {
+                                 const std::optional<at::Tensor>& grad_scale, std::optional<double> softcap,
+                                 std::optional<double> logit_scale) {
   check_logprob_args(logits, targets, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(logits.device());
   const std::optional<at::Tensor> scale = checked_scale(grad_scale, logits);
@@ -179,14 +187,16 @@ at::Tensor logprob_epilogue_cuda(const at::Tensor& logits, const at::Tensor& tar
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "logprob_epilogue", [&] {
     logprob_kernel<scalar_t><<<logits.size(0), kThreads, 0, stream>>>(
         logits.mutable_data_ptr<scalar_t>(), logits.stride(0), logits.size(1), targets_c.const_data_ptr<int64_t>(),
-        ignore_index, scale ? scale->const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>());
+        ignore_index, scale ? scale->const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(),
+        make_transform<scalar_t>(softcap, logit_scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
 at::Tensor kl_epilogue_cuda(const at::Tensor& logits_p, const at::Tensor& logits_q, const at::Tensor& valid,
-                            const std::optional<at::Tensor>& grad_scale) {
+                            const std::optional<at::Tensor>& grad_scale, std::optional<double> softcap,
+                            std::optional<double> logit_scale) {
   check_kl_args(logits_p, logits_q, valid, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(logits_p.device());
   const std::optional<at::Tensor> scale = checked_scale(grad_scale, logits_p);
@@ -202,7 +212,8 @@ at::Tensor kl_epilogue_cuda(const at::Tensor& logits_p, const at::Tensor& logits
     kl_kernel<scalar_t><<<logits_p.size(0), kThreads, 0, stream>>>(
         logits_p.mutable_data_ptr<scalar_t>(), logits_q.mutable_data_ptr<scalar_t>(), logits_p.stride(0),
         logits_q.stride(0), logits_p.size(1), valid_c.const_data_ptr<bool>(),
-        scale ? scale->const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>());
+        scale ? scale->const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(),
+        make_transform<scalar_t>(softcap, logit_scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

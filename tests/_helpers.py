@@ -5,6 +5,7 @@ import random
 import torch
 
 import are_fast
+from are_fast.ops import torch_epilogues
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float64: 1e-10}
 FUSED_BACKENDS = [b for b in are_fast.BACKENDS if b != "reference"]
@@ -128,6 +129,55 @@ def assert_rows_close(out: torch.Tensor, ref: torch.Tensor, what: str, peer: tor
             bound = max(bound, 2 * rel_error(peer[row], ref[row]))
         error = rel_error(out[row], ref[row])
         assert error <= bound, f"{what}, row {row}: relative error {error:.2e} > {bound:.1e}"
+
+
+TILE = 16  # the kernel tests' small tile (the launchers' block_v), so that a short row spans many tiles
+VOCAB = 5 * TILE + 3  # four full tiles after the first, then a ragged tail of 3
+
+
+MASKED = -1e4  # a logit whose probability is exactly 0 in float32 and float64 (exp(-1e4) underflows)
+
+
+def masked_kl_rows(vocab: int = VOCAB, tile: int = TILE) -> tuple:
+    """Logits p, q [5, V] float64 (float32 values) with -inf entries, a masked vocabulary, and the same rows
+    with -inf replaced by -1e4: the limit the masked rows must give (p = 0 there contributes nothing, where a
+    careless p * (log p - log q) is 0 * -inf = NaN). Rows: p masked at scattered columns, q finite; both masked
+    at the same columns, one a whole middle tile; q masked only where p is; both masked over the whole first
+    tile; none masked."""
+    a = rounded(torch.randn(5, vocab, dtype=torch.float64) * 3)
+    b = rounded(torch.randn(5, vocab, dtype=torch.float64) * 3)
+    minus_inf = torch.zeros(2, 5, vocab, dtype=torch.bool)  # [p or q, row, column]
+    minus_inf[0, 0, [0, 5, tile + 1, vocab - 1]] = True
+    minus_inf[:, 1, [1, vocab - 1]] = True
+    minus_inf[:, 1, tile:2 * tile] = True
+    minus_inf[0, 2, [2, 3, 2 * tile]] = True
+    minus_inf[1, 2, [3]] = True
+    minus_inf[:, 3, :tile] = True
+    masked = [x.masked_fill(m, float("-inf")) for x, m in zip((a, b), minus_inf)]
+    limits = [x.masked_fill(m, MASKED) for x, m in zip((a, b), minus_inf)]
+    return masked, limits
+
+
+def check_masked_kl(kl_epilogue_under_test, device):
+    """``kl_epilogue_under_test`` (the contract of torch_epilogues.kl_epilogue) on masked_kl_rows in float32:
+    values and both gradients against the float64 PyTorch epilogue on the limit rows, exact zeros where p is
+    masked; and +inf, not NaN, where only q is masked (p > 0 there: the KL is infinite)."""
+    (a, b), (limit_a, limit_b) = masked_kl_rows()
+    valid, scale = torch.ones(len(a), dtype=torch.bool), torch.randn(len(a)).double()
+    ref_a, ref_b = limit_a.clone(), limit_b.clone()
+    ref = torch_epilogues.kl_epilogue(ref_a, ref_b, valid, scale)
+    ours_a, ours_b = a.to(device, torch.float32), b.to(device, torch.float32)
+    assert_rows_close(kl_epilogue_under_test(ours_a, ours_b, valid.to(device), None), ref, "KL, values only")
+    out = kl_epilogue_under_test(ours_a, ours_b, valid.to(device), scale.to(device, torch.float32))
+    assert_rows_close(out, ref, "KL")
+    assert_rows_close(ours_a, ref_a, "d/dlogits_p")
+    assert_rows_close(ours_b, ref_b, "d/dlogits_q")
+    assert (ours_a.cpu()[a == float("-inf")] == 0).all()
+    only_q = b.clone()
+    only_q[:, 2 * TILE + 5] = float("-inf")  # a column p never masks
+    infinite = kl_epilogue_under_test(a.to(device, torch.float32), only_q.to(device, torch.float32),
+                                      valid.to(device), None)
+    assert torch.isinf(infinite).all() and (infinite > 0).all(), f"only q masked: {infinite.tolist()}"
 
 
 def byte_level_bpe_tokenizer(merges: int = 300, seed: int = 0):

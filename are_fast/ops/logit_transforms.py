@@ -47,6 +47,3 @@ def apply_with_derivative_(logits: torch.Tensor, softcap: float | None, logit_sc
     argument.tanh_().mul_(softcap)
     return derivative
 
-
-def is_identity(softcap: float | None, logit_scale: float | None) -> bool:
-    return softcap is None and logit_scale is None

@@ -2,7 +2,8 @@
 
 Once loaded, ``torch.ops.are_fast.logprob_epilogue`` and ``torch.ops.are_fast.kl_epilogue`` follow the
 contract of ``are_fast.ops.torch_epilogues`` (logits [C, V] float32/float64, overwritten in place with their
-gradient when ``grad_scale`` is given). The library comes from, first match wins:
+gradient when ``grad_scale`` is given; optional ``softcap`` and ``logit_scale``, the logit transforms). The
+library comes from, first match wins:
 
 1. an ahead-of-time build, ``are_fast/_native*.so``
    (``ARE_FAST_BUILD_NATIVE=1 pip install --no-build-isolation -e .``);
@@ -22,7 +23,8 @@ PyTorch ones: ``auto`` (default) when an ahead-of-time build loads, so an op cal
 unasked and the choice does not depend on what happens to sit in a cache; ``1`` always, building on the first
 op call (falling back to the PyTorch epilogues, with the logged reason, if that fails); ``0`` never.
 
-``python -m are_fast.ops.native --check`` builds if needed and prints what was built, or why not.
+``python -m are_fast.ops.native --check`` builds if needed and prints what was built, or why not; ``--plan``
+prints what a build here would compile and with what, building nothing.
 """
 from __future__ import annotations
 
@@ -176,20 +178,14 @@ def epilogues() -> SimpleNamespace:
     gradient output (a low-precision head's) is then filled by one cast pass (``store_gradient``)."""
     from .torch_epilogues import store_gradient
 
-    def refuse(softcap, logit_scale):
-        if softcap is not None or logit_scale is not None:
-            raise NotImplementedError("backend='native': softcap= and logit_scale= are not implemented yet")
-
     def logprob(logits, targets, ignore_index, grad_scale, grad_out=None, *, softcap=None, logit_scale=None):
-        refuse(softcap, logit_scale)
-        values = torch.ops.are_fast.logprob_epilogue(logits, targets, ignore_index, grad_scale)
+        values = torch.ops.are_fast.logprob_epilogue(logits, targets, ignore_index, grad_scale, softcap, logit_scale)
         if grad_scale is not None:
             store_gradient(logits, grad_out)
         return values
 
     def kl(logits_p, logits_q, valid, grad_scale, grad_out_p=None, grad_out_q=None, *, softcap=None, logit_scale=None):
-        refuse(softcap, logit_scale)
-        values = torch.ops.are_fast.kl_epilogue(logits_p, logits_q, valid, grad_scale)
+        values = torch.ops.are_fast.kl_epilogue(logits_p, logits_q, valid, grad_scale, softcap, logit_scale)
         if grad_scale is not None:
             store_gradient(logits_p, grad_out_p)
             store_gradient(logits_q, grad_out_q)
@@ -216,10 +212,40 @@ def use_by_default(device: torch.device) -> bool:
     return library.load(build=mode == "1") and supports(device)
 
 
+def print_plan() -> None:
+    """What a just-in-time build here compiles and with what: sources, compilers, CUDA toolkit and targets, and
+    the cache folder (with whether it already holds the build)."""
+    from torch.utils import cpp_extension
+
+    plan = library._make_plan()
+    if isinstance(plan, str):
+        print(f"are_fast native build: none possible: {plan}")
+        return
+    cuda = any(source.endswith(".cu") for source in plan.sources)
+    print(f"are_fast native build: {', '.join(Path(source).name for source in plan.sources)}")
+    compiler = os.environ.get("CXX", "").strip() or "c++"
+    print(f"  C++ compiler: {compiler} ({shutil.which(compiler.split()[0]) or 'not on PATH'})")
+    print(f"  CUDA_HOME (torch's): {cpp_extension.CUDA_HOME}; torch built with CUDA {torch.version.cuda}")
+    if cuda:
+        major, minor = torch.cuda.get_device_capability()
+        targets = os.environ.get("TORCH_CUDA_ARCH_LIST") or f"the visible GPU's, sm_{major}{minor}"
+        nvcc = Path(cpp_extension.CUDA_HOME, "bin", "nvcc")
+        print(f"  nvcc: {nvcc}; targets: {targets}; flags {' '.join(_CUDA_CFLAGS)}")
+    else:
+        print("  no CUDA kernels: " + ("no GPU visible" if torch.version.cuda and cpp_extension.CUDA_HOME else
+                                      "torch without CUDA or no CUDA toolkit found"))
+    cached = (plan.directory / f"{plan.name}.so").is_file()
+    print(f"  cache: {plan.directory} ({'holds this build' if cached else 'empty: the first use builds it'})")
+
+
 def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m are_fast.ops.native", description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--check", action="store_true", help="build if needed; print what was built or why not")
+    parser.add_argument("--plan", action="store_true", help="print what a build here would use; build nothing")
     args = parser.parse_args(argv)
+    if args.plan:
+        print_plan()
+        return 0
     if not args.check:
         parser.print_help()
         return 0

@@ -350,7 +350,7 @@ class _KLSweep:
                 if acc is not None:
                     acc[2].addcmul_(acc[0], moved.unsqueeze(1), value=-1)
             shift = new_shift
-            ratio.sub_(shift.unsqueeze(1)).mul_(exp_a)
+            ratio.sub_(shift.unsqueeze(1)).mul_(exp_a).masked_fill_(exp_a == 0, 0.0)  # p = 0 (-inf logit): 0, not NaN
             sum_ad.add_(ratio.sum(1))
             if acc is not None:
                 if slots == 4:  # gradients over z' -> over z: weigh by D_a (slots 0, 2) and D_b (1, 3)

@@ -69,7 +69,10 @@ def conditional_kl(hidden_p, hidden_q, weight, labels, bias=None, reduction="sum
     """
     logp = torch.log_softmax(logits(hidden_p, weight, bias, softcap=softcap, logit_scale=logit_scale), dim=-1)
     logq = torch.log_softmax(logits(hidden_q, weight, bias, softcap=softcap, logit_scale=logit_scale), dim=-1)
-    per_position = (logp.exp() * (logp - logq)).sum(-1)  # [B, T]: position t predicts labels[:, t + 1]
+    p = logp.exp()
+    # p log(p / q) is 0 where p = 0 (a -inf logit, e.g. a masked vocabulary entry): not 0 * (-inf - logq) = NaN,
+    # in the value or, through the masked ratio, in the gradients.
+    per_position = (p * (logp - logq).masked_fill(p == 0, 0.0)).sum(-1)  # [B, T]: position t predicts labels[:, t + 1]
     mask = labels[:, 1:] != ignore_index
     aligned = torch.zeros_like(per_position)
     aligned[:, 1:] = per_position[:, :-1] * mask

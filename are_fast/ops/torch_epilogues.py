@@ -11,8 +11,9 @@ compute the gradient in place and stage it through one temporary (``store_gradie
 
 Logit transforms (keywords ``softcap`` and ``logit_scale``, see ``are_fast.ops.logit_transforms``): the logits
 come in untransformed; the statistics are over softcap(s * z) and the gradient written is the one over z. With a
-gradient they are transformed in place first; a softcap then keeps its derivative in one [C, V] temporary until
-the gradient is formed, a scale alone is folded into the per-row gradient scale. The Triton kernels in
+gradient they are transformed in place first; a softcap then keeps its derivative in one [C, V] temporary per
+stream until the gradient is formed (O(C x V) like the chunk, never N x V), a scale alone is folded into the
+per-row gradient scale. The Triton kernels in
 ``are_fast.kernels`` implement the same two functions with the same signatures, so the chunk driver in
 ``are_fast.ops.chunked`` serves every backend.
 """
@@ -110,17 +111,20 @@ def kl_epilogue(
     equals g * p * (log p - log q - KL), and logits_q becomes g * (q - p).
     """
     # ATen's fused log_softmax (in place on CPU), and KL as sum p (log p - log q): no cancellation between two
-    # log-sum-exps; one [C, V] temporary (log p - log q).
+    # log-sum-exps; one [C, V] temporary (log p - log q). Where p = 0 (a -inf logit in p) the term is 0, not
+    # 0 * (-inf - log q) = NaN; a -inf logit in q where p > 0 gives +inf.
     if grad_scale is None:  # values only: the logits stay as they are
         log_p, log_q = (torch.log_softmax(logit_transforms.apply(z, softcap, logit_scale), dim=1)
                         for z in (logits_p, logits_q))
-        return torch.where(valid, torch.linalg.vecdot(log_p.exp(), log_p - log_q), 0.0)
+        p = log_p.exp()
+        return torch.where(valid, torch.linalg.vecdot(p, (log_p - log_q).masked_fill_(p == 0, 0.0)), 0.0)
     derivative_p = logit_transforms.apply_with_derivative_(logits_p, softcap, logit_scale)
     derivative_q = logit_transforms.apply_with_derivative_(logits_q, softcap, logit_scale)
     log_p = _log_softmax_in_place(logits_p)
     log_q = _log_softmax_in_place(logits_q)
     log_ratio = log_p - log_q
     p = torch.exp(log_p, out=logits_p)  # in place
+    log_ratio.masked_fill_(p == 0, 0.0)  # so that p's gradient there is 0 * (0 - KL) = 0
     per_row = torch.linalg.vecdot(p, log_ratio)  # without a [C, V] temporary
     scale = _row_scale(valid, grad_scale, logits_p.dtype, derivative_p)
     torch.exp(log_q, out=logits_q).sub_(p).mul_(scale)  # g * (q - p)

@@ -67,6 +67,37 @@ def test_bad_kl_inputs(device):
         are_fast.conditional_kl(a["hidden"], a["hidden_q"], a["weight"], a["labels"], reduction="max")
 
 
+TRANSFORM_CASES = [
+    ("zero", 0.0, ValueError, "got 0.0"),
+    ("negative", -30, ValueError, "got -30"),
+    ("infinite", float("inf"), TypeError, r"a finite real number\), got inf"),
+    ("NaN", float("nan"), TypeError, r"a finite real number\), got nan"),
+    ("string", "30", TypeError, "got '30'"),
+    ("bool", True, TypeError, "got True"),
+    ("tensor", torch.tensor(30.0), TypeError, r"got tensor\(30\.\)"),
+]
+
+
+@pytest.mark.parametrize("name", ["softcap", "logit_scale"])
+@pytest.mark.parametrize("what,value,error,message", TRANSFORM_CASES, ids=[c[0] for c in TRANSFORM_CASES])
+def test_bad_logit_transforms(name, what, value, error, message, device):
+    """softcap / logit_scale: None or a positive finite real, on every head-taking op and module wrapper."""
+    a = {n: v.to(device) for n, v in good().items()}
+    expected = rf"{name}: expected None or a positive (cap|scale).*{message}"
+    calls = [
+        lambda kw: are_fast.token_logprobs(a["hidden"], a["weight"], a["labels"], **kw),
+        lambda kw: are_fast.sequence_logprobs(a["hidden"], a["weight"], a["labels"], **kw),
+        lambda kw: are_fast.compression_loss(a["hidden"], a["weight"], a["labels"], **kw),
+        lambda kw: are_fast.conditional_kl(a["hidden"], a["hidden_q"], a["weight"], a["labels"], **kw),
+        lambda kw: are_fast.CompressionLoss(**kw),
+        lambda kw: are_fast.SequenceLogprobs(**kw),
+        lambda kw: are_fast.ConditionalKL(**kw),
+    ]
+    for call in calls:
+        with pytest.raises(error, match=expected):
+            call({name: value})
+
+
 def test_bad_alignment_inputs():
     lp, lpn = torch.randn(4), torch.randn(4, 2)
     with pytest.raises(ValueError, match=r"ref_n: expected the shape of lp_qn \(4, 2\)"):

@@ -8,6 +8,25 @@ import torch
 import are_fast
 from _helpers import FUSED_BACKENDS, IGNORE_INDEX, OPS, assert_rel_close, leaf, make_inputs, representable, run_op
 
+@pytest.mark.parametrize("backend", ["reference", *FUSED_BACKENDS])
+def test_conditional_kl_over_a_masked_vocabulary(backend, device):
+    """A bias of -inf masks vocabulary entries in both streams (some scattered, one run of 40): p = 0 there adds
+    nothing, so the KL and every gradient equal the limit of a bias of -1e4 (float64 reference), not NaN from
+    0 * (-inf - -inf)."""
+    masters = representable(make_inputs(), torch.float32)
+    masked = [0, 5, 17, len(masters["bias"]) - 1, *range(100, 140)]
+    limit = dict(masters, bias=masters["bias"].index_fill(0, torch.tensor(masked), -1e4))
+    masters["bias"] = masters["bias"].index_fill(0, torch.tensor(masked), float("-inf"))
+    ref, upstream, ref_grads = run_op("conditional_kl-none", limit, torch.float64, "reference", True)
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    out, _, grads = run_op("conditional_kl-none", masters, dtype, backend, True, upstream=upstream,
+                           device=device, chunk_rows=4)
+    assert_rel_close(out, ref, torch.float32, "KL")
+    for name, ref_grad in ref_grads.items():
+        assert_rel_close(grads[name], ref_grad, torch.float32, f"d/d{name}")
+    assert (grads["bias"].cpu()[masked] == 0).all()
+
+
 @pytest.mark.parametrize("head", ["frozen", "trainable"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)

@@ -58,11 +58,11 @@ def _representable(masters, dtype):
     return {n: v.to(dtype).double() if v.dtype.is_floating_point else v for n, v in masters.items()}
 
 
-def _check_against_reference(op, backend, device, trainable, dtype=torch.bfloat16, forced="fp32_out"):
+def _check_against_reference(op, backend, device, trainable, dtype=torch.bfloat16, forced="fp32_out", **transform):
     masters = _representable(_masters(), dtype)
-    ref, upstream, ref_grads = _run(op, masters, torch.float64, "cpu", trainable, "reference")
+    ref, upstream, ref_grads = _run(op, masters, torch.float64, "cpu", trainable, "reference", **transform)
     with use_mode(forced) as made:
-        out, _, grads = _run(op, masters, dtype, device, trainable, backend, upstream, chunk_rows=4)
+        out, _, grads = _run(op, masters, dtype, device, trainable, backend, upstream, chunk_rows=4, **transform)
     assert out.dtype == torch.float32
     assert_rel_close(out.cpu(), ref, dtype, f"{op} value")
     assert set(grads) == set(ref_grads)
@@ -72,12 +72,17 @@ def _check_against_reference(op, backend, device, trainable, dtype=torch.bfloat1
     return made
 
 
+TRANSFORMS = {"plain": {}, "softcap+scale": dict(softcap=1.5, logit_scale=2.5)}
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
 @pytest.mark.parametrize("head", ["frozen", "trainable"])
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("op", ["token_logprobs", "conditional_kl"])
-def test_fp32_out_mode_matches_float64(op, backend, head, device):
-    """bf16 head with bias in fp32_out mode (emulated where the device has no float32-output matmul)."""
-    made = _check_against_reference(op, backend, device, head == "trainable")
+def test_fp32_out_mode_matches_float64(op, backend, head, transform, device):
+    """bf16 head with bias in fp32_out mode (emulated where the device has no float32-output matmul), with and
+    without the logit transforms."""
+    made = _check_against_reference(op, backend, device, head == "trainable", **TRANSFORMS[transform])
     has_it = head_matmuls.fp32_out_support(device, torch.bfloat16)["mm"]
     assert made and all(m.mode == "fp32_out" and m.emulated == (not has_it) for m in made)
     assert all(m.grad_dtype == torch.bfloat16 for m in made)
@@ -145,11 +150,14 @@ def _bf16_rounding_of(view: torch.Tensor, gradient: torch.Tensor) -> bool:
     return view.dtype == torch.bfloat16 and torch.allclose(view.float(), gradient, rtol=2**-7, atol=0)
 
 
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
 @pytest.mark.parametrize("vocab", [301, 9000])  # one tile; several 4096-wide tiles (the aliasing hazard)
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_epilogues_write_the_gradient_into_an_aliasing_bf16_view(impl, vocab, device):
+def test_epilogues_write_the_gradient_into_an_aliasing_bf16_view(impl, vocab, transform, device):
     """Each epilogue, given HeadMatmuls.gradient_out's bf16 view of its own logits rows, writes there the
-    gradient it would write in place in float32, rounded to bf16; the values are unchanged."""
+    gradient it would write in place in float32, rounded to bf16; the values are unchanged. With the logit
+    transforms the derivative is formed from each logit before its bytes are overwritten."""
+    kw = TRANSFORMS[transform]
     if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the Triton kernels run on CUDA or under TRITON_INTERPRET=1")
     epilogues = SimpleNamespace(logprob_epilogue=logprob_epilogue, kl_epilogue=kl_epilogue) if impl == "triton" else torch_epilogues
@@ -167,23 +175,24 @@ def test_epilogues_write_the_gradient_into_an_aliasing_bf16_view(impl, vocab, de
     # bf16 (within one bf16 step: Triton's interpreter truncates where the GPU rounds to nearest), and the
     # values must not change.
     ref = logits_p.clone()
-    ref_value = epilogues.logprob_epilogue(ref, targets, IGNORE, scale)
+    ref_value = epilogues.logprob_epilogue(ref, targets, IGNORE, scale, **kw)
     ours = logits_p.clone()
-    value = epilogues.logprob_epilogue(ours, targets, IGNORE, scale, matmuls.gradient_out(ours))
+    value = epilogues.logprob_epilogue(ours, targets, IGNORE, scale, matmuls.gradient_out(ours), **kw)
     assert torch.equal(value, ref_value)
     assert _bf16_rounding_of(matmuls.gradient_out(ours), ref)
 
     ref_p, ref_q = logits_p.clone(), logits_q.clone()
-    ref_kl = epilogues.kl_epilogue(ref_p, ref_q, valid, scale)
+    ref_kl = epilogues.kl_epilogue(ref_p, ref_q, valid, scale, **kw)
     ours_p, ours_q = logits_p.clone(), logits_q.clone()
     views = [matmuls.gradient_out(t) for t in (ours_p, ours_q)]
-    kl = epilogues.kl_epilogue(ours_p, ours_q, valid, scale, *views)
+    kl = epilogues.kl_epilogue(ours_p, ours_q, valid, scale, *views, **kw)
     assert torch.equal(kl, ref_kl)
     for view, expected in zip(views, (ref_p, ref_q)):
         assert _bf16_rounding_of(view, expected)
 
 
-def test_native_epilogues_fill_a_gradient_output():
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+def test_native_epilogues_fill_a_gradient_output(transform):
     from are_fast.ops import native
 
     if not native.library.load(build=True):
@@ -191,10 +200,10 @@ def test_native_epilogues_fill_a_gradient_output():
     logits = 3 * torch.randn(4, 301)
     targets, scale = torch.randint(0, 301, (4,)), torch.randn(4)
     ref = logits.clone()
-    torch_epilogues.logprob_epilogue(ref, targets, IGNORE, scale)
+    torch_epilogues.logprob_epilogue(ref, targets, IGNORE, scale, **TRANSFORMS[transform])
     grad_out = logits.view(torch.bfloat16)[:, :301]
-    native.epilogues().logprob(logits, targets, IGNORE, scale, grad_out)
-    assert torch.equal(grad_out.float(), ref.bfloat16().float())
+    native.epilogues().logprob(logits, targets, IGNORE, scale, grad_out, **TRANSFORMS[transform])
+    assert _bf16_rounding_of(grad_out, ref)
 
 
 @pytest.mark.parametrize(

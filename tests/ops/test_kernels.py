@@ -9,6 +9,7 @@ by row, so that a row with small values is not hidden behind one with large valu
 """
 import importlib
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -17,21 +18,20 @@ from triton.runtime.interpreter import InterpretedFunction
 from are_fast.kernels.kl_epilogue import kl_epilogue
 from are_fast.kernels.logprob_epilogue import logprob_epilogue
 from are_fast.ops import torch_epilogues
-from _helpers import assert_rows_close, cornered, rel_error, rounded
+from _helpers import MASKED, TILE, VOCAB, assert_rows_close, check_masked_kl, cornered, rel_error, rounded
 
 IGNORE = -100
-TILE = 16
-VOCAB = 5 * TILE + 3  # four full tiles after the first, then a ragged tail of 3
 PEAKS = {"first": 3, "middle": 2 * TILE + 5, "last-full": 4 * TILE + 7, "tail": VOCAB - 1}
 
 
-def check_logprob(logits64, targets, scale, device, block_v=None, ignore_index=IGNORE):
-    """Values and in-place gradient of the Triton logprob epilogue against the float64 PyTorch one."""
+def check_logprob(logits64, targets, scale, device, block_v=None, ignore_index=IGNORE, **transform):
+    """Values and in-place gradient of the Triton logprob epilogue against the float64 PyTorch one
+    (transform: the logit transforms' keywords)."""
     ref_grad = logits64.clone()
-    ref = torch_epilogues.logprob_epilogue(ref_grad, targets, ignore_index, scale)
+    ref = torch_epilogues.logprob_epilogue(ref_grad, targets, ignore_index, scale, **transform)
     ours = logits64.to(device, torch.float32)
     out = logprob_epilogue(ours, targets.to(device), ignore_index,
-                                   None if scale is None else scale.to(device), block_v=block_v)
+                                   None if scale is None else scale.to(device), block_v=block_v, **transform)
     assert out.device.type == device.type and out.dtype == torch.float32
     assert_rows_close(out, ref, "log-probs")
     assert (out.cpu()[targets == ignore_index] == 0).all()
@@ -42,13 +42,13 @@ def check_logprob(logits64, targets, scale, device, block_v=None, ignore_index=I
         assert (ours.cpu()[targets == ignore_index] == 0).all()
 
 
-def check_kl(a64, b64, valid, scale, device, block_v=None):
+def check_kl(a64, b64, valid, scale, device, block_v=None, **transform):
     """Values and both in-place gradients of the Triton KL epilogue against the float64 PyTorch one."""
     ref_a, ref_b = a64.clone(), b64.clone()
-    ref = torch_epilogues.kl_epilogue(ref_a, ref_b, valid, scale)
+    ref = torch_epilogues.kl_epilogue(ref_a, ref_b, valid, scale, **transform)
     ours_a, ours_b = a64.to(device, torch.float32), b64.to(device, torch.float32)
     out = kl_epilogue(ours_a, ours_b, valid.to(device), None if scale is None else scale.to(device),
-                              block_v=block_v)
+                              block_v=block_v, **transform)
     assert out.device.type == device.type and out.dtype == torch.float32
     assert_rows_close(out, ref, "KL")
     assert (out.cpu()[~valid] == 0).all() and (out.cpu()[valid] >= -1e-6).all()
@@ -56,7 +56,7 @@ def check_kl(a64, b64, valid, scale, device, block_v=None):
         assert torch.equal(ours_a.cpu().double(), a64) and torch.equal(ours_b.cpu().double(), b64)
     else:  # where p ~ q, q - p and log p/q - KL cancel: float32 PyTorch is the bar on such rows
         peer_a, peer_b = a64.float(), b64.float()
-        torch_epilogues.kl_epilogue(peer_a, peer_b, valid, scale.float())
+        torch_epilogues.kl_epilogue(peer_a, peer_b, valid, scale.float(), **transform)
         assert_rows_close(ours_a, ref_a, "d/dlogits_p", peer_a)
         assert_rows_close(ours_b, ref_b, "d/dlogits_q", peer_b)
         assert (ours_a.cpu()[~valid] == 0).all() and (ours_b.cpu()[~valid] == 0).all()
@@ -83,12 +83,78 @@ def test_logprob_epilogue_many_tiles(with_grad, offset, device):
     check_logprob(logits, targets, torch.randn(len(targets)).double() if with_grad else None, device, TILE)
 
 
+TRANSFORMS = {"softcap": dict(softcap=2.0), "logit_scale": dict(logit_scale=0.7), "both": dict(softcap=3.0, logit_scale=2.0)}
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+@pytest.mark.parametrize("with_grad", [False, True], ids=["values", "grad"])
+def test_epilogues_with_logit_transforms_many_tiles(with_grad, transform, device):
+    """The cornered rows through both kernels with a softcap (the rising and falling rows run far beyond it)
+    and/or a logit scale; the tile's padding must stay out after the transform (it maps -inf to -softcap)."""
+    peaks = list(PEAKS.values())
+    logits = cornered(torch.randn(len(PEAKS) + 2, VOCAB, dtype=torch.float64) * 3, peaks, 0.0)
+    other = cornered(torch.randn(len(PEAKS) + 2, VOCAB, dtype=torch.float64) * 3, peaks[::-1], 0.0)
+    targets = torch.tensor([PEAKS["first"], VOCAB - 2, 0, VOCAB - 1, IGNORE, VOCAB - 3])
+    scale = torch.randn(len(targets)).double() if with_grad else None
+    check_logprob(logits, targets, scale, device, TILE, **TRANSFORMS[transform])
+    valid = torch.tensor([True, True, False, True, True, True])
+    check_kl(logits, other, valid, scale, device, TILE, **TRANSFORMS[transform])
+
+
 def test_logprob_epilogue_ignore_index_inside_the_vocabulary(device):
     """ignore_index may be a real column: rows whose target is it give 0 and no gradient; others use it."""
     logits = cornered(torch.randn(len(PEAKS) + 2, VOCAB, dtype=torch.float64) * 3, list(PEAKS.values()), 0.0)
     targets = torch.tensor([5, 7, 5, VOCAB - 1, 0, 5])
     logits[1, 5] = logits[1].max() + 1  # column 5 still enters every softmax
     check_logprob(rounded(logits), targets, torch.randn(len(targets)).double(), device, TILE, ignore_index=5)
+
+
+def test_logprob_values_do_not_depend_on_the_in_place_gradient(device):
+    """In place, the gradient sweep overwrites x[target]; the log-prob must come from the logit read before any
+    store. On CUDA: many llama3-width rows with the target in the first tile, where a late read may meet another
+    warp's store (a race shows only by chance; test_kernel_memory_order checks the order in the interpreter)."""
+    rows, vocab = (2048, 128256) if device.type == "cuda" else (3, VOCAB)
+    logits = 3 * torch.randn(rows, vocab, device=device)
+    targets = torch.randint(0, min(vocab, 4096), (rows,), device=device)
+    values = logprob_epilogue(logits.clone(), targets, IGNORE, None)
+    with_gradient = logprob_epilogue(logits, targets, IGNORE, torch.ones(rows, device=device))
+    assert torch.equal(with_gradient, values)
+
+
+def test_logprob_epilogue_with_minus_inf_logits(device):
+    """-inf logits (a masked vocabulary) over the whole first tile, a middle tile, scattered columns: the values
+    and in-place gradients of the finite limit rows (-1e4 for -inf), exact zeros at the masked columns. A row that
+    starts with a masked tile has a -inf running max after it: the kernel must not form exp(-inf - -inf)."""
+    logits = rounded(torch.randn(4, VOCAB, dtype=torch.float64) * 3)
+    masked_columns = [list(range(TILE)), list(range(TILE, 2 * TILE)), [0, 5, TILE + 1, VOCAB - 1], []]
+    minus_inf = torch.zeros_like(logits, dtype=torch.bool)
+    for row, columns in enumerate(masked_columns):
+        minus_inf[row, columns] = True
+    targets = torch.tensor([TILE + 2, 3, 7, VOCAB - 1])
+    scale = torch.randn(4, dtype=torch.float64)
+    ref_grad = logits.masked_fill(minus_inf, MASKED)
+    ref = torch_epilogues.logprob_epilogue(ref_grad, targets, IGNORE, scale)
+    ours = logits.masked_fill(minus_inf, float("-inf")).to(device, torch.float32)
+    assert_rows_close(logprob_epilogue(ours.clone(), targets.to(device), IGNORE, None, block_v=TILE), ref, "values only")
+    out = logprob_epilogue(ours, targets.to(device), IGNORE, scale.to(device, torch.float32), block_v=TILE)
+    assert_rows_close(out, ref, "log-probs")
+    assert_rows_close(ours, ref_grad, "in-place gradient")
+    assert (ours.cpu()[minus_inf] == 0).all()
+
+
+def test_kl_epilogue_with_minus_inf_logits(device):
+    check_masked_kl(partial(kl_epilogue, block_v=TILE), device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_pytorch_kl_epilogue_with_minus_inf_logits(dtype, device):
+    def pytorch(a, b, valid, scale):
+        a64, b64 = a.to(dtype), b.to(dtype)
+        out = torch_epilogues.kl_epilogue(a64, b64, valid, None if scale is None else scale.to(dtype))
+        a.copy_(a64), b.copy_(b64)
+        return out.float()
+
+    check_masked_kl(pytorch, device)
 
 
 @pytest.mark.parametrize("vocab", [1, 7, 4099])

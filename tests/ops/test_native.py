@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import are_fast
-from _helpers import OPS, TOLERANCE, assert_rel_close, assert_rows_close, cornered, make_inputs, rel_error, run_op
+from _helpers import OPS, TOLERANCE, assert_rel_close, assert_rows_close, check_masked_kl, cornered, make_inputs, rel_error, run_op
 from are_fast.ops import native, torch_epilogues
 from are_fast.ops.backends import resolve_backend
 
@@ -106,6 +106,50 @@ def test_kl_epilogue_matches_float64(ops, dtype, vocab, magnitude, kernels_on):
     assert (grad_p.cpu()[~valid] == 0).all() and (grad_q.cpu()[~valid] == 0).all()
 
 
+TRANSFORMS = {"softcap": dict(softcap=2.0), "logit_scale": dict(logit_scale=0.7), "both": dict(softcap=3.0, logit_scale=2.0)}
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+@pytest.mark.parametrize("vocab", [7, 1025, 3001])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_epilogues_with_logit_transforms(ops, dtype, vocab, transform, kernels_on):
+    """Both epilogues with the transforms (logit_transform.h: the CPU and the CUDA code share it) against the
+    float64 PyTorch ones; a third of the rows run far beyond the cap (tanh saturated); the logits stay
+    untouched without a gradient."""
+    kw = TRANSFORMS[transform]
+    logits, targets, scale = logprob_case(37, vocab, 3.0)
+    logits[::3] *= 10
+    logits = logits.to(dtype).double()
+    ref_grad = logits.clone()
+    ref = torch_epilogues.logprob_epilogue(ref_grad, targets, IGNORE, scale, **kw)
+    values_only = logits.to(kernels_on, dtype, copy=True)
+    assert_matches(ops.logprob(values_only, targets.to(kernels_on), IGNORE, None, **kw), ref, dtype, "values only")
+    assert torch.equal(values_only.cpu().double(), logits), "logits changed without grad_scale"
+    grad = logits.to(kernels_on, dtype, copy=True)
+    assert_matches(ops.logprob(grad, targets.to(kernels_on), IGNORE, scale.to(kernels_on), **kw), ref, dtype, "values")
+    assert_rel_close(grad.cpu(), ref_grad, dtype, "gradient")
+    q = (logits + torch.randn_like(logits) * 2).to(dtype).double()
+    valid = torch.rand(len(targets)) > 0.25
+    ref_p, ref_q = logits.clone(), q.clone()
+    ref = torch_epilogues.kl_epilogue(ref_p, ref_q, valid, scale, **kw)
+    grad_p, grad_q = logits.to(kernels_on, dtype, copy=True), q.to(kernels_on, dtype, copy=True)
+    values = ops.kl(grad_p.clone(), grad_q.clone(), valid.to(kernels_on), None, **kw)
+    assert_matches(values, ref, dtype, "KL, no gradient")
+    assert_matches(ops.kl(grad_p, grad_q, valid.to(kernels_on), scale.to(kernels_on), **kw), ref, dtype, "KL")
+    assert_rel_close(grad_p.cpu(), ref_p, dtype, "d/dlogits_p")
+    assert_rel_close(grad_q.cpu(), ref_q, dtype, "d/dlogits_q")
+
+
+@pytest.mark.parametrize("name", ["softcap", "logit_scale"])
+@pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), float("nan")])
+def test_native_ops_refuse_bad_transforms(ops, name, value):
+    logits, targets = torch.randn(2, 5), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match=f"{name}: expected None or a positive finite float"):
+        torch.ops.are_fast.logprob_epilogue(logits, targets, IGNORE, None, **{name: value})
+    with pytest.raises(ValueError, match=f"{name}: expected None or a positive finite float"):
+        torch.ops.are_fast.kl_epilogue(logits, logits.clone(), torch.ones(2, dtype=torch.bool), None, **{name: value})
+
+
 @pytest.mark.parametrize("offset", [0.0, 1e4], ids=["offset0", "offset1e4"])
 def test_epilogues_corner_the_online_logsumexp(ops, offset, kernels_on):
     """float32 rows of 3 CPU tiles and a ragged tail (V = 3077) with the max in the first, a middle, the last
@@ -144,6 +188,12 @@ def test_kl_error_tracks_the_pytorch_epilogue(ops, scale, kernels_on):
     error = rel_error(ops.kl(a.to(kernels_on, torch.float32), b.to(kernels_on, torch.float32),
                              valid.to(kernels_on), None), ref)
     assert error <= 1e-5 and error <= 4 * pytorch_error + 1e-7, f"native {error:.1e}, PyTorch {pytorch_error:.1e}"
+
+
+def test_kl_epilogue_with_minus_inf_logits(ops, kernels_on):
+    """A masked vocabulary (-inf logits in p, in both streams, over a whole first tile): p = 0 there adds nothing
+    (no 0 * -inf = NaN), in the C++ loop and in the CUDA kernel, which share that arithmetic (csrc/kl_terms.h)."""
+    check_masked_kl(ops.kl, torch.device(kernels_on))
 
 
 def test_epilogues_on_strided_rows_and_empty_chunks(ops, kernels_on):
@@ -321,6 +371,15 @@ def test_check_command(ops, tmp_path):
     assert missing.returncode == 1 and "NOT available: no C++ compiler" in missing.stdout, missing.stdout
     imported = run_python(["-c", "import are_fast.ops.native as n; print(n.library.path, n.library.reason)"], broken)
     assert imported.returncode == 0 and imported.stdout.split() == ["None", "None"], imported.stderr
+
+
+def test_plan_command_builds_nothing(tmp_path):
+    """--plan (what the GPU check logs before its native build step) names the sources and an empty cache."""
+    planned = run_python(["-m", "are_fast.ops.native", "--plan"], {"ARE_FAST_NATIVE_DIR": str(tmp_path)})
+    assert planned.returncode == 0, planned.stderr
+    assert "are_fast native build: epilogues.cpp" in planned.stdout and "C++ compiler:" in planned.stdout
+    assert f"cache: {tmp_path}" in planned.stdout and "empty: the first use builds it" in planned.stdout
+    assert not any(tmp_path.rglob("*.so"))
 
 
 def test_setup_py_imports_torch_only_for_the_native_build():

@@ -54,10 +54,11 @@ def small_blocks(monkeypatch):
     return use
 
 
-def _run(op, logits, targets_or_q, upstream, backend, dtype, device):
+def _run(op, logits, targets_or_q, upstream, backend, dtype, device, **transform):
     """Values and hidden gradients of sum(upstream * values) with an identity head (logits = hidden)."""
     head = leaf(torch.eye(VOCAB, dtype=torch.float64), dtype, False, device)
     kwargs = dict(backend=backend, chunk_rows=3) if backend != "reference" else dict(backend=backend)
+    kwargs.update(transform)
     if op == "token_logprobs":
         hidden = leaf(logits, dtype, True, device)
         values = are_fast.token_logprobs(hidden, head, targets_or_q.to(device), **kwargs)
@@ -194,3 +195,30 @@ def test_trainable_head_over_many_vocabulary_blocks(op, small_blocks, device):
     for what, got, want in zip(("values", "d/dhidden", "d/dweight", "d/dbias"), results["online"], results["reference"]):
         error = rel_error(got, want)
         assert error <= TOLERANCE[torch.float32], f"{op} {what}: relative error {error:.2e}"
+
+
+TRANSFORMS = {"softcap": dict(softcap=2.0), "logit_scale": dict(logit_scale=0.7), "both": dict(softcap=3.0, logit_scale=2.0)}
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+def test_logit_transforms_over_many_vocabulary_blocks(transform, small_blocks, device):
+    """The cornered rows through the sweeps with a softcap (the rising, falling and confident rows run far
+    beyond the cap) and/or a logit scale: the running statistics are over the transformed logits, and the
+    softcap's derivative weighs each block (the KL's fourth slot too). The trainable head's weight pass is
+    covered by test_logit_transforms.py on the online backend."""
+    kw = TRANSFORMS[transform]
+    small_blocks(2 if "softcap" in kw else 1)  # a softcap's gradient: one derivative block beside the logits
+    logits = cornered(torch.randn(len(PEAKS) + 3, VOCAB, dtype=torch.float64) * 3, list(PEAKS.values()), 0.0)
+    targets = torch.tensor([3, 2 * BLOCK + 6, 0, VOCAB - 1, VOCAB - 2, IGNORE, 40])
+    upstream = torch.randn(len(targets), dtype=torch.float64)
+    ref, (ref_grad,) = _run("token_logprobs", logits, targets, upstream, "reference", torch.float64, "cpu", **kw)
+    out, (grad,) = _run("token_logprobs", logits, targets, upstream, "online", torch.float32, device, **kw)
+    assert_rows_close(out.cpu(), ref, "log-probs")
+    assert_rows_close(grad.cpu(), ref_grad, "d/dhidden")
+    small_blocks(6 if "softcap" in kw else 3)  # the KL with a softcap's gradient: 4 slots, 2 derivative blocks
+    other = cornered(torch.randn_like(logits) * 3, list(PEAKS.values())[::-1], 0.0)
+    ref, ref_grads = _run("conditional_kl", logits, other, upstream, "reference", torch.float64, "cpu", **kw)
+    out, grads = _run("conditional_kl", logits, other, upstream, "online", torch.float32, device, **kw)
+    assert_rows_close(out.cpu()[:-1], ref[:-1], "KL")
+    for stream, (got, want) in enumerate(zip(grads, ref_grads)):
+        assert_rows_close(got.cpu()[:-1], want[:-1], f"d/dhidden of stream {stream}")
