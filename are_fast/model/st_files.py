@@ -1,17 +1,7 @@
-"""The files that make a saved compressor folder load in sentence-transformers (``SentenceTransformer(path)``).
-
-A folder written by ``Compressor.save_pretrained`` holds the transformers body and its tokenizer. These three
-small JSON files, written next to them, describe it to sentence-transformers:
-
-- ``modules.json``: one module, ``are_fast.encoding.st_module.AutoRegEmbedModule``, saved in the folder's root
-  (it reads the same transformers files as ``are_fast.Encoder``);
-- ``are_fast_module.json``: that module's config: k (``num_embed_tokens``) and ``max_length`` (text tokens kept);
-- ``config_sentence_transformers.json``: the instruction as sentence-transformers' prompt (``prompts`` and
-  ``default_prompt_name``), cosine similarity.
-
-This module sits in the model layer so the training jobs may call it (lower layers never import higher ones):
-it names the encoding layer's module class by its import path and never imports it.
-"""
+"""The three small JSON files that make a saved compressor folder load in sentence-transformers: modules.json
+(naming ``are_fast.encoding.st_module.AutoRegEmbedModule`` by its path, never importing it: this is the model
+layer), are_fast_module.json (k, max length) and config_sentence_transformers.json (the prompt). README
+"Encoding" describes them."""
 from __future__ import annotations
 
 import json
