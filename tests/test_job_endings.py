@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from are_fast import errors
+from are_fast import runtime
 from are_fast.cli import build_parser, main, parse_args
 from are_fast.training.data import load_stage1, load_stage2
 from are_fast.toy.data import compression_rows, tiny_llama, triplet_rows, write_jsonl
@@ -37,13 +37,13 @@ def test_traceback_on_request_is_the_real_one(monkeypatch, capsys):
         raise RuntimeError("boom")
 
     monkeypatch.setenv("ARE_FAST_TRACEBACK", "1")
-    assert errors.run_guarded("stage1", failing_job) == 1
+    assert runtime.run_guarded("stage1", failing_job) == 1
     err = capsys.readouterr().err
     assert "NoneType: None" not in err
     assert "Traceback (most recent call last)" in err and "in failing_job" in err and "RuntimeError: boom" in err
     assert err.splitlines()[-1].startswith("are-fast stage1: internal error: RuntimeError: boom")
     monkeypatch.delenv("ARE_FAST_TRACEBACK")
-    assert errors.run_guarded("stage1", failing_job) == 1
+    assert runtime.run_guarded("stage1", failing_job) == 1
     assert "Traceback" not in capsys.readouterr().err
 
 
