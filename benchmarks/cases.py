@@ -85,11 +85,13 @@ def bench_device() -> torch.device:
 
 def op_cases(device: torch.device, smoke: bool) -> list[Case]:
     """The (op, shape) pairs of this run: the full matrix on GPU, a budgeted set on CPU (2 cores: each case
-    a few seconds), one tiny shape per head mode in smoke mode."""
+    a few seconds) with bf16 rows beside the float32 ones at the CPU target (every op, frozen and trainable
+    head), one tiny shape per head mode (and on CPU per dtype) in smoke mode."""
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
     if smoke:
-        tiny = [Shape(HEADS["tiny"], 128, dtype, trainable, 16) for trainable in (False, True)]
+        dtypes = (dtype,) if gpu else (torch.float32, torch.bfloat16)
+        tiny = [Shape(HEADS["tiny"], 128, d, trainable, 16) for d in dtypes for trainable in (False, True)]
         return [Case(op, shape) for shape in tiny for op in OPS]
     if gpu:
         seq = 512
@@ -107,7 +109,8 @@ def op_cases(device: torch.device, smoke: bool) -> list[Case]:
     cases.append(Case("token_logprobs", Shape(HEADS["issue2"], 4096, dtype, False, seq)))
     named = ("llama2-7b", "llama3-8b", "qwen2.5-7b", "small")
     cases += [Case("token_logprobs", Shape(HEADS[name], 128, dtype, False, seq)) for name in named]
-    return cases
+    bf16 = [Shape(HEADS["cpu-target"], 4096, torch.bfloat16, trainable, seq) for trainable in (False, True)]
+    return cases + [Case(op, shape) for shape in bf16 for op in OPS]
 
 
 def floor_shapes(cases: list[Case]) -> list[Shape]:

@@ -21,6 +21,7 @@ from typing import Callable
 import pytest
 import torch
 
+from are_fast.ops.sweep_precision import cpu_units
 from are_fast.tools.memory import peak_extra_memory
 
 from .cases import bench_device as _bench_device
@@ -51,6 +52,7 @@ def environment_info(device: torch.device) -> dict:
         "device": device.type,
         "cpu_model": _cpu_model(),
         "cpu_cores": os.cpu_count(),
+        "cpu_low_precision_units": cpu_units() if device.type == "cpu" else None,
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "triton": _version("triton"),

@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from are_fast.ops import sweep_precision
+
 from .cases import HEADS, Case, Shape, clear_grads, make_inputs
 from .impls import implementations, loss_fn
 
@@ -67,6 +69,8 @@ def _run(spec: dict, impl_name: str, rounds: int) -> dict:
     x = make_inputs(case, device)
     loss = loss_fn(impl, case.op, device)
     torch.mm(x.weight.detach()[:64], x.weight.detach()[:64].T)  # BLAS and thread start-up, outside the figure
+    if x.weight.dtype in sweep_precision.LOW_PRECISION:  # the once-per-process dispatch measurement, likewise
+        sweep_precision.choose(device, x.weight.dtype)
     gc.collect()
     with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
         f.write("5")  # reset VmHWM to the current RSS

@@ -16,6 +16,9 @@ Rows of one group, side by side:
   "packed" (several sequences per row, transformers' packed-sequence mask under sdpa), "varlen" (one row,
   attention per sequence), "flex" (packed rows under attn_implementation="flex_attention", a document
   BlockMask; skipped where torch cannot run FlexAttention, e.g. when its CPU kernel fails to compile).
+A second group, encode-dtype-<config>, times ``Encoder.encode`` of one model in float32 and in bfloat16 side by
+side (CPU: a ~100M-parameter Llama shape, H=768, 12 layers, vocabulary 32000; CUDA: the 1B shape above), with
+the bf16 row's speed-up over float32 and its per-row cosine to the float32 vectors (the README's figures).
 ``extra_info`` holds texts, real tokens, computed tokens (tokens the linear layers run, padding included),
 padding_fraction (computed - real) / computed, attention_tokens (query rows attention computes, padding
 included: the varlen route's CPU path pads each group of similar-length sequences), texts_per_s, and for the
@@ -53,6 +56,14 @@ CONFIGS = {  # LlamaConfig fields per device; smoke mode shrinks the CPU one
                   num_key_value_heads=2, vocab_size=1024),
 }
 TEXTS = {"cpu": 256, "cuda": 3000, "smoke": 96}
+DTYPE_CONFIGS = {  # the dtype comparison's model: ~100M parameters on CPU (the bf16 default's figure)
+    "cpu": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                num_key_value_heads=4, vocab_size=32000),
+    "cuda": CONFIGS["cuda"],
+    "smoke": CONFIGS["smoke"],
+}
+DTYPE_TEXTS = {"cpu": 192, "cuda": 3000, "smoke": 32}
+_dtype_runs: dict = {}  # dtype -> (mean seconds, embeddings) of this session
 _means: dict = {}  # impl -> mean seconds of this session (the speed-up is read side by side)
 
 
@@ -75,22 +86,27 @@ def bench_texts(count: int) -> tuple[list[str], str]:
     return texts, "log-normal mix (medi_nli_sample.jsonl not found)"
 
 
-@pytest.fixture(scope="module")
-def setup():
-    """(device, model directory, texts, source, dtype, config name) of this run."""
+def _saved_model(path: str, fields: dict) -> None:
+    """A random-init Llama with ``fields`` and a byte-level tokenizer, saved as a trained checkpoint (k=K)."""
     from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the naive rows load the body checkpoint with a fresh random LM head
-    device = bench_device()
-    name = "smoke" if smoke_mode() else device.type
     tokenizer = ByT5Tokenizer()
-    config = LlamaConfig(**CONFIGS[name], max_position_embeddings=2048, bos_token_id=None,
+    config = LlamaConfig(**fields, max_position_embeddings=2048, bos_token_id=None,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          tie_word_embeddings=False)
     torch.manual_seed(0)
+    Compressor(LlamaForCausalLM(config), tokenizer, K).save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """(device, model directory, texts, source, dtype, config name) of this run."""
+    device = bench_device()
+    name = "smoke" if smoke_mode() else device.type
     with tempfile.TemporaryDirectory() as path:
-        Compressor(LlamaForCausalLM(config), tokenizer, K).save_pretrained(path)  # a trained checkpoint's layout
+        _saved_model(path, CONFIGS[name])
         texts, source = bench_texts(TEXTS[name])
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         yield device, path, texts, source, dtype, name
@@ -181,3 +197,38 @@ def test_encode_throughput(impl, setup, measure, benchmark):
     benchmark.extra_info["texts_per_s"] = len(texts) / mean
     if impl.startswith("encoder") and "naive" in _means:
         benchmark.extra_info["speedup_vs_naive"] = _means["naive"] / mean
+
+
+@pytest.fixture(scope="module")
+def dtype_setup():
+    """(device, model directory, texts, config name) of the dtype comparison."""
+    device = bench_device()
+    name = "smoke" if smoke_mode() else device.type
+    with tempfile.TemporaryDirectory() as path:
+        _saved_model(path, DTYPE_CONFIGS[name])
+        yield device, path, bench_texts(DTYPE_TEXTS[name])[0], name
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_encode_dtype(dtype, dtype_setup, measure, benchmark):
+    """Encoder.encode of one model in float32, then bf16: the bf16 row records its speed-up over float32 and
+    the smallest per-row cosine of its vectors to the float32 ones (the Encoder's CPU default is bf16 where
+    the CPU's bf16 units measure faster: are_fast.ops.sweep_precision)."""
+    device, path, texts, name = dtype_setup
+    encoder = Encoder.from_pretrained(path, device, dtype, max_length=512)
+
+    def run():
+        return encoder.encode(texts, prompt=INSTRUCTION, convert_to_tensor=True, normalize_embeddings=True)
+
+    vectors = run()  # warm-up (oneDNN's kernel selection), and the vectors compared below
+    params = sum(p.numel() for p in encoder.compressor.parameters())
+    measure(run, group=f"encode-dtype-{name}", suite="encoder", impl=f"encoder-{dtype}", texts=len(texts),
+            config=name, dtype=dtype, parameters=params)
+    _dtype_runs[dtype] = (benchmark.stats.stats.mean, vectors.float().cpu())
+    if dtype == "bfloat16" and "float32" in _dtype_runs:
+        seconds, reference = _dtype_runs["float32"]
+        cosine = (vectors.float().cpu() * reference).sum(1)
+        benchmark.extra_info["speedup_vs_float32"] = seconds / benchmark.stats.stats.mean
+        benchmark.extra_info["min_cosine_vs_float32"] = float(cosine.min())
+        benchmark.extra_info["mean_cosine_vs_float32"] = float(cosine.mean())
+        assert cosine.min() >= 0.99, f"bf16 vectors far from float32's: per-row cosine down to {cosine.min():.4f}"

@@ -12,6 +12,10 @@ Same model, same batch, same loss (checked before timing), with 1 and 4 negative
   "varlen": one row, attention per sequence) in the compressor and the decoder;
 - ours-checkpointing: ours on the device's default route with per-layer activation checkpointing.
 ``ours-logits`` and ``ours-checkpointing`` run the device's default route (``layout.default_route``).
+On CPU the released pattern and ours (default route) also run with bf16 weights (``--dtype bfloat16``: the
+compressor, the frozen decoder and the head in bf16, the head's ops on the bf16 sweep where the CPU's bf16
+units measure faster), in groups ``stage2-step-neg<n>-bf16``; their rows record speedup_vs_float32 (against
+the same impl's float32 row of this session) beside speedup_vs_released (the released pattern in bf16).
 The model is a random-init Llama read by a byte-level tokenizer: on CPU H=256, 4 layers and the Llama-2
 vocabulary size (32000); on CUDA a ~1B Llama (Llama-3.2-1B's shape, vocabulary 128256) in bfloat16.
 The rows are ../shared/data/medi_nli_sample.jsonl's when present (extra negatives taken from the next rows),
@@ -50,7 +54,11 @@ CONFIGS = {  # LlamaConfig fields and rows per batch, per device; smoke mode shr
                    num_key_value_heads=2, vocab_size=512), 2),
 }
 IMPLS = ["released", "ours-logits", *(f"ours-{route}" for route in ROUTES), "ours-checkpointing"]
-_results: dict = {}  # (negatives, impl) -> (mean seconds, peak bytes) of this session
+_DEVICE = bench_device()
+_DTYPE = "bfloat16" if _DEVICE.type == "cuda" else "float32"  # the device's main dtype: every impl
+# CPU: also bf16 weights, for the released pattern and ours on the default route.
+_BF16_IMPLS = [] if _DEVICE.type == "cuda" else ["released", f"ours-{default_route(_DEVICE)}"]
+_results: dict = {}  # (negatives, impl, dtype) -> (mean seconds, peak bytes) of this session
 _released_loss: dict = {}  # negatives -> the released pattern's loss on this session's batch
 
 
@@ -70,7 +78,7 @@ def bench_rows(count: int, negatives: int, smoke: bool = False) -> tuple[list[di
 
 @pytest.fixture(scope="module")
 def models():
-    """(device, name, compressor, decoder, batch rows) of this run."""
+    """(device, name, {(dtype name, checkpointing): (compressor, decoder)}, batch rows) of this run."""
     from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
 
     device = bench_device()
@@ -79,26 +87,32 @@ def models():
     tokenizer = ByT5Tokenizer()
     config = LlamaConfig(**fields, max_position_embeddings=2048, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as path:
         LlamaForCausalLM(config).save_pretrained(path)
         tokenizer.save_pretrained(path)
         pairs = {}
-        for checkpointing in (False, True):
+        kinds = [(_DTYPE, False), (_DTYPE, True)] + ([("bfloat16", False)] if _BF16_IMPLS else [])
+        for dtype_name, checkpointing in kinds:
+            dtype = getattr(torch, dtype_name)
+            torch.manual_seed(1)  # the same <EMBED*> rows in every copy
             comp = Compressor.from_pretrained(path, K, dtype=dtype, device=device).train()  # train mode: checkpointing
             if checkpointing:
                 comp.enable_checkpointing()
             dec = FrozenDecoder.from_pretrained(path, dtype=dtype, device=device, checkpointing=checkpointing).train()
-            pairs[checkpointing] = comp, dec
+            pairs[(dtype_name, checkpointing)] = comp, dec
     yield device, name, pairs, rows
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("negatives", [1, 4], ids=["neg1", "neg4"])
-def test_stage2_step(negatives, impl, models, measure, benchmark):
+_PARAMS = [pytest.param(n, impl, dtype, id=f"neg{n}-{impl}" + ("-bf16" if dtype != _DTYPE else ""))
+           for n in (1, 4) for dtype, impls in ((_DTYPE, IMPLS), ("bfloat16", _BF16_IMPLS)) for impl in impls]
+
+
+@pytest.mark.parametrize(("negatives", "impl", "dtype"), _PARAMS)
+def test_stage2_step(negatives, impl, dtype, models, measure, benchmark):
     device, name, pairs, count = models
-    comp, dec = pairs[impl == "ours-checkpointing"]
+    comp, dec = pairs[(dtype, impl == "ours-checkpointing")]
+    released_key = (negatives, dtype)
     route = impl.removeprefix("ours-") if impl.removeprefix("ours-") in ROUTES else default_route(device)
     comp.route = dec.route = route
     rows, source = bench_rows(count, negatives, smoke=name == "smoke")
@@ -123,12 +137,12 @@ def test_stage2_step(negatives, impl, models, measure, benchmark):
     loss = float(step())
     comp.zero_grad(set_to_none=True)
     if impl == "released":
-        _released_loss[negatives] = loss
-    elif negatives not in _released_loss:
-        _released_loss[negatives] = float(released())
+        _released_loss[released_key] = loss
+    elif released_key not in _released_loss:
+        _released_loss[released_key] = float(released())
         comp.zero_grad(set_to_none=True)
-    other = _released_loss[negatives]  # the same loss, or the comparison is void
-    assert abs(loss - other) <= (2e-2 if device.type == "cuda" else 1e-5) * max(abs(other), 1e-6)
+    other = _released_loss[released_key]  # the same loss, or the comparison is void
+    assert abs(loss - other) <= (2e-2 if dtype == "bfloat16" else 1e-5) * max(abs(other), 1e-6)
 
     tokens = sum(len(i.query) + len(i.pos_prefix) + len(i.pos_target) + sum(map(len, i.neg_targets)) for i in items)
     computed = None
@@ -136,13 +150,16 @@ def test_stage2_step(negatives, impl, models, measure, benchmark):
         streams = [batch.queries.lengths.tolist(), batch.positives.lengths.tolist(),
                    (batch.targets.lengths + K).tolist()]
         computed = sum(computed_tokens(lengths, route) for lengths in streams)
-    peak = measure(step, lambda: comp.zero_grad(set_to_none=True), group=f"stage2-step-neg{negatives}",
-                   suite="stage2", impl=impl, negatives=negatives, config=name, rows=count, tokens=tokens,
-                   source=source, loss=loss, route=None if impl == "released" else route, computed_tokens=computed)
+    group = f"stage2-step-neg{negatives}" + ("-bf16" if dtype != _DTYPE else "")
+    peak = measure(step, lambda: comp.zero_grad(set_to_none=True), group=group, suite="stage2", impl=impl,
+                   negatives=negatives, config=name, rows=count, tokens=tokens, source=source, loss=loss,
+                   route=None if impl == "released" else route, computed_tokens=computed, dtype=dtype)
     mean = benchmark.stats.stats.mean
-    _results[(negatives, impl)] = (mean, peak)
+    _results[(negatives, impl, dtype)] = (mean, peak)
     benchmark.extra_info["tokens_per_s"] = tokens / mean
-    if impl != "released" and (negatives, "released") in _results:
-        base_time, base_peak = _results[(negatives, "released")]
+    if impl != "released" and (negatives, "released", dtype) in _results:
+        base_time, base_peak = _results[(negatives, "released", dtype)]
         benchmark.extra_info["speedup_vs_released"] = base_time / mean
         benchmark.extra_info["memory_vs_released"] = peak / max(base_peak, 1)
+    if dtype != _DTYPE and (negatives, impl, _DTYPE) in _results:
+        benchmark.extra_info["speedup_vs_float32"] = _results[(negatives, impl, _DTYPE)][0] / mean

@@ -20,12 +20,16 @@ _TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 def _params():
+    """Every peer on the benchmark dtypes of the device (CPU: float32 and bf16). On CPU in bf16 alignment_loss is
+    left out: torch-chunked returns bf16 per-token losses, so its sequence sums carry bf16 rounding (~0.03 per
+    token) that the alignment margin amplifies past 2e-2 (2.5% measured); its own ops are checked."""
     device = bench_device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shape = Shape(HEADS["tiny"], 128, dtype, False, 16)
+    dtypes = (torch.bfloat16,) if device.type == "cuda" else (torch.float32, torch.bfloat16)
     return [
-        pytest.param(Case(op, shape), impl, id=f"{op}-{impl.name}")
+        pytest.param(Case(op, Shape(HEADS["tiny"], 128, dtype, False, 16)), impl, id=f"{op}-{dtype}-{impl.name}")
+        for dtype in dtypes
         for op in OPS
+        if device.type == "cuda" or dtype == torch.float32 or op != "alignment_loss"
         for impl in implementations()
         if impl.kind == "peer" and op in impl.ops and device.type in impl.devices
     ]

@@ -40,7 +40,8 @@ def add_options(enc) -> None:
     enc.add_argument("--threads", type=POSITIVE_INT, default=None,
                      help="torch CPU threads (default: torch's choice, all cores); give 1-2 when other processes share the cores")
     enc.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                     help="model dtype (default bfloat16 on CUDA, float32 on CPU); embeddings are saved in float32")
+                     help="model dtype (default bfloat16 on CUDA and on CPUs whose bf16 units measure faster, else "
+                     "float32); embeddings are saved in float32")
     enc.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=NORMALIZE,
                      help="L2-normalize the embeddings (default %(default)s, as Encoder.encode and sentence-transformers;"
                      " cosine similarity is the same either way)")

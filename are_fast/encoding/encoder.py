@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.compressor import Compressor
+from ..ops import sweep_precision
 from ..model.st_files import read_sentence_transformers_files, write_sentence_transformers_files
 from ..model.layout import flash_attention_available
 from .batching import DEFAULT_MAX_TOKENS, check_positive
@@ -34,8 +35,11 @@ def _as_matrix(embeddings, name: str) -> torch.Tensor:
 
 
 def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """The given dtype, else bfloat16 on CUDA, and on a CPU whose bf16 matrix units measure faster than float32
+    (``sweep_precision.automatic``: ISA flags, then a one-time matmul measurement), else float32."""
     if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        cpu_units = device.type == "cpu" and sweep_precision.automatic(device, torch.bfloat16).path == "lowp"
+        return torch.bfloat16 if device.type == "cuda" or cpu_units else torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -89,7 +93,9 @@ class Encoder:
                         default_prompt_name: str | None = None) -> "Encoder":
         """Load a model directory written by our trainer (or a released AutoRegEmbed checkpoint).
 
-        device: default CUDA when available, else CPU. dtype: default bfloat16 on CUDA, float32 elsewhere.
+        device: default CUDA when available, else CPU. dtype: default bfloat16 on CUDA and on a CPU with bf16
+        matrix units (AMX, AVX512-BF16) where a bf16 matmul measures faster than a float32 one (once per process:
+        ``are_fast.ops.sweep_precision.automatic``), else float32; ``repr`` shows which.
         max_length: texts are cut to this many tokens (counted); "auto": the folder's sentence-transformers
         module config when it has one (the training ``--max-text-tokens``), else 512 or what the model's positions
         leave after k and the instruction when fewer; None: what they leave (``Compressor``'s max_text_tokens).

@@ -35,7 +35,7 @@ from torch import Tensor
 from . import checks, online
 from .backends import REGISTRY, epilogues
 from .chunked import fused_linear_pass
-from .head_matmuls import autocast_operand_dtype
+from .head_matmuls import autocast_off, autocast_operand_dtype
 
 MODES = ("values", "rescale", "scalar", "recompute")
 _retain_graph = [False]
@@ -97,10 +97,12 @@ def _pass(kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows
     """transform: dict(softcap=..., logit_scale=...), the logit transforms (None: none)."""
     rows = _rows(kind, labels, ignore_index, compact)
     if _runs_online(backend, weight, bias, operand_dtype, grads.get("weight_grad", False), grads.get("bias_grad", False)):
-        return online.online_pass(
-            kind, hiddens, weight, bias, labels, ignore_index, grads.get("grad_scale"), grads.get("hidden_grads", ()),
-            rows, block_rows=chunk_rows or None, **transform,
-        )
+        with autocast_off(weight.device):  # the sweep picks its precision (operand_dtype), not autocast
+            return online.online_pass(
+                kind, hiddens, weight, bias, labels, ignore_index, grads.get("grad_scale"),
+                grads.get("hidden_grads", ()), rows, block_rows=chunk_rows or None, operand_dtype=operand_dtype,
+                **transform,
+            )
     return fused_linear_pass(
         hiddens, weight, bias, _epilogue(kind, backend, labels, ignore_index, transform),
         chunk_rows=chunk_rows or None, rows=rows, operand_dtype=operand_dtype, **grads,
@@ -205,11 +207,12 @@ def linear_streams_backward(
     with the forward's per-row log-sum-exp (``log_norms`` [N], the online sweep) or chunk by chunk (shape [0])."""
     transform = dict(softcap=softcap, logit_scale=logit_scale)
     if log_norms.numel():
-        result = online.online_weight_pass(
-            hiddens[0], weight, bias, labels, ignore_index, grad_values.contiguous(), log_norms, hidden_grads[0],
-            weight_grad, bias_grad and bias is not None, _rows(kind, labels, ignore_index, compact), chunk_rows or None,
-            **transform,
-        )
+        with autocast_off(weight.device):
+            result = online.online_weight_pass(
+                hiddens[0], weight, bias, labels, ignore_index, grad_values.contiguous(), log_norms, hidden_grads[0],
+                weight_grad, bias_grad and bias is not None, _rows(kind, labels, ignore_index, compact),
+                chunk_rows or None, operand_dtype=operand_dtype, **transform,
+            )
     else:
         result = _pass(
             kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows, compact, operand_dtype, transform,

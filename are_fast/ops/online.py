@@ -9,7 +9,10 @@ of rows meets each block of the head once, the two matmuls per block have cache-
 the cache once per chunk, which on a CPU limits the chunk size to the memory budget and the speed to the
 memory bandwidth.
 
-Scope: heads whose dtype is the compute dtype (float32, float64). A frozen head: every op. A trainable head:
+Scope: float32/float64 heads, and bfloat16/float16 heads (or a float32 head under bf16/fp16 autocast), whose
+block matmuls run with low-precision operands where ``are_fast.ops.sweep_precision`` finds that faster, else on a
+float32 copy of the head (``are_fast.ops.sweep_matmuls``; statistics and accumulators float32 either way). A
+frozen head: every op. A trainable head:
 the log-probability ops whose per-row upstream gradient is unknown in the forward (token, sequence): the values
 sweep also returns each row's log-sum-exp, and the backward (``online_weight_pass``) sweeps once more with the
 final probabilities (4 block matmuls per row in all, the minimum without holding the logits). The ``online``
@@ -32,27 +35,52 @@ import os
 
 import torch
 
-from . import logit_transforms
+from . import logit_transforms, sweep_precision
 from .chunked import PassResult
+from .sweep_matmuls import SweepMatmuls
 
-# Bytes of the [rows, vocab-block] buffers of all streams together, and the rows per block.
+# Bytes of the [rows, vocab-block] buffers of all streams together, and the rows per block. Low-precision
+# operands take larger blocks: AMX reaches its rate only on large products (measured on the issue-18 Xeon:
+# [1024 x 8192] blocks ran 2x faster than [512 x 1024] ones), still far below the chunk driver's memory.
 _BLOCK_BYTES = 2 << 20
 _BLOCK_ROWS = 512
+_LOW_PRECISION_BLOCK = (32 << 20, 1024)
 
 
 def supported(weight: torch.Tensor, bias: torch.Tensor | None, operand_dtype, weight_grad: bool, bias_grad: bool) -> bool:
-    """Whether the online sweep can run this pass: a frozen head in its compute dtype (a trainable head's
-    log-probabilities take ``online_pass`` for the values and ``online_weight_pass`` for the gradients)."""
-    full = weight.dtype in (torch.float32, torch.float64) and (bias is None or bias.dtype == weight.dtype)
-    return full and operand_dtype in (None, weight.dtype) and not weight_grad and not bias_grad
+    """Whether the online sweep can run this pass: a frozen head in its compute dtype, a low-precision head, or
+    a float32 head under low-precision autocast (``operand_dtype``); low-precision ones unless the sweep path
+    is forced to ``chunk``. A trainable head's log-probabilities take ``online_pass`` for the values and
+    ``online_weight_pass`` for the gradients."""
+    if bias is not None and bias.dtype != weight.dtype:
+        return False
+    full = weight.dtype in (torch.float32, torch.float64) and operand_dtype in (None, weight.dtype)
+    low = weight.dtype in sweep_precision.LOW_PRECISION and operand_dtype in (None, weight.dtype)
+    autocast = weight.dtype == torch.float32 and operand_dtype in sweep_precision.LOW_PRECISION
+    if (low or autocast) and not sweep_precision.takes_sweep():
+        return False
+    return (full or low or autocast) and not weight_grad and not bias_grad
 
 
-def block_shape(active: int, vocab: int, streams: int, rows: int | None = None, derivatives: bool = False):
-    """(rows, vocabulary entries) per block: ``rows`` (default 512) rows, and as many vocabulary entries as
-    keep the float32 blocks of all streams (the KL keeps three, four with a softcap's gradient) and, with
-    ``derivatives``, a softcap's derivative per stream, within 2 MiB (ARE_FAST_BLOCK_BYTES overrides)."""
-    budget = int(os.environ.get("ARE_FAST_BLOCK_BYTES", _BLOCK_BYTES))
-    block_rows = max(1, min(rows or _BLOCK_ROWS, active))
+def sweep_matmuls(weight: torch.Tensor, bias: torch.Tensor | None, operand_dtype=None) -> SweepMatmuls:
+    """The block products of one pass: a full-precision head as it is; a low-precision head (or autocast's
+    ``operand_dtype`` for a float32 one) in the operand dtype ``sweep_precision.choose`` picks for the device."""
+    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    low = operand_dtype if operand_dtype in sweep_precision.LOW_PRECISION else weight.dtype
+    if low not in sweep_precision.LOW_PRECISION:
+        return SweepMatmuls(weight, bias, weight.dtype, compute)
+    return SweepMatmuls(weight, bias, sweep_precision.choose(weight.device, low).operand_dtype, compute)
+
+
+def block_shape(active: int, vocab: int, streams: int, rows: int | None = None, derivatives: bool = False,
+                low_precision: bool = False):
+    """(rows, vocabulary entries) per block: ``rows`` (default 512, 1024 for ``low_precision`` operands) rows,
+    and as many vocabulary entries as keep the float32 blocks of all streams (the KL keeps three, four with a
+    softcap's gradient) and, with ``derivatives``, a softcap's derivative per stream, within 2 MiB (32 MiB for
+    low-precision operands; ARE_FAST_BLOCK_BYTES overrides)."""
+    default_bytes, default_rows = _LOW_PRECISION_BLOCK if low_precision else (_BLOCK_BYTES, _BLOCK_ROWS)
+    budget = int(os.environ.get("ARE_FAST_BLOCK_BYTES", default_bytes))
+    block_rows = max(1, min(rows or default_rows, active))
     slots = (3 if streams == 2 else 1) + (3 if streams == 2 else 1) * derivatives
     block_vocab = max(16, budget // (4 * slots * block_rows))
     block_vocab -= block_vocab % 16
@@ -72,6 +100,7 @@ def online_pass(
     block_rows: int | None = None,
     softcap: float | None = None,
     logit_scale: float | None = None,
+    operand_dtype: torch.dtype | None = None,
 ) -> PassResult:
     """Values [N] and, with ``grad_scale`` [N], the hidden gradients of sum(grad_scale * values).
 
@@ -79,11 +108,12 @@ def online_pass(
     target is ignore_index, NaN where it is otherwise outside [0, V). kind "kl": hiddens [h_p, h_q], labels
     bool valid [N]; values KL(softmax(h_p W^T + b) || softmax(h_q W^T + b)), 0 on rows that are not valid.
     rows: optional int64 [M] rows that count (the others get value 0 and zero gradients); block_rows: rows per
-    block (tests use small blocks to reach every edge); softcap, logit_scale: the logit transforms. Same
-    contract as ``chunked.fused_linear_pass`` for a frozen head.
+    block (tests use small blocks to reach every edge); softcap, logit_scale: the logit transforms;
+    operand_dtype: autocast's for a float32 head. Same contract as ``chunked.fused_linear_pass`` for a frozen head.
     """
     n_rows, hidden_size = hiddens[0].shape
-    vocab, dtype, device = weight.shape[0], weight.dtype, weight.device
+    matmuls = sweep_matmuls(weight, bias, operand_dtype)
+    vocab, dtype, device = weight.shape[0], matmuls.compute_dtype, weight.device
     want_grad = grad_scale is not None
     compact = rows is not None
     active = rows.numel() if compact else n_rows
@@ -95,16 +125,16 @@ def online_pass(
     if active == 0:
         return PassResult(values, dh, None, None, log_norms)
     capped_grad = want_grad and softcap is not None
-    step, block_vocab = block_shape(active, vocab, len(hiddens), block_rows, capped_grad)
+    step, block_vocab = block_shape(active, vocab, len(hiddens), block_rows, capped_grad, matmuls.low_precision)
     sweep = _LogprobSweep if kind == "logprob" else _KLSweep
     state = sweep(step, hidden_size, block_vocab, dtype, device, want_grad, [g is not None for g in dh],
-                  (softcap, logit_scale))
+                  (softcap, logit_scale), matmuls.operand_dtype)
     for start in range(0, active, step):
         stop = min(start + step, active)
         sel = rows[start:stop] if compact else slice(start, stop)
-        chunk = [h[sel].to(dtype) for h in hiddens]
+        chunk = [matmuls.operand(h[sel]) for h in hiddens]
         scale = None if grad_scale is None else grad_scale[sel].to(dtype)
-        chunk_values, chunk_grads, chunk_norms = state.run(chunk, weight, bias, labels[sel], ignore_index, scale)
+        chunk_values, chunk_grads, chunk_norms = state.run(chunk, matmuls, labels[sel], ignore_index, scale)
         values[sel] = chunk_values
         if log_norms is not None:
             log_norms[sel] = chunk_norms
@@ -132,36 +162,38 @@ def online_weight_pass(
     block_rows: int | None = None,
     softcap: float | None = None,
     logit_scale: float | None = None,
+    operand_dtype: torch.dtype | None = None,
 ) -> PassResult:
     """The gradients of sum(grad_scale * log p(target)) for a trainable head, given each row's log-sum-exp from
     the forward (``online_pass``'s ``log_norms`` [N]): with the final probabilities known, one sweep forms per
     block the logits, their gradient g (onehot - p) and its products with the head (hidden gradient [N, H]) and
     with the rows (weight gradient [V, H], bias gradient [V]): 3 matmuls per block and no [C, V] chunk.
     hidden [N, H], targets int64 [N], grad_scale [N]; rows: optional int64 [M] rows that count; softcap,
-    logit_scale: the logit transforms (the log-sum-exp is that of the transformed logits)."""
+    logit_scale: the logit transforms (the log-sum-exp is that of the transformed logits); operand_dtype:
+    autocast's for a float32 head. The weight and bias gradients accumulate in float32 (float64)."""
     n_rows, hidden_size = hidden.shape
-    vocab, dtype, device = weight.shape[0], weight.dtype, weight.device
+    matmuls = sweep_matmuls(weight, bias, operand_dtype)
+    vocab, dtype, device = weight.shape[0], matmuls.compute_dtype, weight.device
     compact = rows is not None
     active = rows.numel() if compact else n_rows
     dh = (torch.zeros if compact else torch.empty)(hidden.shape, dtype=hidden.dtype, device=device) if hidden_grad else None
-    dw = torch.zeros_like(weight) if weight_grad else None
+    dw = torch.zeros(weight.shape, dtype=dtype, device=device) if weight_grad else None
     db = torch.zeros(vocab, dtype=dtype, device=device) if bias_grad else None
-    step, block_vocab = block_shape(max(active, 1), vocab, 1, block_rows, softcap is not None)
+    step, block_vocab = block_shape(max(active, 1), vocab, 1, block_rows, softcap is not None, matmuls.low_precision)
     buffer = torch.empty(step * block_vocab, dtype=dtype, device=device)
     capped = torch.empty_like(buffer) if softcap is not None else None  # the softcap's derivative per block
     acc = torch.empty(step * hidden_size, dtype=dtype, device=device) if hidden_grad else None
     for start in range(0, active, step):
         stop = min(start + step, active)
         sel = rows[start:stop] if compact else slice(start, stop)
-        chunk, chunk_targets, size = hidden[sel].to(dtype), targets[sel], stop - start
+        chunk, chunk_targets, size = matmuls.operand(hidden[sel]), targets[sel], stop - start
         counted = (chunk_targets != ignore_index) & (chunk_targets >= 0) & (chunk_targets < vocab)
         scale = torch.where(counted, grad_scale[sel].to(dtype), 0.0)
         norm = torch.where(counted, log_norms[sel], torch.inf).unsqueeze(1)  # p = 0 on rows that do not count
         chunk_acc = acc[: size * hidden_size].view(size, hidden_size).zero_() if acc is not None else None
         for first, last in _vocab_blocks(vocab, block_vocab):
             width = last - first
-            logits = _logits_block(chunk, weight[first:last], None if bias is None else bias[first:last],
-                                   buffer[: size * width].view(size, width))
+            logits = matmuls.logits(chunk, first, last, buffer[: size * width].view(size, width))
             derivative = logit_transforms.apply_with_derivative_(
                 logits, softcap, logit_scale, None if capped is None else capped[: size * width].view(size, width)
             )
@@ -171,9 +203,9 @@ def online_weight_pass(
             if derivative is not None:  # the gradient over the raw logits
                 grad.mul_(derivative)
             if chunk_acc is not None:
-                chunk_acc.addmm_(grad, weight[first:last])
+                matmuls.add_product(chunk_acc, grad, first, last)
             if dw is not None:
-                dw[first:last].addmm_(grad.T, chunk)
+                matmuls.add_weight_product(dw[first:last], grad, chunk)
             if db is not None:
                 db[first:last].add_(grad.sum(0))
         if dh is not None:
@@ -181,7 +213,8 @@ def online_weight_pass(
                 dh.index_copy_(0, sel, chunk_acc.to(dh.dtype))
             else:
                 dh[sel] = chunk_acc
-    return PassResult(None, [dh], dw, db)
+    dw = None if dw is None else dw.to(weight.dtype)  # accumulated in the compute dtype
+    return PassResult(None, [dh], dw, None if db is None else db.to(bias.dtype))
 
 
 def _vocab_blocks(vocab: int, block_vocab: int):
@@ -196,12 +229,6 @@ def _targets_in_block(targets: torch.Tensor, counted: torch.Tensor, first: int, 
     return here, local.clamp(0, width - 1).unsqueeze(1)
 
 
-def _logits_block(hidden: torch.Tensor, weight_block: torch.Tensor, bias_block, out: torch.Tensor) -> torch.Tensor:
-    if bias_block is None:
-        return torch.mm(hidden, weight_block.T, out=out)
-    return torch.addmm(bias_block, hidden, weight_block.T, out=out)
-
-
 def _rescale(running_max: torch.Tensor, block_max: torch.Tensor) -> torch.Tensor:
     """Updates running_max [C] in place to max(running_max, block_max); returns exp(old - new) [C]."""
     new_max = torch.maximum(running_max, block_max)
@@ -213,7 +240,7 @@ def _rescale(running_max: torch.Tensor, block_max: torch.Tensor) -> torch.Tensor
 class _LogprobSweep:
     """log p(target) and its unit hidden gradient (1 - p_t) W[t] - sum_{v != t} p_v W_v, scaled per row."""
 
-    def __init__(self, rows, hidden_size, block_vocab, dtype, device, want_grad, need, transform):
+    def __init__(self, rows, hidden_size, block_vocab, dtype, device, want_grad, need, transform, operand_dtype):
         self.want_grad = want_grad and need[0]
         # One buffer: a block of logits during the sweep, the rows W[t] of the targets after it.
         width = max(block_vocab, hidden_size) if self.want_grad else block_vocab
@@ -224,23 +251,24 @@ class _LogprobSweep:
         capped_grad = self.want_grad and self.softcap is not None
         self.derivative = torch.empty(rows * block_vocab, dtype=dtype, device=device) if capped_grad else None
 
-    def run(self, chunk, weight, bias, targets, ignore_index, scale):
+    def run(self, chunk, matmuls, targets, ignore_index, scale):
         hidden = chunk[0]
         size = hidden.shape[0]
-        vocab = weight.shape[0]
+        vocab = matmuls.weight.shape[0]
         valid = targets != ignore_index
         in_range = (targets >= 0) & (targets < vocab)
-        running_max = torch.full((size,), -torch.inf, dtype=hidden.dtype, device=hidden.device)
-        others = torch.zeros(size, dtype=hidden.dtype, device=hidden.device)  # sum_{v != t} exp(l_v - max)
-        target_logit = torch.zeros(size, dtype=hidden.dtype, device=hidden.device)
-        target_derivative = torch.ones(size, dtype=hidden.dtype, device=hidden.device)  # dz'/dz at the target
+        kw = dict(dtype=self.buffer.dtype, device=hidden.device)
+        running_max = torch.full((size,), -torch.inf, **kw)
+        others = torch.zeros(size, **kw)  # sum_{v != t} exp(l_v - max)
+        target_logit = torch.zeros(size, **kw)
+        target_derivative = torch.ones(size, **kw)  # dz'/dz at the target
         acc = self.acc[:size] if self.want_grad else None
         if acc is not None:
             acc.zero_()
         for first, last in _vocab_blocks(vocab, self.block_vocab):
             width = last - first
             block = self.buffer[: size * width].view(size, width)
-            logits = _logits_block(hidden, weight[first:last], None if bias is None else bias[first:last], block)
+            logits = matmuls.logits(hidden, first, last, block)
             if self.derivative is None:
                 derivative = logit_transforms.apply_(logits, self.softcap, self.logit_scale)
             else:
@@ -257,7 +285,7 @@ class _LogprobSweep:
             others.mul_(factor).add_(probs.sum(1))
             if acc is not None:
                 weighted = probs.mul_(derivative) if self.derivative is not None else probs  # d/dz'_v -> d/dz_v
-                acc.mul_(factor.unsqueeze(1)).addmm_(weighted, weight[first:last])
+                matmuls.add_product(acc.mul_(factor.unsqueeze(1)), weighted, first, last)
         target_term = torch.exp(target_logit - running_max)
         total = others + target_term
         # log p_t = -log1p(others / e_t): exact for a confident target, where (l_t - max) - log(total) would
@@ -273,7 +301,8 @@ class _LogprobSweep:
             coef.mul_(self.logit_scale)
         safe = torch.where(in_range, targets, 0)
         # g (others / total) d_t W[t] - (g / total) acc, d_t = dz'/dz at the target
-        target_rows = torch.index_select(weight, 0, safe, out=self.buffer[: size * weight.shape[1]].view(size, -1))
+        target_rows = self.buffer[: size * hidden.shape[1]].view(size, -1)
+        target_rows.copy_(matmuls.weight.index_select(0, safe))
         grad = acc.mul_(-coef.unsqueeze(1)).addcmul_(target_rows, (coef * others * target_derivative).unsqueeze(1))
         return logp, [grad], log_norm
 
@@ -288,7 +317,7 @@ class _KLSweep:
     With logit transforms a and b are the transformed logits; a softcap's derivatives D_a, D_b (one more
     [2 rows, block] buffer) weigh the slots, and a fourth slot e_a D_b gives stream q's p-term."""
 
-    def __init__(self, rows, hidden_size, block_vocab, dtype, device, want_grad, need, transform):
+    def __init__(self, rows, hidden_size, block_vocab, dtype, device, want_grad, need, transform, operand_dtype):
         # Both streams' gradients come from the same three sums, so they are formed whichever ``need`` asks for.
         # Slots: 0 exp(a - max_a), 1 exp(b - max_b), 2 exp(a - max_a) * (d - shift) (with a softcap's gradient
         # times D_a, D_b, D_a, and 3 exp(a - max_a) D_b); one matmul serves all.
@@ -297,17 +326,17 @@ class _KLSweep:
         self.slots = 4 if capped_grad else 3
         self.blocks = torch.empty(self.slots, rows, block_vocab, dtype=dtype, device=device)
         self.derivatives = torch.empty(2 * rows * block_vocab, dtype=dtype, device=device) if capped_grad else None
-        self.stacked = torch.empty(2 * rows, hidden_size, dtype=dtype, device=device)
+        self.stacked = torch.empty(2 * rows, hidden_size, dtype=operand_dtype, device=device)
         # Accumulators, same slots: sum e_a W, sum e_b W, sum e_a (d - shift) W (, sum e_a D_b W).
         self.acc = torch.empty(self.slots, rows, hidden_size, dtype=dtype, device=device) if want_grad else None
 
-    def run(self, chunk, weight, bias, valid, ignore_index, scale):
+    def run(self, chunk, matmuls, valid, ignore_index, scale):
         size = chunk[0].shape[0]
-        vocab = weight.shape[0]
+        vocab = matmuls.weight.shape[0]
         width_max = self.blocks.shape[2]
         stacked = self.stacked[: 2 * size]
         stacked[:size], stacked[size:] = chunk[0], chunk[1]
-        kw = dict(dtype=stacked.dtype, device=stacked.device)
+        kw = dict(dtype=self.blocks.dtype, device=stacked.device)
         max_a, max_b = torch.full((size,), -torch.inf, **kw), torch.full((size,), -torch.inf, **kw)
         sum_a, sum_b, sum_ad = torch.zeros(size, **kw), torch.zeros(size, **kw), torch.zeros(size, **kw)
         shift = None  # the running lse_a - lse_b, so that the sums hold p (log p - log q) as the sweep ends
@@ -320,7 +349,7 @@ class _KLSweep:
             width = last - first
             # Logits of both streams in one matmul: the buffer's first two slots, rows [a; b].
             pair = self.blocks.view(-1)[: 2 * size * width].view(2 * size, width)
-            _logits_block(stacked, weight[first:last], None if bias is None else bias[first:last], pair)
+            matmuls.logits(stacked, first, last, pair)
             if self.derivatives is None:
                 logit_transforms.apply_(pair, self.softcap, self.logit_scale)
             else:  # D_a; D_b, rows as in pair
@@ -360,7 +389,7 @@ class _KLSweep:
                     exp_b.mul_(derivative_b)
                     ratio.mul_(derivative_a)
                 everything = self.blocks.view(-1)[: slots * size * width].view(slots * size, width)
-                acc.view(slots * size, -1).addmm_(everything, weight[first:last])
+                matmuls.add_product(acc.view(slots * size, -1), everything, first, last)
         # KL = E_p[d] - (lse_a - lse_b) = E_p[d - shift], the shift being lse_a - lse_b of the whole row
         mean_ratio = sum_ad / sum_a
         values = torch.where(valid, mean_ratio, 0.0)

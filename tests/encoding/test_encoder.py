@@ -8,6 +8,7 @@ import torch
 from _helpers import ENCODER_INSTRUCTION, ENCODER_K, ENCODER_MAX_LENGTH, naive_embeddings, random_texts, rel_error
 
 from are_fast.encoding.encoder import Encoder
+from are_fast.ops import sweep_precision
 from are_fast.toy.data import tiny_llama
 
 
@@ -150,3 +151,25 @@ def test_repr_says_what_runs(encoder, model_dir):
     for part in (f"path={model_dir!r}", "k=3", "hidden_size=32", f"max_length={ENCODER_MAX_LENGTH}", "dtype=float32",
                  "device=cpu", "max_tokens=8192"):
         assert part in text, part
+
+
+@pytest.mark.parametrize("path", ["lowp", "float32"])
+def test_cpu_default_dtype_follows_the_machine(model_dir, path, monkeypatch):
+    """No dtype on CPU: bf16 where the CPU's bf16 units measure faster (sweep_precision.automatic), else
+    float32; an explicit float32 wins; repr says which runs."""
+    choice = sweep_precision.SweepChoice("cpu", torch.bfloat16, path, "test")
+    monkeypatch.setattr(sweep_precision, "automatic", lambda device, dtype: choice)
+    enc = Encoder.from_pretrained(model_dir, "cpu", max_length=ENCODER_MAX_LENGTH)
+    expected = torch.bfloat16 if path == "lowp" else torch.float32
+    assert enc.dtype == expected and f"dtype={str(expected).removeprefix('torch.')}" in repr(enc)
+    assert Encoder.from_pretrained(model_dir, "cpu", "float32", max_length=ENCODER_MAX_LENGTH).dtype == torch.float32
+
+
+def test_bf16_agrees_with_float32_row_by_row(model_dir):
+    """Per-row cosine of bf16 and float32 embeddings of the same texts (the README's agreement figure comes
+    from benchmarks/test_bench_encoder.py on a ~100M-parameter model)."""
+    texts = random_texts(16, seed=4)
+    out = {dtype: Encoder.from_pretrained(model_dir, "cpu", dtype, max_length=ENCODER_MAX_LENGTH).encode(
+        texts, prompt=ENCODER_INSTRUCTION, convert_to_tensor=True, normalize_embeddings=True) for dtype in ("float32", "bfloat16")}
+    cosine = (out["float32"] * out["bfloat16"]).sum(1)
+    assert cosine.min() >= 0.999, cosine.min()

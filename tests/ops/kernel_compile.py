@@ -11,32 +11,33 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-CONSTEXPRS = ("BLOCK_V", "WRITE_GRAD", "SYNC_TILES")
+CONSTEXPRS = ("BLOCK_V", "WRITE_GRAD", "SYNC_TILES", "HAS_SOFTCAP")
 # The type of each argument as the launchers pass it (GRAD: the gradient output's element type; Python ints of
 # these sizes are 32-bit).
 ARGUMENTS = {
     "logprob_epilogue": {
         "logits_ptr": "*fp32", "stride_row": "i32", "grad_ptr": "GRAD", "stride_grad": "i32", "targets_ptr": "*i64",
-        "scale_ptr": "*fp32", "out_ptr": "*fp32", "vocab": "i32", "ignore_index": "i32",
+        "scale_ptr": "*fp32", "out_ptr": "*fp32", "vocab": "i32", "ignore_index": "i32", "softcap": "fp32", "logit_scale": "fp32",
     },
     "kl_epilogue": {
         "p_ptr": "*fp32", "q_ptr": "*fp32", "stride_p": "i32", "stride_q": "i32", "grad_p_ptr": "GRAD",
         "grad_q_ptr": "GRAD", "stride_grad_p": "i32", "stride_grad_q": "i32", "valid_ptr": "*u8",
-        "scale_ptr": "*fp32", "out_ptr": "*fp32", "vocab": "i32",
+        "scale_ptr": "*fp32", "out_ptr": "*fp32", "vocab": "i32", "softcap": "fp32", "logit_scale": "fp32",
     },
 }
 GRADIENT_TYPES = ("*fp32", "*bf16", "*fp16")
 
 
 def variants():
-    """(gradient pointer type, WRITE_GRAD, SYNC_TILES, BLOCK_V) the launchers can ask for: SYNC_TILES only for a
-    low-precision view of the logits' own bytes; the smallest and the largest tile."""
+    """(gradient pointer type, WRITE_GRAD, SYNC_TILES, BLOCK_V, HAS_SOFTCAP) the launchers can ask for: SYNC_TILES
+    only for a low-precision view of the logits' own bytes; the smallest and the largest tile; the softcap's
+    branch with the largest tile (its code does not depend on the tile size)."""
     for grad in GRADIENT_TYPES:
         for write, sync in ((False, False), (True, False), (True, True)):
             if sync and grad == "*fp32":
                 continue
-            for block in (16, 4096):
-                yield grad, write, sync, block
+            for block, softcap in ((16, False), (4096, False), (4096, True)):
+                yield grad, write, sync, block, softcap
 
 
 def compile_all(arch: int) -> list:
@@ -47,16 +48,16 @@ def compile_all(arch: int) -> list:
         kernel = getattr(module, f"_{module_name}_kernel")
         if set(kernel.arg_names) != set(arguments) | set(CONSTEXPRS):
             raise SystemExit(f"{module_name}: the kernel's parameters changed ({kernel.arg_names}); update ARGUMENTS")
-        for grad, write, sync, block in variants():
+        for grad, write, sync, block, softcap in variants():
             signature = {
                 name: "constexpr" if name in CONSTEXPRS else arguments[name].replace("GRAD", grad)
                 for name in kernel.arg_names
             }
-            constants = {"BLOCK_V": block, "WRITE_GRAD": write, "SYNC_TILES": sync}
+            constants = {"BLOCK_V": block, "WRITE_GRAD": write, "SYNC_TILES": sync, "HAS_SOFTCAP": softcap}
             compiled = triton.compile(ASTSource(kernel, signature, constants), target=target,
                                       options=module.LAUNCH_OPTIONS)
             rows.append({"kernel": module_name, "grad": grad, "write": write, "sync": sync, "block": block,
-                         "cubin_bytes": len(compiled.asm["cubin"])})
+                         "softcap": softcap, "cubin_bytes": len(compiled.asm["cubin"])})
     return rows
 
 

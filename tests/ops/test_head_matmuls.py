@@ -1,6 +1,8 @@
 """HeadMatmuls' modes, every branch on any device: the low-precision-operand / float32-output mode ("fp32_out",
 CUDA's) runs on CPU through its emulation, with bias, trainable head, out= buffers, gradient outputs in the
-operand dtype and the fallbacks; autocast's dtype is followed. Checked against the float64 reference."""
+operand dtype and the fallbacks; autocast's dtype is followed. Checked against the float64 reference. The
+online backend's sweep would take the frozen low-precision heads (tests/ops/test_online_low_precision.py):
+here they are sent to the chunk driver (ARE_FAST_LOWP_SWEEP=chunk)."""
 import os
 from types import SimpleNamespace
 
@@ -16,6 +18,11 @@ from are_fast.ops.head_matmuls import HeadMatmuls, use_mode
 
 N, H, V = 22, 24, 301  # 22 rows in chunks of 4: five full chunks and a remainder
 IGNORE = -100
+
+
+@pytest.fixture(autouse=True)
+def chunk_driver(monkeypatch):
+    monkeypatch.setenv("ARE_FAST_LOWP_SWEEP", "chunk")
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import torch
 
 import are_fast
 from _helpers import FUSED_BACKENDS, OPS, assert_rel_close, make_inputs, representable, run_op
-from are_fast.ops import logit_transforms
+from are_fast.ops import logit_transforms, sweep_precision
 
 # A small cap: most logits (std ~3) lie beyond it, and the amplified rows below lie far beyond it.
 TRANSFORMS = {
@@ -37,7 +37,13 @@ def test_transformed_op_matches_float64_reference(op, backend, transform, dtype,
     trainable, frozen_bias = HEADS[head]
     kw = dict(frozen_bias=frozen_bias, **TRANSFORMS[transform])
     ref, upstream, ref_grads = run_op(op, masters, torch.float64, "reference", trainable, **kw)
-    out, _, grads = run_op(op, masters, dtype, backend, trainable, upstream=upstream, device=device, chunk_rows=4, **kw)
+    # The bf16 sweep rounds each logit to bf16 (as naive bf16 code does): at the amplified rows' uncapped |z| ~ 25
+    # that is 0.06 per logit, and the KL's hidden gradient (a difference of two streams' logits) ends 2.3e-2 off.
+    # Those cases run the chunk driver's float32 logits; the sweep's transforms: test_online_low_precision.py.
+    uncapped_kl = dtype == torch.bfloat16 and op.startswith("conditional_kl") and "softcap" not in kw
+    with sweep_precision.use_path("chunk" if uncapped_kl else None):
+        out, _, grads = run_op(op, masters, dtype, backend, trainable, upstream=upstream, device=device, chunk_rows=4,
+                               **kw)
     assert out.dtype == torch.float32
     assert_rel_close(out, ref, dtype, f"{op} value")
     expected = {name for name, grad in ref_grads.items() if grad is not None}

@@ -15,6 +15,7 @@ import torch
 import are_fast
 from are_fast.ops import online
 from are_fast.ops.head_matmuls import use_mode
+from are_fast.ops.sweep_matmuls import SweepMatmuls
 from _helpers import TOLERANCE, leaf, rel_error
 
 IGNORE = -100
@@ -120,16 +121,16 @@ def test_kl_over_many_vocabulary_blocks(offset, small_blocks, device):
 
 
 def test_frozen_full_precision_heads_take_the_sweep(device):
-    """The online backend runs the sweeps for a float32 head, frozen or (log-probabilities) trainable, and the
-    chunk driver (which makes a HeadMatmuls) for a low-precision head, under autocast and for a trainable
-    head's KL."""
+    """The online backend runs the sweeps for a float32 head, frozen or (log-probabilities) trainable, a bf16
+    head and a float32 head under autocast (tests/ops/test_online_low_precision.py checks those), and the
+    chunk driver (which makes a HeadMatmuls) for a trainable head's KL."""
     hidden = torch.randn(6, 8, device=device)
     weight = torch.randn(11, 8, device=device)
     targets = torch.randint(0, 11, (6,), device=device)
     cases = {
         "frozen": (hidden, weight, 0),
         "trainable": (hidden, weight.clone().requires_grad_(), 0),
-        "bfloat16": (hidden.bfloat16(), weight.bfloat16(), 1),
+        "bfloat16": (hidden.bfloat16(), weight.bfloat16(), 0),
     }
     for name, (h, w, drivers) in cases.items():
         with use_mode() as made:
@@ -141,21 +142,21 @@ def test_frozen_full_precision_heads_take_the_sweep(device):
     assert len(made) == 1 and trainable.grad is not None
     with use_mode() as made, torch.autocast(device.type, dtype=torch.bfloat16):
         are_fast.token_logprobs(hidden.clone().requires_grad_(), weight, targets, backend="online").sum().backward()
-    assert made and made[0].operand_dtype == torch.bfloat16
+    assert not made
 
 
 def test_only_target_rows_reach_the_sweep(monkeypatch):
     """With ignored rows left out (compaction, on CPU) the sweep multiplies only the target rows."""
     weight = torch.randn(11, 8)
     seen = []
-    logits_block = online._logits_block
+    logits_block = SweepMatmuls.logits
 
-    def counting(hidden, weight_block, bias_block, out):
-        if weight_block.data_ptr() == weight.data_ptr():  # the first vocabulary block of a block of rows
+    def counting(self, hidden, first, last, out):
+        if first == 0:  # the first vocabulary block of a block of rows
             seen.append(hidden.shape[0])
-        return logits_block(hidden, weight_block, bias_block, out)
+        return logits_block(self, hidden, first, last, out)
 
-    monkeypatch.setattr(online, "_logits_block", counting)
+    monkeypatch.setattr(SweepMatmuls, "logits", counting)
     labels = torch.full((40,), IGNORE)
     labels[[2, 9, 17, 30]] = torch.tensor([1, 5, 0, 10])
     hidden = torch.randn(40, 8, requires_grad=True)

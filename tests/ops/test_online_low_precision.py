@@ -1,0 +1,172 @@
+"""The online sweep for low-precision heads (``are_fast.ops.online`` with ``sweep_matmuls`` and the dispatch of
+``sweep_precision``), each path forced: ``lowp`` (bf16/fp16 block matmuls, float32 statistics) and ``float32``
+(a float32 copy of the head), against float64 on the same bf16-rounded inputs, with small blocks so every row
+spans many vocabulary blocks and every accumulator is rescaled. Log-probabilities within 0.05 absolute on every
+row (one bf16 rounding per logit), gradients within the bf16 standard (2e-2 relative)."""
+import pytest
+import torch
+
+import are_fast
+from are_fast.ops import online, sweep_precision
+from are_fast.ops.sweep_matmuls import SweepMatmuls
+from _helpers import TOLERANCE, leaf, rel_error
+
+IGNORE = -100
+B, T, H, V = 3, 7, 40, 203  # 21 rows in blocks of 4; 203 vocabulary entries in blocks of 16 (a ragged tail)
+LOGPROB_TOLERANCE = 0.05
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    monkeypatch.setenv("ARE_FAST_BLOCK_BYTES", str(4 * 3 * 4 * 16))  # 16 entries for 4 rows, three slots
+
+
+@pytest.fixture
+def operands(monkeypatch):
+    """Records (hidden dtype, head dtype) of every logits block product and the SweepMatmuls made."""
+    seen, made = [], []
+    logits, init = SweepMatmuls.logits, SweepMatmuls.__init__
+
+    def recording_logits(self, hidden, first, last, out):
+        seen.append((hidden.dtype, self.weight.dtype))
+        return logits(self, hidden, first, last, out)
+
+    def recording_init(self, *args):
+        init(self, *args)
+        made.append(self)
+
+    monkeypatch.setattr(SweepMatmuls, "logits", recording_logits)
+    monkeypatch.setattr(SweepMatmuls, "__init__", recording_init)
+    return seen, made
+
+
+def _masters(dtype):
+    """float64 masters, rounded to ``dtype`` (the reference sees the same inputs); logits spread ~3."""
+    labels = torch.randint(0, V, (B, T))
+    labels[0, :2] = IGNORE
+    labels[2, 4] = IGNORE
+    masters = dict(
+        hidden=torch.randn(B, T, H, dtype=torch.float64),
+        hidden_q=torch.randn(B, T, H, dtype=torch.float64),
+        weight=torch.randn(V, H, dtype=torch.float64) * 3 / H**0.5,
+        bias=torch.randn(V, dtype=torch.float64) * 0.5,
+    )
+    return {n: v.to(dtype).double() for n, v in masters.items()}, labels
+
+
+def _call(op, args, labels, **kwargs):
+    if op == "token_logprobs":
+        return are_fast.token_logprobs(args["hidden"], args["weight"], labels, args["bias"], **kwargs)
+    if op == "sequence_logprobs":
+        return are_fast.sequence_logprobs(args["hidden"], args["weight"], labels, args["bias"], **kwargs)
+    if op == "compression_loss":
+        return are_fast.compression_loss(args["hidden"], args["weight"], labels, args["bias"], **kwargs)
+    return are_fast.conditional_kl(args["hidden"], args["hidden_q"], args["weight"], labels, args["bias"],
+                                   reduction="none", **kwargs)
+
+
+def _run(op, masters, labels, dtype, trainable, upstream=None, autocast=False, **kwargs):
+    args = {n: leaf(v, dtype, n.startswith("hidden") or trainable) for n, v in masters.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = _call(op, args, labels, **kwargs)
+    if upstream is None:
+        upstream = torch.randn(out.shape, dtype=torch.float64)
+    (out.double() * upstream).sum().backward()
+    names = [n for n, t in args.items() if t.requires_grad and (op == "conditional_kl" or n != "hidden_q")]
+    return out, upstream, {n: args[n].grad for n in names}
+
+
+def _check(op, dtype, trainable, path, autocast=False, **transform):
+    masters, labels = _masters(torch.bfloat16 if autocast else dtype)
+    ref, upstream, ref_grads = _run(op, masters, labels, torch.float64, trainable, backend="reference", **transform)
+    with sweep_precision.use_path(path) as choices:
+        out, _, grads = _run(op, masters, labels, torch.float32 if autocast else dtype, trainable, upstream,
+                             autocast=autocast, backend="online", chunk_rows=4, **transform)
+    assert choices and {c.path for c in choices} == {path}
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    if op == "conditional_kl":
+        error = rel_error(out, ref)
+        assert error <= TOLERANCE[torch.bfloat16], f"KL: relative error {error:.2e}"
+    else:
+        worst = (out.double() - ref).abs().max().item()
+        assert worst <= LOGPROB_TOLERANCE, f"{op}: a row is {worst:.3f} off"
+    assert set(grads) == set(ref_grads)
+    for name, grad in grads.items():
+        assert grad.dtype == (torch.float32 if autocast else dtype), name
+        error = rel_error(grad, ref_grads[name])
+        assert error <= TOLERANCE[torch.bfloat16], f"{op} d{name}: relative error {error:.2e}"
+    return out, grads
+
+
+FROZEN_OPS = ["token_logprobs", "sequence_logprobs", "compression_loss", "conditional_kl"]
+
+
+@pytest.mark.parametrize("path", ["lowp", "float32"])
+@pytest.mark.parametrize("op", FROZEN_OPS)
+def test_frozen_bf16_head(op, path, small_blocks, operands):
+    seen, made = operands
+    _check(op, torch.bfloat16, False, path)
+    expected = torch.bfloat16 if path == "lowp" else torch.float32
+    assert seen and set(seen) == {(expected, expected)}, "the block matmuls ran in another dtype"
+    assert len(made) == 1, "one cast of the head per call (a frozen head: one pass)"
+
+
+@pytest.mark.parametrize("path", ["lowp", "float32"])
+@pytest.mark.parametrize("op", ["token_logprobs", "sequence_logprobs"])
+def test_trainable_bf16_head(op, path, small_blocks, operands):
+    """The values sweep, then the weight sweep (online_weight_pass) with float32 weight/bias accumulators."""
+    seen, made = operands
+    _check(op, torch.bfloat16, True, path)
+    expected = torch.bfloat16 if path == "lowp" else torch.float32
+    assert set(seen) == {(expected, expected)} and len(made) == 2  # forward and backward
+
+
+@pytest.mark.parametrize(("op", "trainable"), [("token_logprobs", False), ("token_logprobs", True),
+                                                ("conditional_kl", False)])
+def test_logit_transforms_in_bf16(op, trainable, small_blocks):
+    """A softcap (its derivative weighs each block before the low-precision product) and a logit scale."""
+    _check(op, torch.bfloat16, trainable, "lowp", softcap=2.5, logit_scale=1.3)
+
+
+@pytest.mark.parametrize("op", ["token_logprobs", "conditional_kl"])
+def test_fp16_head(op, small_blocks):
+    _check(op, torch.float16, False, "lowp")
+
+
+@pytest.mark.parametrize(("op", "trainable"), [("token_logprobs", False), ("token_logprobs", True),
+                                                ("conditional_kl", False)])
+def test_autocast_takes_the_sweep_with_one_cast(op, trainable, small_blocks, operands):
+    """A float32 head under CPU bf16 autocast: the sweep with bf16 operands (the head cast once per pass, not
+    per block), float32 gradients, against float64 on the bf16-rounded inputs. (A trainable head's KL takes
+    the chunk driver: the sweep covers the log-probability ops.)"""
+    seen, made = operands
+    _check(op, torch.float32, trainable, "lowp", autocast=True)
+    assert set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    assert len(made) == (2 if trainable else 1)
+
+
+def test_chunk_path_leaves_the_sweep(operands):
+    seen, made = operands
+    masters, labels = _masters(torch.bfloat16)
+    with sweep_precision.use_path("chunk") as choices:
+        _run("token_logprobs", masters, labels, torch.bfloat16, False, backend="online")
+    assert not seen and not made and not choices
+
+
+def test_low_precision_paths_agree_with_each_other(small_blocks):
+    """lowp and float32 paths on the same bf16 inputs: the same numbers up to bf16 logit rounding."""
+    masters, labels = _masters(torch.bfloat16)
+    upstream = torch.randn(B, T, dtype=torch.float64)
+    results = {}
+    for path in ("lowp", "float32"):
+        with sweep_precision.use_path(path):
+            results[path] = _run("token_logprobs", masters, labels, torch.bfloat16, False, upstream,
+                                 backend="online", chunk_rows=4)
+    assert (results["lowp"][0] - results["float32"][0]).abs().max() <= LOGPROB_TOLERANCE
+    assert rel_error(results["lowp"][2]["hidden"], results["float32"][2]["hidden"]) <= TOLERANCE[torch.bfloat16]
+
+
+def test_sweep_block_shape_grows_for_low_precision(monkeypatch):
+    monkeypatch.delenv("ARE_FAST_BLOCK_BYTES", raising=False)
+    rows, vocab = online.block_shape(4096, 32000, 1, low_precision=True)
+    assert rows == 1024 and 4 * rows * vocab <= 32 << 20 and 4 * rows * vocab > 16 << 20
