@@ -1,7 +1,7 @@
 """The demo prints one clean table under a legend: no profiler chatter, aligned columns, every op."""
 import os
 
-from are_fast.demo import profiler_chatter_filtered, run_demo
+from are_fast.tools.demo import profiler_chatter_filtered, run_demo
 
 OPS = ("token_logprobs", "sequence_logprobs", "compression_loss", "conditional_kl", "alignment_loss")
 

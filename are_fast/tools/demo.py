@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from .ops import functional as F
-from .ops.backends import resolve_backend
+from ..ops import functional as F
+from ..ops.backends import resolve_backend
 from .memory import peak_extra_memory
 
 
