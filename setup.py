@@ -59,7 +59,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["are_fast", "are_fast.ops", "are_fast.encoding", "are_fast.model", "are_fast.training", "are_fast.kernels", "are_fast.csrc"],
+    packages=["are_fast", "are_fast.ops", "are_fast.model", "are_fast.training", "are_fast.encoding", "are_fast.toy",
+              "are_fast.tools", "are_fast.cli", "are_fast.kernels", "are_fast.csrc"],
     package_dir={"are_fast": "are_fast", "are_fast.csrc": "csrc"},
     package_data={"are_fast.csrc": ["*.cpp", "*.cu", "*.h"]},
     install_requires=[
@@ -80,7 +81,7 @@ setup(
                  "mteb>=2,<3", "tensorboard", "numpy<2.4"],
         "parquet": ["pyarrow"],
         "st": ["sentence-transformers>=6,<7"],  # SentenceTransformer(path); 6.x passes the prompt to our module
-        "mteb": ["mteb>=2,<3"],  # mteb.evaluate(encoder.for_mteb(...), tasks)
+        "mteb": ["mteb>=2,<3"],  # mteb.evaluate(MTEBModel(encoder, ...), tasks)
         "lora": ["peft"],
         "bench": ["pytest-benchmark>=4", "liger-kernel", "cut-cross-entropy"],
         "flash": ["flash-attn"],

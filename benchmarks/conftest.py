@@ -21,8 +21,8 @@ from typing import Callable
 import pytest
 import torch
 
-from are_fast.memory import peak_extra_memory
 from are_fast.ops.sweep_precision import cpu_units
+from are_fast.tools.memory import peak_extra_memory
 
 from .cases import bench_device as _bench_device
 from .cases import smoke_mode
@@ -95,7 +95,7 @@ def measure(benchmark, bench_device):
     """measure(fn, setup=None, *, warmup=None, group=None, **extra_info) -> peak extra bytes.
 
     Runs ``setup()`` (untimed) before every call of ``fn()``; optionally one warm-up call (default: on CUDA,
-    where kernels compile and autotune on first use); then one call under ``are_fast.memory.peak_extra_memory``
+    where kernels compile and autotune on first use); then one call under ``are_fast.tools.memory.peak_extra_memory``
     and the timed rounds with ``benchmark.pedantic``, synchronizing CUDA inside the timed function. Stores
     the peak in ``extra_info["peak_extra_bytes"]`` with the device and the caller's ``extra_info``. A CUDA
     out-of-memory error skips the case, saying so.

@@ -19,7 +19,7 @@ the same impl's float32 row of this session) beside speedup_vs_released (the rel
 The model is a random-init Llama read by a byte-level tokenizer: on CPU H=256, 4 layers and the Llama-2
 vocabulary size (32000); on CUDA a ~1B Llama (Llama-3.2-1B's shape, vocabulary 128256) in bfloat16.
 The rows are ../shared/data/medi_nli_sample.jsonl's when present (extra negatives taken from the next rows),
-else (and in smoke mode) the generated triplets of ``are_fast.toy``. Timings on a shared CPU are steadier
+else (and in smoke mode) the generated triplets of ``are_fast.toy.data``. Timings on a shared CPU are steadier
 with ``OMP_NUM_THREADS=1 pytest benchmarks/test_bench_stage2.py --benchmark-timer=time.process_time``. ``extra_info`` holds tokens (all the batch's texts),
 tokens_per_s, the loss, the route, computed_tokens (tokens the bodies' linear layers run, padding included)
 and for our rows speedup_vs_released and memory_vs_released, read side by side. ``-k`` selects rows, e.g.
@@ -34,11 +34,11 @@ import tempfile
 import pytest
 import torch
 
-from are_fast.data import stage2_items
+from are_fast.training.data import stage2_items
 from are_fast.model import Compressor, FrozenDecoder, Stage2Model
 from are_fast.model.layout import ROUTES, computed_tokens, default_route
 from are_fast.model.released import released_stage2_loss
-from are_fast.toy import triplet_rows
+from are_fast.toy.data import triplet_rows
 
 from .cases import bench_device, smoke_mode
 
@@ -73,7 +73,7 @@ def bench_rows(count: int, negatives: int, smoke: bool = False) -> tuple[list[di
             out.append({"id": str(i), "query": row["query"], "pos": row["pos"], "neg": negs,
                         "instruction": row["instruction"]})
         return out, "medi_nli_sample.jsonl"
-    return triplet_rows(count, negatives), "are_fast.toy triplets (medi_nli_sample.jsonl not found)"
+    return triplet_rows(count, negatives), "are_fast.toy.data triplets (medi_nli_sample.jsonl not found)"
 
 
 @pytest.fixture(scope="module")

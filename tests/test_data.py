@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from are_fast.data import fingerprint, load_stage1, load_stage2
+from are_fast.training.data import fingerprint, load_stage1, load_stage2
 
 
 def _write(path, lines):
@@ -59,9 +59,9 @@ def test_unreadable_files_raise_clear_errors(tmp_path):
 
 
 def test_truncation_is_counted(tmp_path):
-    from are_fast.data import stage1_items
+    from are_fast.training.data import stage1_items
     from are_fast.model import Compressor, FrozenDecoder
-    from are_fast.toy import tiny_llama
+    from are_fast.toy.data import tiny_llama
 
     tiny_llama(str(tmp_path / "m"), hidden_size=16, layers=1)
     comp = Compressor.from_pretrained(str(tmp_path / "m"), 2, max_text_tokens=10)

@@ -1,8 +1,8 @@
 """The demo prints one clean table under a legend: no profiler chatter, aligned columns, every op."""
 import os
 
-from are_fast.demo import profiler_chatter_filtered, run_demo
 from are_fast.ops import registry
+from are_fast.tools.demo import profiler_chatter_filtered, run_demo
 
 OPS = (*registry.OPS, "alignment_loss")  # every op of the registry, then the stage-2 loss
 

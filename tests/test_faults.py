@@ -22,9 +22,9 @@ import pytest
 import torch
 
 import are_fast
-from are_fast import errors
+from are_fast import runtime
 from are_fast.cli import main
-from are_fast.toy import compression_rows, tiny_llama, triplet_rows, write_jsonl
+from are_fast.toy.data import compression_rows, tiny_llama, triplet_rows, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -226,7 +226,7 @@ def test_read_only_output_is_found_before_any_work(world, tmp_path, capsys, monk
     def read_only(path, *args, **kwargs):
         raise os_error(errno.EROFS, path)
 
-    monkeypatch.setattr(errors, "open", read_only, raising=False)  # the write check's probe file
+    monkeypatch.setattr(runtime, "open", read_only, raising=False)  # the write check's probe file
     from are_fast.training import jobs
 
     monkeypatch.setattr(jobs, "compute_reference_scores", lambda *a, **k: pytest.fail("computed before the check"))
@@ -524,7 +524,7 @@ def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_after_the_same_ste
     script.write_text(
         "import os, signal\n"
         "import torch.distributed as dist\n"
-        "from are_fast.errors import StopSignals\n"
+        "from are_fast.runtime import StopSignals\n"
         "dist.init_process_group('gloo')\n"
         "rank = dist.get_rank()\n"
         "with StopSignals() as stop:\n"

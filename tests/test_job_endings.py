@@ -7,11 +7,11 @@ import os
 
 import pytest
 
-from are_fast import errors
-from are_fast.cli import build_parser, main
-from are_fast.data import load_stage1, load_stage2
-from are_fast.toy import compression_rows, tiny_llama, triplet_rows, write_jsonl
-from are_fast.train_cli import _PARSERS, objective_line, parse_training_args
+from are_fast import runtime
+from are_fast.cli import build_parser, main, parse_args
+from are_fast.training.data import load_stage1, load_stage2
+from are_fast.toy.data import compression_rows, tiny_llama, triplet_rows, write_jsonl
+from are_fast.cli.stage2 import objective_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,13 +37,13 @@ def test_traceback_on_request_is_the_real_one(monkeypatch, capsys):
         raise RuntimeError("boom")
 
     monkeypatch.setenv("ARE_FAST_TRACEBACK", "1")
-    assert errors.run_guarded("stage1", failing_job) == 1
+    assert runtime.run_guarded("stage1", failing_job) == 1
     err = capsys.readouterr().err
     assert "NoneType: None" not in err
     assert "Traceback (most recent call last)" in err and "in failing_job" in err and "RuntimeError: boom" in err
     assert err.splitlines()[-1].startswith("are-fast stage1: internal error: RuntimeError: boom")
     monkeypatch.delenv("ARE_FAST_TRACEBACK")
-    assert errors.run_guarded("stage1", failing_job) == 1
+    assert runtime.run_guarded("stage1", failing_job) == 1
     assert "Traceback" not in capsys.readouterr().err
 
 
@@ -95,12 +95,12 @@ def _parsers():
 def test_no_option_is_abbreviated(base, tmp_path, capsys):
     parser, commands = _parsers()
     assert parser.allow_abbrev is False and all(p.allow_abbrev is False for p in commands.values())
-    assert all(p.allow_abbrev is False for p in _PARSERS.values())
+    assert all(p.allow_abbrev is False for p in build_parser().job_parsers.values())
     code, _, err = run(["stage1", "--base-model", base, "--data", "d", "--output-dir", tmp_path / "o",
                         "--max-step", 2], capsys)
     assert code == 2 and "unrecognized arguments: --max-step 2" in err
     with pytest.raises(SystemExit):
-        parse_training_args("stage2", ["--ref-sig", "-1"])
+        parse_args(["stage2", "--ref-sig", "-1"])
     from are_fast.ops import native
 
     with pytest.raises(SystemExit):
@@ -143,12 +143,12 @@ def test_ref_sign_reads_and_shows_as_plus_or_minus_one(capsys):
     assert "--ref-sign {+1,-1}" in stage2.format_help()
     required = ["--data", "d", "--scores", "s", "--model", "m", "--base-model", "b", "--output-dir", "o"]
     for text, value in (("+1", 1.0), ("1", 1.0), ("-1", -1.0), ("-1.0", -1.0)):
-        args = parse_training_args("stage2", required + ["--ref-sign", text])
+        args = parse_args(["stage2"] + required + ["--ref-sign", text])
         assert args.ref_sign == value and type(args.ref_sign) is float
-    assert "ref-sign -1," in objective_line(parse_training_args("stage2", required + ["--ref-sign", "-1"]))
-    assert "ref-sign +1," in objective_line(parse_training_args("stage2", required))
+    assert "ref-sign -1," in objective_line(parse_args(["stage2"] + required + ["--ref-sign", "-1"]))
+    assert "ref-sign +1," in objective_line(parse_args(["stage2"] + required))
     with pytest.raises(SystemExit):
-        parse_training_args("stage2", required + ["--ref-sign", "0"])
+        parse_args(["stage2"] + required + ["--ref-sign", "0"])
     assert "argument --ref-sign: expected +1 or -1, got '0'" in capsys.readouterr().err
 
 

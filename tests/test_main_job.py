@@ -4,8 +4,8 @@ import os
 
 import torch
 
-from are_fast.main_job import MainJobConfig, run_main_job
-from are_fast.plots import smooth
+from are_fast.toy.job import MainJobConfig, run_main_job
+from are_fast.toy.picture import smooth
 from are_fast.training.reporting import read_log
 
 

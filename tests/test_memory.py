@@ -1,7 +1,7 @@
 """peak_extra_memory counts what a call allocates, temporaries included, and nothing held before it."""
 import torch
 
-from are_fast.memory import peak_extra_memory
+from are_fast.tools.memory import peak_extra_memory
 
 
 def test_cpu_peak_counts_temporaries_not_existing_tensors():

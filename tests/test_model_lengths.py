@@ -8,7 +8,7 @@ import torch
 from transformers import ByT5Tokenizer, GPT2Config, GPT2LMHeadModel
 
 from are_fast.cli import main
-from are_fast.toy import compression_rows, write_jsonl
+from are_fast.toy.data import compression_rows, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

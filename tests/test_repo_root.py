@@ -18,7 +18,7 @@ import pytest
 
 from _helpers import tiny_llama_with_bpe
 from are_fast.encoding.encode_job import read_embeddings
-from are_fast.toy import compression_rows, write_jsonl
+from are_fast.toy.data import compression_rows, write_jsonl
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

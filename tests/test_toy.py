@@ -1,7 +1,7 @@
 """The toy triplets: positive and hard negatives are equally close to the query in wording, differ in meaning."""
 import pytest
 
-from are_fast.toy import SLOTS, compression_rows, triplet_rows
+from are_fast.toy.data import SLOTS, compression_rows, triplet_rows
 
 _MEANING = {word: (slot, m) for slot, values in enumerate(SLOTS) for m, synonyms in enumerate(values) for word in synonyms}
 

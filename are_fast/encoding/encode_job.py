@@ -1,28 +1,7 @@
-"""The resumable file-to-shards job behind ``are-fast encode``.
-
-    are-fast encode --model out/stage2 --input texts.jsonl --field text --output emb/
-    torchrun --nproc_per_node 8 -m are_fast encode ...          # each rank takes every 8th shard
-
-The input (``are_fast.encoding.readers``: .jsonl, .txt, .parquet) is cut into shards of ``shard_size`` consecutive rows.
-For shard i the output folder gets its embeddings and input row ids (``shard-0000i.safetensors`` with tensors
-"embeddings" [n, H] float32 and "row_ids" [n] int64, or ``shard-0000i.npy`` + ``shard-0000i.rows.npy``), then
-its record ``shard-0000i.json`` (rows, bad rows with reasons, truncated count, file sizes). Every file is
-written to a temporary name and renamed, and the record comes last, so a killed job leaves only whole shards;
-a rerun skips the shards whose record is there and matches the job. ``manifest.json`` comes at the end: the
-model, the input's checksum and row count, the totals and the shard list. Outputs depend on nothing but the
-job (no times, no rank count), so a killed-and-resumed or multi-process run writes the same bytes as one
-uninterrupted process (same device, thread count and batching options; other batch shapes change the last bits).
-
-Bad rows (empty, invalid UTF-8 or JSON, no text field, not a string) are skipped, reported with their 1-based
-line (or parquet record) number and recorded; texts over ``max_length`` tokens are cut and counted.
-
-Faults (see ``are_fast.errors``): exit 2, before any work, for bad options, a model that is not usable (no
-config, weights or tokenizer; a --num-embed-tokens that disagrees with its <EMBED*> tokens), an input that
-cannot be read, an output folder that cannot be written or holds another job (``overwrite`` replaces it);
-exit 2 too when more than ``max_bad_fraction`` of the rows are bad (the shards and manifest are written). Exit
-1 when a write fails at run time (full disk): the finished shards are kept and a rerun resumes. SIGINT/SIGTERM
-stop after the current batch (exit 130/143), finished shards kept.
-"""
+"""The resumable file-to-shards job behind ``are-fast encode``: rows of .jsonl, .txt or .parquet (``readers``)
+into shards of embeddings and row ids, each file written atomically, a record per shard, then ``manifest.json``;
+a rerun resumes, ranks under torchrun take every WORLD_SIZE-th shard. Bad rows are skipped and reported.
+README "Encoding" has the file format, "Faults" the endings."""
 from __future__ import annotations
 
 import datetime
@@ -42,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..errors import RunFailure, StopSignals, check_writable, run_guarded, writing
+from ..runtime import RunFailure, StopSignals, check_writable, run_guarded, writing, written_atomically
 from ..model.directory import inspect_model_dir, model_fingerprint, resolve_num_embed_tokens
 from . import readers
 from .defaults import NORMALIZE
@@ -59,7 +38,7 @@ class JobError(RunFailure):
 
 @dataclass
 class JobConfig:
-    """Everything ``are-fast encode`` takes (see ``are_fast.cli`` for each option's help)."""
+    """Everything ``are-fast encode`` takes (see ``are_fast.cli.encode`` for each option's help)."""
 
     model: str
     input: str
@@ -112,14 +91,13 @@ def _test_kill(point: str, shard: int) -> None:
 
 
 def _write_atomic(path: str, data: bytes, shard: int = -1) -> None:
-    """Write to ``path + ".tmp"``, flush it to disk, then rename over ``path`` (readers never see half a file)."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    _test_kill("tmp", shard)
-    os.replace(tmp, path)
+    """Write ``data`` to a temporary file, flush it to disk, then rename it over ``path``."""
+    with written_atomically(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        _test_kill("tmp", shard)
 
 
 def _dumps(obj) -> bytes:

@@ -1,25 +1,7 @@
-"""Text embeddings from an AutoRegEmbed model, fast: ``are_fast.Encoder``.
-
-    from are_fast import Encoder
-    enc = Encoder.from_pretrained("out/stage2/model")    # CUDA + bfloat16 when present, else CPU + float32
-    emb = enc.encode(["a text", "another"], prompt="This sentence means in one word:")   # [2, H] float32
-    enc.similarity(emb, emb)                                                            # [2, 2] cosine
-
-``encode`` takes sentence-transformers' arguments (prompt, prompt_name, normalize_embeddings, ...); a prompt is
-the AutoRegEmbed instruction, placed after the text. An embedding is the mean of the k compressed vectors of
-``are_fast.model.Compressor`` (the paper's pooling). Where the time goes and what this does about it:
-- padding: texts are sorted by length and cut into batches under a token budget (``max_tokens`` padded tokens,
-  or real tokens when packed), not a fixed count of texts in input order;
-- padding in the model: rows run by the device's fastest route (``are_fast.model.layout``): on CPU "varlen",
-  no padding outside attention; with flash-attn installed on CUDA, varlen with no padding at all;
-- work nobody needs: no LM head (the compressor keeps only the model body), ``torch.inference_mode``, bfloat16
-  on GPU;
-- the CPU side: tokenization, sorting and collation of the next chunk run in a background thread while the
-  model computes the current one (``encode_chunks``, built on ``are_fast.encoding.pipeline``), which also feeds
-  the file job (``are_fast.encoding.encode_job``).
-Results come back in input order. Batch planning: ``batching``; MTEB's interface: ``mteb_adapter``;
-sentence-transformers: ``st_module``.
-"""
+"""``are_fast.Encoder``: text embeddings from an AutoRegEmbed model (the mean of the k compressed vectors), with
+sentence-transformers' call shape, in input order. Speed: length-sorted batches under a token budget
+(``batching``), the device's fastest padding route, no LM head, tokenization in a background thread
+(``pipeline``). README "Encoding" has the defaults and the options."""
 from __future__ import annotations
 
 import logging
@@ -30,12 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from ..model.compressor import Compressor
-from ..ops import sweep_precision
 from ..model.st_files import read_sentence_transformers_files, write_sentence_transformers_files
 from ..model.layout import flash_attention_available
 from .batching import DEFAULT_MAX_TOKENS, check_positive
-from .defaults import NORMALIZE
-from .mteb_adapter import MTEBModel
+from .defaults import NORMALIZE, default_dtype
 from .pipeline import EncodedChunk, PreparedChunk, check_texts, pipelined, prepare_chunk, run_chunk
 
 CHUNK_TEXTS = 2048  # texts tokenized, sorted and collated together in the background thread
@@ -54,11 +34,9 @@ def _as_matrix(embeddings, name: str) -> torch.Tensor:
 
 
 def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    """The given dtype, else bfloat16 on CUDA, and on a CPU whose bf16 matrix units measure faster than float32
-    (``sweep_precision.automatic``: ISA flags, then a one-time matmul measurement), else float32."""
+    """The given dtype (a torch dtype or its name), else ``defaults.default_dtype(device)``."""
     if dtype is None:
-        cpu_units = device.type == "cpu" and sweep_precision.automatic(device, torch.bfloat16).path == "lowp"
-        return torch.bfloat16 if device.type == "cuda" or cpu_units else torch.float32
+        return default_dtype(device)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -305,8 +283,3 @@ class Encoder:
             self.compressor.save_pretrained(target)
         write_sentence_transformers_files(target, self.compressor, self.prompts, self.default_prompt_name)
         return target
-
-    def for_mteb(self, instructions: Mapping[str, str] | None = None, default_instruction: str | None = None,
-                 **encode_kwargs) -> "MTEBModel":
-        """This encoder behind MTEB's model interface (see ``MTEBModel``)."""
-        return MTEBModel(self, instructions, default_instruction, **encode_kwargs)

@@ -1,7 +1,8 @@
 """MTEB's model interface over an ``are_fast.Encoder`` (needs the ``mteb`` extra only to run MTEB itself).
 
     import mteb
-    results = mteb.evaluate(encoder.for_mteb({"query": "..."}), tasks, cache=None)
+    from are_fast.encoding.mteb_adapter import MTEBModel
+    results = mteb.evaluate(MTEBModel(encoder, {"query": "..."}), tasks, cache=None)
 
 MTEB 2.x calls ``encode(inputs: DataLoader[BatchedInput], *, task_metadata, hf_split, hf_subset,
 prompt_type=None)`` and reads the model's ``mteb_model_meta``; MTEB 1.x called ``encode(sentences, *,

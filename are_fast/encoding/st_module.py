@@ -1,23 +1,7 @@
-"""An AutoRegEmbed model as a sentence-transformers module (needs the ``st`` extra: sentence-transformers 6.x).
-
-    from sentence_transformers import SentenceTransformer
-    model = SentenceTransformer("out/stage2/model", trust_remote_code=True)   # reads modules.json
-    emb = model.encode(["a text", "another"])       # the trained instruction is the default prompt
-
-A folder our training jobs write carries ``modules.json`` naming ``AutoRegEmbedModule`` (see
-``are_fast.model.st_files``). The module does the whole model: it tokenizes as ``are_fast.Encoder`` does
-([bos] text\\n prompt\\n <EMBED0>..<EMBED{k-1}>), runs the compressor and pools the k compressed states by their
-mean into ``sentence_embedding`` (float32), so both give the same vectors.
-
-Two things differ from a stock sentence-transformers model:
-- the prompt goes *after* the text, where AutoRegEmbed places its instruction (sentence-transformers 6 passes
-  the prompt to the input module, which decides where it goes; 5.x prepends it itself, hence the 6.x floor);
-- sentence-transformers 6 imports a module class outside its own package only with ``trust_remote_code=True``.
-  For this folder the flag lets it import ``are_fast.encoding.st_module`` from the installed package: the
-  class path has dots, so no Python file from the folder is ever run, and the transformers model inside is
-  loaded with ``trust_remote_code=False`` whatever the flag says. ``load_sentence_transformer(path)`` builds
-  the same model without the flag.
-"""
+"""An AutoRegEmbed model as a sentence-transformers 6 module (the ``st`` extra): it tokenizes as ``Encoder``
+does (the prompt after the text), runs the compressor and pools the k compressed states by their mean, so both
+give the same vectors. ``load_sentence_transformer(path)`` loads without ``trust_remote_code``; README
+"Encoding" says why the flag is safe here."""
 from __future__ import annotations
 
 import os
@@ -29,6 +13,7 @@ from sentence_transformers.base.modules import InputModule
 
 from ..model.compressor import Compressor, CompressorBatch
 from ..model.st_files import MODULE_CONFIG_FILE, module_config, read_sentence_transformers_files, write_module_config
+from .defaults import default_dtype
 from .pipeline import check_texts
 
 
@@ -98,13 +83,16 @@ class AutoRegEmbedModule(InputModule):
     def load(cls, model_name_or_path: str, subfolder: str = "", token: bool | str | None = None,
              cache_folder: str | None = None, revision: str | None = None, local_files_only: bool = False,
              model_kwargs: dict[str, Any] | None = None, **kwargs) -> "AutoRegEmbedModule":
-        """Load the folder's compressor. ``model_kwargs`` may give ``dtype`` (default: as saved); any
-        ``trust_remote_code`` is ignored: the transformers model is always loaded without remote code."""
+        """Load the folder's compressor. ``model_kwargs`` may give ``dtype`` (default: ``defaults.default_dtype``
+        of the device sentence-transformers picks by default, as Encoder and the file job; the device is not known
+        here); any ``trust_remote_code`` is ignored: the transformers model is always loaded without remote code."""
         hub = dict(subfolder=subfolder, token=token, cache_folder=cache_folder, revision=revision,
                    local_files_only=local_files_only)
         config = cls.load_config(model_name_or_path, **hub)
         folder = cls.load_dir_path(model_name_or_path, **hub)
         dtype = (model_kwargs or {}).get("dtype", (model_kwargs or {}).get("torch_dtype"))
+        if dtype is None:
+            dtype = default_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         compressor = Compressor.from_pretrained(folder, config.get("num_embed_tokens"), dtype=dtype,
                                                 max_text_tokens=config.get("max_length", "auto"))
         return cls(compressor)

@@ -1,15 +1,7 @@
-"""What the model layer reads from a transformers causal LM besides its weights, decided here and nowhere else:
-
-- ``logit_transform``: how the model's head turns final states into logits beyond ``hidden @ weight.T + bias``
-  (Gemma 2/3's ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's ``logits_scaling``), as the
-  ``softcap=`` / ``logit_scale=`` keywords of the fused ops; a key that changes the logits and is not modelled
-  is refused by name;
-- ``linear_head``: the head whose weight and bias the fused ops read (an ``nn.Linear``; a tied head is fine);
-- ``route_problems`` / ``choose_route``: which routes of ``are_fast.model.layout`` run the model exactly, and
-  the route a compressor or decoder takes (an explicit one that cannot is refused before any work; the
-  device's default falls back to one that can and says so once);
-- ``position_limit`` / ``token_limit``: the model's positions and the text or target tokens they leave.
-"""
+"""What the model layer reads from a transformers causal LM besides its weights, decided here only: the logit
+transform of its head (softcap, logit scale; an unmodelled one is refused by name), the linear head the fused ops
+read, the routes that run it exactly (``choose_route``) and its position limits. README "Training" lists the
+families."""
 from __future__ import annotations
 
 import functools

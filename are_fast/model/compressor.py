@@ -1,14 +1,6 @@
-"""The compressor: any Hugging Face causal LM turns a text into k compressed vectors [B, k, H].
-
-    comp = Compressor.from_pretrained("path/to/model", num_embed_tokens=5)       # or Compressor(model, tokenizer, 5)
-    vectors = comp.compress(["a text"], "This sentence means in one word: ")     # [1, 5, H] float
-    embedding = vectors.mean(1)                                                  # the AutoRegEmbed text embedding
-
-It adds the special tokens <EMBED0>..<EMBED{k-1}> (the names of the released AutoRegEmbed checkpoints, so
-those load as they are) to the tokenizer and the input embeddings, appends them right after each row's last
-real token, and returns the base model's final hidden states (after its final norm) at those k positions.
-No LM head runs: only the transformer body (``model.base_model``) is kept.
-"""
+"""The compressor: any Hugging Face causal LM turns a text into k compressed vectors [B, k, H] float: the
+<EMBED0>..<EMBED{k-1}> tokens (the released checkpoints' names) appended after each row's last real token, the
+body's final hidden states at those k positions; no LM head. Their mean is the AutoRegEmbed embedding."""
 from __future__ import annotations
 
 import os

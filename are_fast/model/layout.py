@@ -1,30 +1,8 @@
-"""Batch layout shared by the compressor and the decoder: tokenization, right padding, and the routes that run
-variable-length rows through a transformers body.
-
-The released AutoRegEmbed layout, which this module reproduces:
-- compressor row: [bos, if the tokenizer has one] + tokens(text + "\\n") + tokens(instruction + "\\n"), then the k
-  special tokens <EMBED0>..<EMBED{k-1}> right after the last real token (right padding);
-- decoder row: [k compressed vectors ; embeddings of tokens(target) + eos], labels [-100] * k + target + [eos].
-
-The rows are collated right-padded; ``run_varlen`` runs them by one of three routes (``ROUTES``) and always
-returns padded hidden states, so the loss code sees one layout:
-- "padded": the rows as they are, without a padding mask (causal rows never see their right padding): every
-  layer computes the padding too;
-- "packed": the sequences packed first-fit into as few rows as possible, each no wider than the longest
-  sequence, position ids restarting per sequence and no attention mask; transformers turns the position ids
-  into a block-diagonal causal mask (sdpa, eager), a document BlockMask (flex_attention) or, in one row, the
-  varlen kernel (flash_attention_2). The linear layers see (almost) no padding; attention runs per packed row;
-- "varlen": all real tokens in one row and attention per sequence from cumulative lengths, by our attention
-  function ``varlen_attention``: torch's ``torch.nn.attention.varlen.varlen_attn`` (flash) on CUDA in
-  bf16/fp16; elsewhere sequences of similar length (``attention_groups``: at most 2% padding) are scattered
-  into a zero-padded [G, heads, L, d] block for one causal attention call per group (``block_attention``)
-  and gathered back. Each layer's sliding window and attention softcap, as transformers passes them, hold on
-  both paths (softcapped layers take the block path). The linear layers, the norms and the embeddings see no
-  padding at all.
-With flash_attention_2 loaded, "packed" and "varlen" both run one row through flash-attn's varlen kernel.
-``default_route(device)`` is the measured winner per device (benchmarks/RESULTS.md); which routes a given
-model may take is decided in ``architecture.choose_route``.
-"""
+"""Batch layout shared by the compressor and the decoder: the released AutoRegEmbed rows (compressor: [bos]
+text\\n instruction\\n <EMBED0..k-1>; decoder: k compressed vectors, then target + eos, labels -100 for the k),
+right padding, and the routes (``ROUTES``: padded, packed, varlen) by which ``run_varlen`` runs rows of
+different lengths through a transformers body, always returning padded hidden states. README "Training" (routes)
+describes each route; ``default_route`` is the measured winner per device."""
 from __future__ import annotations
 
 import contextvars

@@ -1,16 +1,6 @@
-"""The two AutoRegEmbed training objectives and the reference scores, on a compressor and a frozen decoder.
-
-Stage 1 (information compression): the decoder reconstructs ``output`` from c(context + instruction);
-the loss is ``compression_loss``. Stage 2 (conditional distribution alignment): per row a query, a positive
-and n negatives; the loss is ``alignment_loss`` over log p(pos | c(q)), log p(pos | c(pos)),
-log p(neg_j | c(q)) and the stage-1 reference scores.
-
-What the stage-2 step does that the released code does not (see ``are_fast.model.released``):
-- each query is compressed once and reused for the positive and every negative;
-- the streams q->pos, pos->pos and q->neg_j of a batch run in ONE decoder call, and all their log-prob
-  terms come from ONE fused call on the stacked hidden states (no N x V logits), which only feeds the LM
-  head the positions that predict a target: padding and the compressed positions cost no head work.
-"""
+"""The two AutoRegEmbed objectives and the reference scores on a compressor and a frozen decoder: stage 1's
+``compression_loss``, stage 2's ``alignment_loss``. A stage-2 step compresses each query once and runs all its
+streams in one decoder call and one fused log-prob call (README "Training" compares it with the released code)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

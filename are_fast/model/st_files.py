@@ -1,23 +1,15 @@
-"""The files that make a saved compressor folder load in sentence-transformers (``SentenceTransformer(path)``).
-
-A folder written by ``Compressor.save_pretrained`` holds the transformers body and its tokenizer. These three
-small JSON files, written next to them, describe it to sentence-transformers:
-
-- ``modules.json``: one module, ``are_fast.encoding.st_module.AutoRegEmbedModule``, saved in the folder's root
-  (it reads the same transformers files as ``are_fast.Encoder``);
-- ``are_fast_module.json``: that module's config: k (``num_embed_tokens``) and ``max_length`` (text tokens kept);
-- ``config_sentence_transformers.json``: the instruction as sentence-transformers' prompt (``prompts`` and
-  ``default_prompt_name``), cosine similarity.
-
-This module sits in the model layer so the training jobs may call it (lower layers never import higher ones):
-it names the encoding layer's module class by its import path and never imports it.
-"""
+"""The three small JSON files that make a saved compressor folder load in sentence-transformers: modules.json
+(naming ``are_fast.encoding.st_module.AutoRegEmbedModule`` by its path, never importing it: this is the model
+layer), are_fast_module.json (k, max length) and config_sentence_transformers.json (the prompt). README
+"Encoding" describes them."""
 from __future__ import annotations
 
 import json
 import os
 from collections import Counter
 from typing import Iterable, Mapping
+
+from ..runtime import written_atomically
 
 ST_MODULE_TYPE = "are_fast.encoding.st_module.AutoRegEmbedModule"
 MODULES_FILE = "modules.json"
@@ -47,11 +39,9 @@ def instruction_prompts(instructions: Iterable[str | None]) -> dict:
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with written_atomically(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
-    os.replace(tmp, path)  # a reader never sees half a file
 
 
 def write_module_config(path: str | os.PathLike, num_embed_tokens: int, max_length: int | None) -> None:

@@ -1,16 +1,7 @@
-"""Checkpoints that resume a run exactly: trainable weights, optimizer, scheduler, RNG and data position.
-
-A checkpoint is a directory ``step-NNNNNNNN/`` written atomically (a temporary directory, then a rename):
-- ``model.safetensors``: the trainable parameters (frozen ones come back from the model directory);
-- ``optimizer.safetensors`` + the param groups in ``state.json``: AdamW state keyed by parameter name;
-- ``rng-rank{r}.safetensors`` + ``state.json``: torch CPU/CUDA generator states per rank, Python's ``random``;
-- ``state.json``: step, data position (with the early-stopping count), scheduler and fp16 gradient-scaler
-  state, the run's configuration and its fingerprint (``runstate.py``: a resume with other settings is refused).
-A failed write (full disk, read-only folder) removes the temporary directory and leaves the older
-checkpoints as they were; a damaged checkpoint is reported by name, never loaded half-way.
-State dicts go through ``torch.distributed.checkpoint.state_dict``, so plain, DDP and FSDP models save full,
-unsharded tensors under the same names.
-"""
+"""Checkpoints that resume a run exactly: ``step-NNNNNNNN/`` written atomically with the trainable weights and
+AdamW state (safetensors, keyed by parameter name), every rank's RNG, and ``state.json`` (step, data position,
+scheduler, scaler, config, fingerprint). Full unsharded tensors for plain, DDP and FSDP models; a damaged
+checkpoint is reported by name, never loaded half-way."""
 from __future__ import annotations
 
 import json

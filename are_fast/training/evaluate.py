@@ -5,7 +5,7 @@
   triplets (``--eval-triplets``), since stage-1 rows have no negatives.
 - ``HeldOutEval`` computes the metrics the trainer logs every ``eval_steps``: ``eval_loss`` (the training
   objective on the held-out rows, in eval mode) and, given triplet rows, ``eval_acc_hard`` and
-  ``eval_acc_random`` (``are_fast.evaluation.triplet_accuracies``).
+  ``eval_acc_random`` (``are_fast.training.triplet_accuracy.triplet_accuracies``).
 - ``BestModel`` keeps the trainable weights of the best evaluation by one metric in ``<output_dir>/best/``.
 """
 from __future__ import annotations
@@ -21,8 +21,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
-from ..data import DataReport, load_stage2, read_jsonl, stage1_items, stage2_items
-from ..evaluation import triplet_accuracies
+from .data import DataReport, load_stage2, read_jsonl, stage1_items, stage2_items
+from .triplet_accuracy import triplet_accuracies
+from ..runtime import written_atomically
 
 # Metric -> True when larger is better.
 METRICS = {"eval_loss": False, "eval_acc_hard": True, "eval_acc_random": True}
@@ -156,14 +157,11 @@ class BestModel:
         weights = get_model_state_dict(model, options=_WEIGHTS)  # a collective under FSDP
         self.state = {"step": step, "metric": self.metric, "value": value}
         if not dist.is_initialized() or dist.get_rank() == 0:
-            tmp = self.path + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-            save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(tmp, "model.safetensors"))
-            with open(os.path.join(tmp, "state.json"), "w") as f:
-                json.dump(self.state, f)
-            shutil.rmtree(self.path, ignore_errors=True)
-            os.replace(tmp, self.path)
+            with written_atomically(self.path) as tmp:
+                os.makedirs(tmp)
+                save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(tmp, "model.safetensors"))
+                with open(os.path.join(tmp, "state.json"), "w") as f:
+                    json.dump(self.state, f)
         if dist.is_initialized():
             dist.barrier()
         return True

@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-from ..data import DEFAULT_MAX_BAD_FRACTION, check_usable, load_stage1, load_stage2, stage1_items, stage2_items
-from ..errors import StopSignals, check_writable, writing
+from .data import DEFAULT_MAX_BAD_FRACTION, check_usable, load_stage1, load_stage2, stage1_items, stage2_items
+from ..runtime import StopSignals, check_writable, writing
 from ..model import Compressor, FrozenDecoder, Stage1Model, Stage2Model
 from ..model.architecture import AUTO
 from ..model.directory import inspect_model_dir, resolve_num_embed_tokens

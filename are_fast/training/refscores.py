@@ -16,8 +16,9 @@ import os
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from ..data import fingerprint, stage2_items
+from .data import fingerprint, stage2_items
 from ..model import reference_scores
+from ..runtime import written_atomically
 from .progress import Progress
 
 FORMAT = "are_fast.reference_scores/1"
@@ -57,13 +58,8 @@ def save_reference_scores(path: str, rows, ref_p: torch.Tensor, ref_n: torch.Ten
     meta = {"format": FORMAT, "row_ids": json.dumps([r["id"] for r in rows]), "num_negatives": str(ref_n.shape[1]),
             "scored_with": json.dumps(scored_with or {})}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    try:
+    with written_atomically(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def scored_with(path: str) -> dict:

@@ -1,21 +1,7 @@
-"""The thin trainer: one readable loop around a model whose ``forward(batch)`` returns (loss, metrics).
-
-Why our own loop and not transformers' Trainer: the two stages need a frozen decoder beside a trainable
-compressor, reference scores carried with each row, length-bucketed batches of stage-2 items and an exact
-resume (data position included) - each a hook or an override in Trainer. The loop below is one module a
-reader checks in one sitting, and it uses the field's pieces for everything else: torch AdamW,
-transformers' warmup + constant/linear/cosine schedules (``get_scheduler``), torch's GradScaler,
-torch.distributed (DDP, FSDP2), torch.distributed.checkpoint state dicts, safetensors, tqdm, peft (in the jobs).
-
-Features: gradient accumulation, clipping, bf16 autocast on CUDA (or fp16 with a gradient scaler), early stopping
-on the best metric, ``--epochs`` or ``--max-steps``, JSON-lines loss log (``loss.jsonl``), held-out evaluation
-every ``eval_steps`` with the best model kept (``evaluate.py``), TensorBoard and the end-of-run summary
-(``reporting.py``), a progress bar on a terminal and plain lines elsewhere (``progress.py``), checkpoints with
-exact and checked resume (``checkpoint.py``, ``runstate.py``: a run with other settings is refused by name),
-SIGINT/SIGTERM ending the run after the current step with a checkpoint, DDP under torchrun (gloo on CPU, NCCL on
-GPU) and FSDP2 sharding as an option (``fsdp``: each transformer layer and the rest of the model sharded over the
-processes; NCCL on GPU, gloo on CPU).
-"""
+"""The thin trainer: one readable loop around a model whose ``forward(batch)`` returns (loss, metrics), with
+accumulation, clipping, autocast, schedules, held-out evaluation and early stopping, checkpoints with a checked
+exact resume, a clean stop on SIGINT/SIGTERM, DDP and FSDP2. README "Training" says why not transformers'
+Trainer and lists what a run gives."""
 from __future__ import annotations
 
 import contextlib
@@ -30,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from ..errors import StopSignals, writing
+from ..runtime import StopSignals, writing
 from . import runstate
 from .checkpoint import checkpoint_dirs, load_checkpoint, read_checkpoint_state, save_checkpoint
 from .evaluate import BestModel

@@ -1,63 +1,15 @@
 """Encoder: embeddings equal a naive one-text-at-a-time float64 computation, in input order, whatever the batching;
 its call shape is sentence-transformers' (prompts, output types, similarity)."""
-import random
 import threading
 
 import numpy as np
 import pytest
 import torch
-from _helpers import rel_error
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from _helpers import ENCODER_INSTRUCTION, ENCODER_K, ENCODER_MAX_LENGTH, naive_embeddings, random_texts, rel_error
 
 from are_fast.encoding.encoder import Encoder
-from are_fast.model import Compressor
 from are_fast.ops import sweep_precision
-from are_fast.toy import tiny_llama
-
-K = 3
-MAX_LENGTH = 48
-INSTRUCTION = "In one word:"
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    """A random tiny Llama saved as a trained compressor: <EMBED0..2> in its tokenizer and embeddings."""
-    path = str(tmp_path_factory.mktemp("encoder-model"))
-    tiny_llama(path, hidden_size=32, layers=2, seed=0)
-    torch.manual_seed(0)
-    Compressor.from_pretrained(path, num_embed_tokens=K).save_pretrained(path)
-    return path
-
-
-def random_texts(n: int, seed: int = 0) -> list[str]:
-    """Texts of 1-120 characters, some over MAX_LENGTH tokens (byte tokenizer: a token per byte), some non-ASCII."""
-    rng = random.Random(seed)
-    alphabet = "abcdefghij klmnop qrstuv wxyz .,é中"
-    return ["".join(rng.choice(alphabet) for _ in range(int(rng.lognormvariate(3.2, 0.8)) % 120 + 1))
-            for _ in range(n)]
-
-
-def naive_embeddings(model_dir: str, texts, instruction=None, max_length=MAX_LENGTH, normalize=True,
-                     dtype=torch.float64) -> torch.Tensor:
-    """The oracle: transformers alone, one text at a time, no padding: [bos] text\\n instruction\\n <EMBED*>."""
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    body = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).model
-    embed_ids = tok.convert_tokens_to_ids([f"<EMBED{i}>" for i in range(K)])
-    bos = [] if tok.bos_token_id is None else [tok.bos_token_id]
-    tail = tok((instruction or "") + "\n", add_special_tokens=False).input_ids + embed_ids
-    rows = []
-    with torch.no_grad():
-        for text in texts:
-            ids = bos + tok(text + "\n", add_special_tokens=False).input_ids[:max_length] + tail
-            hidden = body(input_ids=torch.tensor([ids])).last_hidden_state[0, -K:]
-            emb = hidden.mean(0)
-            rows.append(emb / emb.norm() if normalize else emb)
-    return torch.stack(rows)
-
-
-@pytest.fixture(scope="module")
-def encoder(model_dir):
-    return Encoder.from_pretrained(model_dir, "cpu", torch.float32, max_length=MAX_LENGTH)
+from are_fast.toy.data import tiny_llama
 
 
 @pytest.mark.parametrize("max_tokens,batch_size", [(64, None), (400, 3), (100000, None)],
@@ -65,31 +17,31 @@ def encoder(model_dir):
 @pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
 def test_encode_equals_naive(model_dir, encoder, max_tokens, batch_size, normalize):
     texts = random_texts(23, seed=max_tokens)
-    out = encoder.encode(texts, prompt=INSTRUCTION, batch_size=batch_size, max_tokens=max_tokens,
+    out = encoder.encode(texts, prompt=ENCODER_INSTRUCTION, batch_size=batch_size, max_tokens=max_tokens,
                          normalize_embeddings=normalize)
     assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == (23, encoder.hidden_size)
-    ref = naive_embeddings(model_dir, texts, INSTRUCTION, normalize=normalize)
+    ref = naive_embeddings(model_dir, texts, ENCODER_INSTRUCTION, normalize=normalize)
     assert rel_error(torch.from_numpy(out), ref) <= 1e-5
     per_row = [rel_error(torch.from_numpy(out[i]), ref[i]) for i in range(len(texts))]
     assert max(per_row) <= 1e-5  # every row in its place, not only the whole matrix
 
 
 def test_bf16_within_tolerance(model_dir):
-    enc = Encoder.from_pretrained(model_dir, "cpu", "bfloat16", max_length=MAX_LENGTH)
+    enc = Encoder.from_pretrained(model_dir, "cpu", "bfloat16", max_length=ENCODER_MAX_LENGTH)
     assert enc.dtype == torch.bfloat16
     texts = random_texts(9, seed=3)
-    out = enc.encode(texts, prompt=INSTRUCTION, convert_to_tensor=True, normalize_embeddings=True)
+    out = enc.encode(texts, prompt=ENCODER_INSTRUCTION, convert_to_tensor=True, normalize_embeddings=True)
     assert out.dtype == torch.float32
-    assert rel_error(out, naive_embeddings(model_dir, texts, INSTRUCTION)) <= 2e-2
+    assert rel_error(out, naive_embeddings(model_dir, texts, ENCODER_INSTRUCTION)) <= 2e-2
 
 
 def test_packed_rows_equal_padded(model_dir):
-    packed = Encoder.from_pretrained(model_dir, "cpu", torch.float32, max_length=MAX_LENGTH, pack=True)
+    packed = Encoder.from_pretrained(model_dir, "cpu", torch.float32, max_length=ENCODER_MAX_LENGTH, pack=True)
     assert packed.compressor.pack
     texts = random_texts(11, seed=4)
-    out = packed.encode(texts, prompt=INSTRUCTION, max_tokens=150, convert_to_tensor=True,
+    out = packed.encode(texts, prompt=ENCODER_INSTRUCTION, max_tokens=150, convert_to_tensor=True,
                          normalize_embeddings=True)
-    assert rel_error(out, naive_embeddings(model_dir, texts, INSTRUCTION)) <= 1e-5
+    assert rel_error(out, naive_embeddings(model_dir, texts, ENCODER_INSTRUCTION)) <= 1e-5
 
 
 def test_edge_inputs(model_dir, encoder):
@@ -99,7 +51,7 @@ def test_edge_inputs(model_dir, encoder):
     assert encoder.encode([]).shape == (0, encoder.hidden_size)
     empty = encoder.encode(["", "x"], convert_to_tensor=True)  # an empty text still has its newline and k tokens
     assert rel_error(empty, naive_embeddings(model_dir, ["", "x"], normalize=False)) <= 1e-5
-    assert encoder.num_embed_tokens == K and encoder.max_length == MAX_LENGTH
+    assert encoder.num_embed_tokens == ENCODER_K and encoder.max_length == ENCODER_MAX_LENGTH
 
 
 def test_no_lm_head_and_no_autograd(encoder):
@@ -166,13 +118,13 @@ def test_output_types_follow_sentence_transformers(encoder):
 
 
 def test_prompts_are_the_instruction(model_dir):
-    enc = Encoder.from_pretrained(model_dir, "cpu", torch.float32, max_length=MAX_LENGTH,
-                                  prompts={"query": INSTRUCTION, "other": "Else:"}, default_prompt_name="query")
+    enc = Encoder.from_pretrained(model_dir, "cpu", torch.float32, max_length=ENCODER_MAX_LENGTH,
+                                  prompts={"query": ENCODER_INSTRUCTION, "other": "Else:"}, default_prompt_name="query")
     texts = random_texts(6, seed=9)
-    ref = naive_embeddings(model_dir, texts, INSTRUCTION, normalize=False)
+    ref = naive_embeddings(model_dir, texts, ENCODER_INSTRUCTION, normalize=False)
     for out in (enc.encode(texts, convert_to_tensor=True),  # the default prompt
                 enc.encode(texts, prompt_name="query", convert_to_tensor=True),
-                enc.encode(texts, prompt_name="other", prompt=INSTRUCTION, convert_to_tensor=True)):  # prompt wins
+                enc.encode(texts, prompt_name="other", prompt=ENCODER_INSTRUCTION, convert_to_tensor=True)):  # prompt wins
         assert rel_error(out, ref) <= 1e-5
     other = enc.encode(texts, prompt_name="other", convert_to_tensor=True)
     assert rel_error(other, naive_embeddings(model_dir, texts, "Else:", normalize=False)) <= 1e-5
@@ -196,7 +148,7 @@ def test_similarity_is_cosine(encoder):
 
 def test_repr_says_what_runs(encoder, model_dir):
     text = repr(encoder)
-    for part in (f"path={model_dir!r}", "k=3", "hidden_size=32", f"max_length={MAX_LENGTH}", "dtype=float32",
+    for part in (f"path={model_dir!r}", "k=3", "hidden_size=32", f"max_length={ENCODER_MAX_LENGTH}", "dtype=float32",
                  "device=cpu", "max_tokens=8192"):
         assert part in text, part
 
@@ -207,17 +159,17 @@ def test_cpu_default_dtype_follows_the_machine(model_dir, path, monkeypatch):
     float32; an explicit float32 wins; repr says which runs."""
     choice = sweep_precision.SweepChoice("cpu", torch.bfloat16, path, "test")
     monkeypatch.setattr(sweep_precision, "automatic", lambda device, dtype: choice)
-    enc = Encoder.from_pretrained(model_dir, "cpu", max_length=MAX_LENGTH)
+    enc = Encoder.from_pretrained(model_dir, "cpu", max_length=ENCODER_MAX_LENGTH)
     expected = torch.bfloat16 if path == "lowp" else torch.float32
     assert enc.dtype == expected and f"dtype={str(expected).removeprefix('torch.')}" in repr(enc)
-    assert Encoder.from_pretrained(model_dir, "cpu", "float32", max_length=MAX_LENGTH).dtype == torch.float32
+    assert Encoder.from_pretrained(model_dir, "cpu", "float32", max_length=ENCODER_MAX_LENGTH).dtype == torch.float32
 
 
 def test_bf16_agrees_with_float32_row_by_row(model_dir):
     """Per-row cosine of bf16 and float32 embeddings of the same texts (the README's agreement figure comes
     from benchmarks/test_bench_encoder.py on a ~100M-parameter model)."""
     texts = random_texts(16, seed=4)
-    out = {dtype: Encoder.from_pretrained(model_dir, "cpu", dtype, max_length=MAX_LENGTH).encode(
-        texts, prompt=INSTRUCTION, convert_to_tensor=True, normalize_embeddings=True) for dtype in ("float32", "bfloat16")}
+    out = {dtype: Encoder.from_pretrained(model_dir, "cpu", dtype, max_length=ENCODER_MAX_LENGTH).encode(
+        texts, prompt=ENCODER_INSTRUCTION, convert_to_tensor=True, normalize_embeddings=True) for dtype in ("float32", "bfloat16")}
     cosine = (out["float32"] * out["bfloat16"]).sum(1)
     assert cosine.min() >= 0.999, cosine.min()

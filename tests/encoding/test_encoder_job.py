@@ -10,8 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from _helpers import rel_error
-from test_encoder import INSTRUCTION, MAX_LENGTH, model_dir, naive_embeddings, random_texts  # noqa: F401
+from _helpers import ENCODER_INSTRUCTION, ENCODER_MAX_LENGTH, naive_embeddings, random_texts, rel_error
 
 from are_fast.encoding.encode_job import MANIFEST, JobConfig, read_embeddings, run_job
 from are_fast.encoding.encoder import Encoder
@@ -53,7 +52,7 @@ def snapshot(folder) -> dict:
 
 
 def job(model_dir, inp, out, **kwargs) -> int:
-    kwargs.setdefault("max_length", MAX_LENGTH)
+    kwargs.setdefault("max_length", ENCODER_MAX_LENGTH)
     kwargs.setdefault("progress", False)
     kwargs.setdefault("dtype", "float32")
     return run_job(JobConfig(model_dir, str(inp), str(out), **kwargs))
@@ -63,15 +62,15 @@ def job(model_dir, inp, out, **kwargs) -> int:
 def test_job_equals_encode_equals_naive(model_dir, tmp_path, shard_format):
     texts = random_texts(29, seed=7)
     good = write_jsonl(tmp_path / "in.jsonl", texts, bad_every=5)
-    assert job(model_dir, tmp_path / "in.jsonl", tmp_path / "out", shard_size=8, instruction=INSTRUCTION,
+    assert job(model_dir, tmp_path / "in.jsonl", tmp_path / "out", shard_size=8, instruction=ENCODER_INSTRUCTION,
                shard_format=shard_format, max_tokens=200) == 0
     ids, emb = read_embeddings(str(tmp_path / "out"))
     assert ids.tolist() == good  # every good row once, in input order
     assert emb.dtype == np.float32 and emb.shape == (len(texts), 32)
-    enc = Encoder.from_pretrained(model_dir, "cpu", torch.float32, max_length=MAX_LENGTH)
-    direct = enc.encode(texts, prompt=INSTRUCTION, convert_to_tensor=True)  # both unnormalized by default
+    enc = Encoder.from_pretrained(model_dir, "cpu", torch.float32, max_length=ENCODER_MAX_LENGTH)
+    direct = enc.encode(texts, prompt=ENCODER_INSTRUCTION, convert_to_tensor=True)  # both unnormalized by default
     assert rel_error(torch.from_numpy(emb), direct) <= 1e-5
-    assert rel_error(torch.from_numpy(emb), naive_embeddings(model_dir, texts, INSTRUCTION, normalize=False)) <= 1e-5
+    assert rel_error(torch.from_numpy(emb), naive_embeddings(model_dir, texts, ENCODER_INSTRUCTION, normalize=False)) <= 1e-5
 
 
 def test_manifest_and_bad_rows(model_dir, tmp_path, capfd):
@@ -91,7 +90,7 @@ def test_manifest_and_bad_rows(model_dir, tmp_path, capfd):
         assert b["line"] == b["row"] + 1  # row ids count from 0 like the embeddings' row_ids; lines from 1
         assert f"line {b['line']}: skipped, {b['detail']}" in err
     tokenizer_lengths = [len(t.encode()) + 1 for t in texts]  # byte tokenizer: a token per byte, plus "\n"
-    assert manifest["rows"]["truncated"] == sum(n > MAX_LENGTH for n in tokenizer_lengths) > 0
+    assert manifest["rows"]["truncated"] == sum(n > ENCODER_MAX_LENGTH for n in tokenizer_lengths) > 0
     assert "texts cut to 48 tokens" in err
     assert manifest["model"]["num_embed_tokens"] == 3 and manifest["model"]["hidden_size"] == 32
     assert [s["first_row"] for s in manifest["shards"]] == [0, 7, 14, 21, 28]
@@ -138,7 +137,7 @@ def test_input_errors_exit_2(model_dir, tmp_path, capfd):
     (tmp_path / "in.csv").write_text("a\n")
     for overrides, message in cases:
         args = dict(model=model_dir, input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out"),
-                    max_length=MAX_LENGTH, progress=False)
+                    max_length=ENCODER_MAX_LENGTH, progress=False)
         args.update(overrides)
         assert run_job(JobConfig(**args)) == 2, overrides
         assert message in capfd.readouterr().err, overrides
@@ -161,8 +160,8 @@ def kill_input(model_dir, tmp_path_factory):
     """60 texts with a bad line after every 7th, the job's args, and the output of an uninterrupted run."""
     folder = tmp_path_factory.mktemp("kill")
     write_jsonl(folder / "in.jsonl", random_texts(60, seed=11), bad_every=7)
-    args = ["--model", model_dir, "--input", folder / "in.jsonl", "--max-length", MAX_LENGTH, "--shard-size", 6,
-            "--instruction", INSTRUCTION, "--dtype", "float32"]
+    args = ["--model", model_dir, "--input", folder / "in.jsonl", "--max-length", ENCODER_MAX_LENGTH, "--shard-size", 6,
+            "--instruction", ENCODER_INSTRUCTION, "--dtype", "float32"]
     cli(*args, "--output", folder / "reference")
     return folder, args, snapshot(folder / "reference")
 

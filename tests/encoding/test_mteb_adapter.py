@@ -6,13 +6,13 @@ import mteb  # the test extra installs it (and the mteb extra), so this test nev
 import numpy as np
 import pytest
 import torch
+from _helpers import random_texts
 from datasets import Dataset, DatasetDict  # mteb's own dependency
 from mteb.abstasks.retrieval import AbsTaskRetrieval
 from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 from mteb.abstasks.sts import AbsTaskSTS
 from mteb.abstasks.task_metadata import TaskMetadata
 from scipy.stats import spearmanr
-from test_encoder import encoder, model_dir, random_texts  # noqa: F401
 
 from are_fast.encoding.mteb_adapter import MTEBModel
 
@@ -53,7 +53,7 @@ class LocalSTS(AbsTaskSTS):
 
 
 def test_mteb_evaluate_runs_through_the_adapter(encoder):
-    results = mteb.evaluate(encoder.for_mteb(INSTRUCTIONS), [LocalRetrieval(), LocalSTS()], cache=None,
+    results = mteb.evaluate(MTEBModel(encoder, INSTRUCTIONS), [LocalRetrieval(), LocalSTS()], cache=None,
                             show_progress_bar=False)
     scores = {r.task_name: r.scores["test"][0] for r in results.task_results}
 
@@ -74,8 +74,7 @@ def test_mteb_evaluate_runs_through_the_adapter(encoder):
 
 
 def test_mteb_adapter_both_call_shapes(encoder):
-    model = encoder.for_mteb({"query": "Q:", "Sick-document": "D:"}, default_instruction="X:")
-    assert isinstance(model, MTEBModel)
+    model = MTEBModel(encoder, {"query": "Q:", "Sick-document": "D:"}, default_instruction="X:")
     texts = random_texts(7, seed=5)
     # MTEB 1.x: sentences and a task name.
     v1 = model.encode(texts, task_name="Sick", prompt_type=SimpleNamespace(value="query"), batch_size=32)
@@ -86,7 +85,7 @@ def test_mteb_adapter_both_call_shapes(encoder):
                       prompt_type="document")
     np.testing.assert_allclose(v2, encoder.encode(texts, prompt="D:"), rtol=0, atol=1e-6)
     assert model.instruction_for("Other", None) == "X:"
-    assert encoder.for_mteb().instruction_for("Other", "query") is None  # then the encoder's default prompt
+    assert MTEBModel(encoder).instruction_for("Other", "query") is None  # then the encoder's default prompt
     sims = model.similarity(v1, v2)
     assert sims.shape == (7, 7)
     torch.testing.assert_close(torch.diagonal(sims), model.similarity_pairwise(v1, v2))

@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 import torch
-from _helpers import rel_error
+from _helpers import ENCODER_INSTRUCTION, ENCODER_MAX_LENGTH, TOLERANCE, naive_embeddings, random_texts, rel_error
 from sentence_transformers import SentenceTransformer  # the test extra installs it, so this test never skips
-from test_encoder import INSTRUCTION, MAX_LENGTH, model_dir, naive_embeddings, random_texts  # noqa: F401
 
+from are_fast.encoding.defaults import default_dtype
 from are_fast.encoding.encoder import Encoder
 from are_fast.encoding.st_module import AutoRegEmbedModule, load_sentence_transformer
 from are_fast.model.st_files import (
@@ -21,7 +21,7 @@ from are_fast.model.st_files import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-PROMPTS = {"query": INSTRUCTION, "document": INSTRUCTION}
+PROMPTS = {"query": ENCODER_INSTRUCTION, "document": ENCODER_INSTRUCTION}
 
 
 def row_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -34,7 +34,7 @@ def st_dir(model_dir, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("st") / "model")
     shutil.copytree(model_dir, path)
     weights = open(os.path.join(path, "model.safetensors"), "rb").read()
-    enc = Encoder.from_pretrained(path, "cpu", torch.float32, max_length=MAX_LENGTH, prompts=PROMPTS,
+    enc = Encoder.from_pretrained(path, "cpu", torch.float32, max_length=ENCODER_MAX_LENGTH, prompts=PROMPTS,
                                   default_prompt_name="query")
     assert enc.save_sentence_transformers() == path
     assert open(os.path.join(path, "model.safetensors"), "rb").read() == weights  # only the small files written
@@ -42,17 +42,17 @@ def st_dir(model_dir, tmp_path_factory):
 
 
 def test_sentence_transformer_equals_encoder_and_oracle(st_dir, model_dir):
-    model = SentenceTransformer(st_dir, trust_remote_code=True, device="cpu")
+    model = SentenceTransformer(st_dir, trust_remote_code=True, device="cpu", model_kwargs={"dtype": torch.float32})
     assert isinstance(model[0], AutoRegEmbedModule) and len(model) == 1
-    assert model.max_seq_length == MAX_LENGTH and model.get_embedding_dimension() == 32
+    assert model.max_seq_length == ENCODER_MAX_LENGTH and model.get_embedding_dimension() == 32
     enc = Encoder.from_pretrained(st_dir, "cpu", torch.float32)  # max_length and prompts from the folder
-    assert enc.max_length == MAX_LENGTH and enc.prompts == PROMPTS and enc.default_prompt_name == "query"
-    texts = random_texts(23, seed=12)  # some cut to MAX_LENGTH tokens
+    assert enc.max_length == ENCODER_MAX_LENGTH and enc.prompts == PROMPTS and enc.default_prompt_name == "query"
+    texts = random_texts(23, seed=12)  # some cut to ENCODER_MAX_LENGTH tokens
     ours = enc.encode(texts, convert_to_tensor=True)
     theirs = model.encode(texts, convert_to_tensor=True)  # batches of 32, padded: other batching, same vectors
     assert theirs.dtype == torch.float32 and theirs.shape == ours.shape
     assert row_cosines(theirs, ours).min() >= 0.99999
-    assert rel_error(theirs, naive_embeddings(model_dir, texts, INSTRUCTION, normalize=False)) <= 1e-5
+    assert rel_error(theirs, naive_embeddings(model_dir, texts, ENCODER_INSTRUCTION, normalize=False)) <= 1e-5
     for call in (model.encode_query, model.encode_document):  # the same instruction on both sides, as trained
         assert row_cosines(call(texts, convert_to_tensor=True), ours).min() >= 0.99999
     other = model.encode(texts, prompt="Other:", normalize_embeddings=True, convert_to_tensor=True)
@@ -79,7 +79,7 @@ def test_without_the_flag(st_dir):
     with pytest.raises(ValueError, match="trust_remote_code"):  # sentence-transformers 6 asks for it
         SentenceTransformer(st_dir, device="cpu")
     model = load_sentence_transformer(st_dir, device="cpu")
-    assert model.default_prompt_name == "query" and model.prompts["query"] == INSTRUCTION
+    assert model.default_prompt_name == "query" and model.prompts["query"] == ENCODER_INSTRUCTION
     texts = random_texts(5, seed=14)
     flagged = SentenceTransformer(st_dir, trust_remote_code=True, device="cpu").encode(texts, convert_to_tensor=True)
     assert rel_error(model.encode(texts, convert_to_tensor=True), flagged) <= 1e-6
@@ -87,7 +87,7 @@ def test_without_the_flag(st_dir):
 
 def test_training_job_writes_the_files(tmp_path):
     from are_fast.cli import main
-    from are_fast.toy import compression_rows, tiny_llama, write_jsonl
+    from are_fast.toy.data import compression_rows, tiny_llama, write_jsonl
 
     base, out = str(tmp_path / "base"), str(tmp_path / "s1")
     tiny_llama(base, hidden_size=16, layers=1)
@@ -122,18 +122,22 @@ def test_the_three_ways_give_the_same_vectors_by_default(st_dir, model_dir, tmp_
     from are_fast.cli import main
     from are_fast.encoding.encode_job import MANIFEST, read_embeddings
 
-    texts = random_texts(17, seed=14)  # some cut to the folder's MAX_LENGTH tokens
+    texts = random_texts(17, seed=14)  # some cut to the folder's ENCODER_MAX_LENGTH tokens
     (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
     assert main(["encode", "--model", st_dir, "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "e"),
                  "--no-progress"]) == 0
     row_ids, job = read_embeddings(str(tmp_path / "e"))
     manifest = json.loads((tmp_path / "e" / MANIFEST).read_text())
-    assert manifest["instruction"] == INSTRUCTION and manifest["normalize"] is False
-    assert manifest["model"]["max_length"] == MAX_LENGTH and row_ids.tolist() == list(range(len(texts)))
+    assert manifest["instruction"] == ENCODER_INSTRUCTION and manifest["normalize"] is False
+    assert manifest["model"]["max_length"] == ENCODER_MAX_LENGTH and row_ids.tolist() == list(range(len(texts)))
     job = torch.from_numpy(job)
     encoder = torch.from_numpy(Encoder.from_pretrained(st_dir, "cpu").encode(texts))
     st = SentenceTransformer(st_dir, trust_remote_code=True, device="cpu").encode(texts, convert_to_tensor=True)
-    oracle = naive_embeddings(model_dir, texts, INSTRUCTION, normalize=False)
-    for name, emb in (("are-fast encode", job), ("Encoder.encode", encoder), ("sentence-transformers", st)):
-        assert rel_error(emb, oracle) <= 1e-5, name
+    # The shared dtype default too (bfloat16 on a CPU whose bf16 units measure faster): the same computation.
+    dtype = default_dtype(torch.device("cpu"))
+    assert manifest["model"]["dtype"] == str(dtype).removeprefix("torch.")
+    for name, emb in (("Encoder.encode", encoder), ("sentence-transformers", st)):
+        assert rel_error(emb, job) <= 1e-6, name
+    oracle = naive_embeddings(model_dir, texts, ENCODER_INSTRUCTION, normalize=False)  # float64
+    assert rel_error(job, oracle) <= TOLERANCE[dtype], "are-fast encode against transformers alone"
     assert not torch.allclose(job.norm(dim=-1), torch.ones(len(texts)))  # not normalized: the shared default

@@ -1,6 +1,6 @@
 import pytest
 
-from are_fast.toy import tiny_llama
+from are_fast.toy.data import tiny_llama
 
 
 @pytest.fixture(scope="session")

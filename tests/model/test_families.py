@@ -115,10 +115,10 @@ def test_stage2_loss_and_reference_scores_use_the_models_own_logits(family, dist
     model's own logits: loss and compressor gradients of float64 models, to 1e-5 because these models compute
     parts in float32 anyway (RMSNorm, Gemma 2's attention softmax), which the loss's differences of large
     log-prob sums amplify."""
-    from are_fast.data import stage2_items
+    from are_fast.training.data import stage2_items
     from are_fast.model import Stage2Model, reference_scores
     from are_fast.ops import reference
-    from are_fast.toy import triplet_rows
+    from are_fast.toy.data import triplet_rows
 
     compressor = Compressor(build(family).requires_grad_(True), ByT5Tokenizer(), K, route="varlen").double()
     decoder = FrozenDecoder(build(family), ByT5Tokenizer(), num_embed_tokens=K, route="varlen").double()

@@ -5,10 +5,10 @@ import torch
 from _helpers import rel_error
 
 from are_fast.ops import reference, registry
-from are_fast.data import stage2_items
+from are_fast.training.data import stage2_items
 from are_fast.model import Compressor, FrozenDecoder, Stage2Model, reference_scores
 from are_fast.model.released import _score, released_stage2_loss
-from are_fast.toy import triplet_rows
+from are_fast.toy.data import triplet_rows
 
 
 def _setup(tiny_dir, negatives, rows=3, seed=0):

@@ -1,7 +1,7 @@
 """Print the largest relative error of every op, dtype and backend against the float64 reference.
 
 Run: python tests/ops/error_table.py [--trials 20] [--device cpu|cuda]. Each trial draws fresh inputs (the
-shapes of test_functional.py), runs the ops on the device (default: cuda when available; the Triton interpreter
+shapes of _helpers.make_inputs), runs the ops on the device (default: cuda when available; the Triton interpreter
 on cpu) and compares the value and every gradient with the float64 reference on CPU, frozen and trainable head.
 """
 import argparse
@@ -11,7 +11,7 @@ import sys
 import torch
 
 here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [here, os.path.dirname(here)]  # test_functional beside it, _helpers in tests/
+sys.path[:0] = [os.path.dirname(here)]  # _helpers in tests/
 
 
 
@@ -20,12 +20,11 @@ def main():
     parser.add_argument("--trials", type=int, default=20, help="fresh random inputs per cell (default 20)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    if args.device == "cpu":  # the Triton interpreter, set before test_functional imports the kernels
+    if args.device == "cpu":  # the Triton interpreter, set before _helpers imports the kernels
         os.environ["TRITON_INTERPRET"] = "1"
     else:
         os.environ.pop("TRITON_INTERPRET", None)
-    from _helpers import FUSED_BACKENDS, rel_error
-    from test_functional import OPS, make_inputs, representable, run_op
+    from _helpers import FUSED_BACKENDS, OPS, make_inputs, rel_error, representable, run_op
 
     torch.manual_seed(1234)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}

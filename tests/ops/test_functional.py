@@ -6,80 +6,9 @@ import pytest
 import torch
 
 import are_fast
-from _helpers import FUSED_BACKENDS, assert_rel_close, leaf
-from are_fast.ops.registry import OPS_TABLE
-
-B, T, H, V = 3, 9, 32, 203  # V on no block boundary; B*T=27 rows in chunks of 4 leave a remainder
-IGNORE = -100
-
-
-def make_inputs(batch=B, length=T, hidden=H, vocab=V, logit_scale=3.0):
-    """Fresh float64 masters: two decoder streams, a head with bias, labels with an ignored prefix and holes."""
-    labels = torch.randint(0, vocab, (batch, length))
-    labels[:, :2] = IGNORE  # the compressed-token prefix
-    labels[torch.rand(batch, length) < 0.2] = IGNORE
-    return dict(
-        hidden=torch.randn(batch, length, hidden, dtype=torch.float64),
-        hidden_q=torch.randn(batch, length, hidden, dtype=torch.float64),
-        weight=torch.randn(vocab, hidden, dtype=torch.float64) * logit_scale / hidden**0.5,
-        bias=torch.randn(vocab, dtype=torch.float64),
-        labels=labels,
-    )
-
-
-def _registry_ops() -> dict:
-    """name -> op(args, **kwargs) for every op of the registry, in each of its forms: token ops on [N, H] and
-    [B, T, H], sequence ops as they are (and sequence_logprobs averaged), pair ops in each reduction."""
-    ops = {}
-    for spec in OPS_TABLE.values():
-        fn = getattr(are_fast, spec.name)
-        if spec.inputs == "tokens":
-            ops[f"{spec.name}-2d"] = lambda a, fn=fn, **k: fn(
-                a["hidden"].reshape(-1, a["hidden"].shape[-1]), a["weight"], a["labels"].reshape(-1), a["bias"], **k
-            )
-            ops[f"{spec.name}-3d"] = lambda a, fn=fn, **k: fn(a["hidden"], a["weight"], a["labels"], a["bias"], **k)
-        elif spec.inputs == "sequences":
-            ops[spec.name] = lambda a, fn=fn, **k: fn(a["hidden"], a["weight"], a["labels"], a["bias"], **k)
-        else:
-            for reduction in ("sum", "mean", "none"):
-                ops[f"{spec.name}-{reduction}"] = lambda a, fn=fn, reduction=reduction, **k: fn(
-                    a["hidden"], a["hidden_q"], a["weight"], a["labels"], bias=a["bias"], reduction=reduction, **k
-                )
-    ops["sequence_logprobs-sum"] = ops.pop("sequence_logprobs")
-    ops["sequence_logprobs-mean"] = lambda a, **k: are_fast.sequence_logprobs(
-        a["hidden"], a["weight"], a["labels"], a["bias"], average=True, **k
-    )
-    return ops
-
-
-OPS = _registry_ops()
-PAIR_OPS = [name for name in OPS if OPS_TABLE[name.rsplit("-", 1)[0]].inputs == "pair"]  # they read hidden_q
-STREAMS = {"hidden", "hidden_q"}
-
-
-def representable(masters, dtype):
-    """The masters rounded to dtype (still float64), so the oracle sees exactly the inputs the op sees."""
-    return {n: v.to(dtype).double() if v.dtype.is_floating_point else v for n, v in masters.items()}
-
-
-def run_op(op, masters, dtype, backend, trainable_head, upstream=None, device="cpu", frozen_bias=False, **kwargs):
-    """Run op on dtype copies of the (CPU) masters on device; return (output, upstream grad used (CPU),
-    {name: grad}); output and grads stay on device. A frozen head has no bias unless ``frozen_bias``."""
-    args = {}
-    for name, value in masters.items():
-        if name == "labels":
-            args[name] = value.to(device)
-        elif name == "bias" and not trainable_head and not frozen_bias:
-            args[name] = None
-        else:
-            args[name] = leaf(value, dtype, name in STREAMS or trainable_head, device)
-    out = OPS[op](args, backend=backend, **kwargs)
-    if upstream is None:
-        upstream = torch.randn(out.shape, dtype=torch.float64)
-    (out.double() * upstream.to(out.device)).sum().backward()
-    grads = {n: t.grad for n, t in args.items() if isinstance(t, torch.Tensor) and t.requires_grad}
-    return out, upstream, grads
-
+from _helpers import (
+    FUSED_BACKENDS, IGNORE_INDEX, OPS, PAIR_OPS, assert_rel_close, leaf, make_inputs, representable, run_op,
+)
 
 @pytest.mark.parametrize("backend", ["reference", *FUSED_BACKENDS])
 def test_conditional_kl_over_a_masked_vocabulary(backend, device):
@@ -87,7 +16,7 @@ def test_conditional_kl_over_a_masked_vocabulary(backend, device):
     nothing, so the KL and every gradient equal the limit of a bias of -1e4 (float64 reference), not NaN from
     0 * (-inf - -inf)."""
     masters = representable(make_inputs(), torch.float32)
-    masked = [0, 5, 17, V - 1, *range(100, 140)]
+    masked = [0, 5, 17, len(masters["bias"]) - 1, *range(100, 140)]
     limit = dict(masters, bias=masters["bias"].index_fill(0, torch.tensor(masked), -1e4))
     masters["bias"] = masters["bias"].index_fill(0, torch.tensor(masked), float("-inf"))
     ref, upstream, ref_grads = run_op("conditional_kl-none", limit, torch.float64, "reference", True)
@@ -160,13 +89,13 @@ def test_extreme_logits_fp32(backend, device):
 @pytest.mark.parametrize("backend", FUSED_BACKENDS + ["reference"])
 def test_sequences_without_targets_give_zero(backend, device):
     masters = make_inputs()
-    masters["labels"][1] = IGNORE
+    masters["labels"][1] = IGNORE_INDEX
     for op in ("sequence_logprobs-sum", "sequence_logprobs-mean", "conditional_kl-sum", "conditional_kl-mean"):
         out, _, grads = run_op(op, masters, torch.float32, backend, True, device=device)
         assert torch.isfinite(out).all() and out[1] == 0, op
         assert torch.isfinite(grads["hidden"]).all() and (grads["hidden"][1] == 0).all(), op
         assert torch.isfinite(grads["weight"]).all(), op
-    masters["labels"][:] = IGNORE
+    masters["labels"][:] = IGNORE_INDEX
     loss, _, grads = run_op("compression_loss", masters, torch.float32, backend, True, device=device)
     assert loss.item() == 0 and (grads["hidden"] == 0).all()
 
@@ -288,7 +217,7 @@ def test_no_host_sync_in_fused_path():
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_out_of_range_label_gives_nan_when_checks_are_off(backend, device):
     masters = make_inputs()
-    masters["labels"][0, 4] = V + 7
+    masters["labels"][0, 4] = masters["weight"].shape[0] + 7
     are_fast.set_label_checks(False)
     try:
         out = are_fast.sequence_logprobs(masters["hidden"].to(device, torch.float32),

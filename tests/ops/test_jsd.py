@@ -11,9 +11,8 @@ import pytest
 import torch
 
 import are_fast
-from _helpers import FUSED_BACKENDS, assert_rel_close, leaf
+from _helpers import FUSED_BACKENDS, assert_rel_close, leaf, make_inputs, representable, run_op
 from are_fast.ops import reference, registry, torch_epilogues
-from test_functional import make_inputs, representable, run_op
 
 BETAS = [0.1, 0.5, 0.9]
 # close: stream q is stream p plus a perturbation of a quarter of its size (JSD ~1e-2, against ~0.3 for unrelated

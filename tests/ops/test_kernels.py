@@ -18,44 +18,10 @@ from triton.runtime.interpreter import InterpretedFunction
 from are_fast.kernels.kl_epilogue import kl_epilogue
 from are_fast.kernels.logprob_epilogue import logprob_epilogue
 from are_fast.ops import torch_epilogues
-from _helpers import TOLERANCE, rel_error
+from _helpers import MASKED, TILE, VOCAB, assert_rows_close, check_masked_kl, cornered, rel_error, rounded
 
 IGNORE = -100
-TILE = 16
-VOCAB = 5 * TILE + 3  # four full tiles after the first, then a ragged tail of 3
 PEAKS = {"first": 3, "middle": 2 * TILE + 5, "last-full": 4 * TILE + 7, "tail": VOCAB - 1}
-
-
-def rounded(x: torch.Tensor) -> torch.Tensor:
-    """x as the float32 values the kernel sees, kept in float64 for the oracle."""
-    return x.float().double()
-
-
-def cornered(base: torch.Tensor, peaks: list, offset: float) -> torch.Tensor:
-    """base [len(peaks) + 2, V] float64 logits with the row max lifted 4 above the rest at column peaks[i] of
-    row i, the next row rising by 12 over its length (the max moves up with every tile) and the last falling by
-    200 (each tile's max is far below the first's: exp(first max - tile max) overflows float32). All shifted by
-    ``offset`` and rounded to float32."""
-    rows = base.clone()
-    for row, column in enumerate(peaks):
-        rows[row, column] = rows[row].max() + 4
-    rows[-2] += torch.linspace(0, 12, rows.shape[1], dtype=torch.float64)
-    rows[-1] += torch.linspace(0, -200, rows.shape[1], dtype=torch.float64)
-    return rounded(rows + offset)
-
-
-def assert_rows_close(out: torch.Tensor, ref: torch.Tensor, what: str, peer: torch.Tensor | None = None) -> None:
-    """Each row (a value, or a row of gradients) within the float32 tolerance of its own reference, or within
-    twice the error of ``peer`` (the PyTorch epilogue's float32 result) on a row so ill-conditioned that float32
-    itself cannot do better."""
-    assert out.shape == ref.shape, what
-    out = out.cpu()
-    for row in range(len(ref)):
-        bound = TOLERANCE[torch.float32]
-        if peer is not None:
-            bound = max(bound, 2 * rel_error(peer[row], ref[row]))
-        error = rel_error(out[row], ref[row])
-        assert error <= bound, f"{what}, row {row}: relative error {error:.2e} > {bound:.1e}"
 
 
 def check_logprob(logits64, targets, scale, device, block_v=None, ignore_index=IGNORE, **transform):
@@ -153,51 +119,6 @@ def test_logprob_values_do_not_depend_on_the_in_place_gradient(device):
     values = logprob_epilogue(logits.clone(), targets, IGNORE, None)
     with_gradient = logprob_epilogue(logits, targets, IGNORE, torch.ones(rows, device=device))
     assert torch.equal(with_gradient, values)
-
-
-MASKED = -1e4  # a logit whose probability is exactly 0 in float32 and float64 (exp(-1e4) underflows)
-
-
-def masked_kl_rows(vocab: int = VOCAB, tile: int = TILE) -> tuple:
-    """Logits p, q [5, V] float64 (float32 values) with -inf entries, a masked vocabulary, and the same rows
-    with -inf replaced by -1e4: the limit the masked rows must give (p = 0 there contributes nothing, where a
-    careless p * (log p - log q) is 0 * -inf = NaN). Rows: p masked at scattered columns, q finite; both masked
-    at the same columns, one a whole middle tile; q masked only where p is; both masked over the whole first
-    tile; none masked."""
-    a = rounded(torch.randn(5, vocab, dtype=torch.float64) * 3)
-    b = rounded(torch.randn(5, vocab, dtype=torch.float64) * 3)
-    minus_inf = torch.zeros(2, 5, vocab, dtype=torch.bool)  # [p or q, row, column]
-    minus_inf[0, 0, [0, 5, tile + 1, vocab - 1]] = True
-    minus_inf[:, 1, [1, vocab - 1]] = True
-    minus_inf[:, 1, tile:2 * tile] = True
-    minus_inf[0, 2, [2, 3, 2 * tile]] = True
-    minus_inf[1, 2, [3]] = True
-    minus_inf[:, 3, :tile] = True
-    masked = [x.masked_fill(m, float("-inf")) for x, m in zip((a, b), minus_inf)]
-    limits = [x.masked_fill(m, MASKED) for x, m in zip((a, b), minus_inf)]
-    return masked, limits
-
-
-def check_masked_kl(kl_epilogue_under_test, device):
-    """``kl_epilogue_under_test`` (the contract of torch_epilogues.kl_epilogue) on masked_kl_rows in float32:
-    values and both gradients against the float64 PyTorch epilogue on the limit rows, exact zeros where p is
-    masked; and +inf, not NaN, where only q is masked (p > 0 there: the KL is infinite)."""
-    (a, b), (limit_a, limit_b) = masked_kl_rows()
-    valid, scale = torch.ones(len(a), dtype=torch.bool), torch.randn(len(a)).double()
-    ref_a, ref_b = limit_a.clone(), limit_b.clone()
-    ref = torch_epilogues.kl_epilogue(ref_a, ref_b, valid, scale)
-    ours_a, ours_b = a.to(device, torch.float32), b.to(device, torch.float32)
-    assert_rows_close(kl_epilogue_under_test(ours_a, ours_b, valid.to(device), None), ref, "KL, values only")
-    out = kl_epilogue_under_test(ours_a, ours_b, valid.to(device), scale.to(device, torch.float32))
-    assert_rows_close(out, ref, "KL")
-    assert_rows_close(ours_a, ref_a, "d/dlogits_p")
-    assert_rows_close(ours_b, ref_b, "d/dlogits_q")
-    assert (ours_a.cpu()[a == float("-inf")] == 0).all()
-    only_q = b.clone()
-    only_q[:, 2 * TILE + 5] = float("-inf")  # a column p never masks
-    infinite = kl_epilogue_under_test(a.to(device, torch.float32), only_q.to(device, torch.float32),
-                                      valid.to(device), None)
-    assert torch.isinf(infinite).all() and (infinite > 0).all(), f"only q masked: {infinite.tolist()}"
 
 
 def test_logprob_epilogue_with_minus_inf_logits(device):

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import are_fast
-from _helpers import FUSED_BACKENDS, assert_rel_close
+from _helpers import FUSED_BACKENDS, OPS, assert_rel_close, make_inputs, representable, run_op
 from are_fast.ops import logit_transforms, sweep_precision
-from test_functional import OPS, make_inputs, representable, run_op
 
 # A small cap: most logits (std ~3) lie beyond it, and the amplified rows below lie far beyond it.
 TRANSFORMS = {

@@ -15,11 +15,9 @@ import pytest
 import torch
 
 import are_fast
-from _helpers import TOLERANCE, assert_rel_close, rel_error
+from _helpers import OPS, TOLERANCE, assert_rel_close, assert_rows_close, check_masked_kl, cornered, make_inputs, rel_error, run_op
 from are_fast.ops import native, torch_epilogues
 from are_fast.ops.backends import resolve_backend
-from test_functional import OPS, make_inputs, run_op
-from test_kernels import assert_rows_close, check_masked_kl, cornered
 
 REPO = Path(__file__).resolve().parents[2]
 IGNORE = -100

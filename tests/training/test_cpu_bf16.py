@@ -9,7 +9,7 @@ import torch
 
 from are_fast.cli import main
 from are_fast.ops import head_matmuls, sweep_precision
-from are_fast.toy import compression_rows, tiny_llama, triplet_rows, write_jsonl
+from are_fast.toy.data import compression_rows, tiny_llama, triplet_rows, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,10 +4,10 @@ import os
 import pytest
 import torch
 
-from are_fast.data import stage1_items
-from are_fast.evaluation import random_negative_index, triplet_accuracies
+from are_fast.training.data import stage1_items
+from are_fast.training.triplet_accuracy import random_negative_index, triplet_accuracies
 from are_fast.model import Stage1Model
-from are_fast.toy import compression_rows, triplet_rows
+from are_fast.toy.data import compression_rows, triplet_rows
 from are_fast.training.evaluate import BestModel, HeldOut, read_best, stage1_evaluator
 from are_fast.training.jobs import ModelOptions, build_models
 from are_fast.training.reporting import read_log, run_summary
@@ -119,7 +119,7 @@ def test_triplet_accuracies_match_a_direct_count(tiny_dir):
     compressor, _ = build_models(tiny_dir, tiny_dir, ModelOptions(num_embed_tokens=2))
     rows = triplet_rows(6, 2, seed=4)
     acc = triplet_accuracies(compressor, rows, seed=7)
-    from are_fast.evaluation import embed
+    from are_fast.training.triplet_accuracy import embed
 
     def e(text, row):
         return torch.nn.functional.normalize(embed(compressor, [text], [row["instruction"]])[0], dim=0)

@@ -9,9 +9,9 @@ from safetensors.torch import load_file, save_file
 
 from _helpers import rel_error
 
-from are_fast.data import stage2_items
+from are_fast.training.data import stage2_items
 from are_fast.model import Stage2Model
-from are_fast.toy import triplet_rows
+from are_fast.toy.data import triplet_rows
 from are_fast.model import load_compressor
 from are_fast.training.jobs import ModelOptions, _export, build_models
 from are_fast.training.trainer import Trainer, TrainConfig

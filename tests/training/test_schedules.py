@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-from are_fast.cli import build_parser
-from are_fast.train_cli import _pick, parse_training_args
+from are_fast.cli import parse_args
+from are_fast.cli.options import pick
 from are_fast.training import runstate
 from are_fast.training.progress import Progress
 from are_fast.training.trainer import TrainConfig
@@ -125,15 +125,14 @@ def test_logging_steps_print_a_line_every_n_steps():
 
 
 def test_the_options_reach_the_trainer_and_its_fingerprint(tmp_path):
-    build_parser()  # registers the training subcommands' parsers
     required = ["--data", "d", "--base-model", "b", "--output-dir", str(tmp_path)]
-    args = parse_training_args("stage1", required + ["--lr-scheduler", "linear", "--logging-steps", "5", "--fp16",
+    args = parse_args(["stage1"] + required + ["--lr-scheduler", "linear", "--logging-steps", "5", "--fp16",
                                                      "--best-metric", "eval_loss", "--early-stopping-patience", "3"])
-    config = _pick(TrainConfig, args)
+    config = pick(TrainConfig, args)
     assert (config.lr_scheduler, config.logging_steps, config.fp16, config.early_stopping_patience) == \
         ("linear", 5, True, 3)
     fingerprint = runstate.run_fingerprint(config, {}, 1, False)
     assert fingerprint["lr_scheduler"] == "linear" and fingerprint["fp16"] is True
     assert fingerprint["early_stopping_patience"] == 3 and fingerprint["best_metric"] == "eval_loss"
-    cosine = runstate.run_fingerprint(_pick(TrainConfig, parse_training_args("stage1", required)), {}, 1, False)
+    cosine = runstate.run_fingerprint(pick(TrainConfig, parse_args(["stage1"] + required)), {}, 1, False)
     assert "lr_scheduler: \"cosine\" -> \"linear\"" in runstate.differences(cosine, fingerprint)

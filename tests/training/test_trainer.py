@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from _helpers import rel_error
 
-from are_fast.data import stage1_items
+from are_fast.training.data import stage1_items
 from are_fast.model import Stage1Model
-from are_fast.toy import compression_rows, triplet_rows, write_jsonl
+from are_fast.toy.data import compression_rows, triplet_rows, write_jsonl
 from are_fast.training.jobs import ModelOptions, build_models, run_reference_scores
 from are_fast.training.refscores import compute_reference_scores, load_reference_scores
 from are_fast.training.trainer import BucketedBatches, Trainer, TrainConfig

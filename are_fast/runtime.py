@@ -1,20 +1,12 @@
-"""How every ``are-fast`` job ends: one line on stderr and an exit code, never a raw traceback.
-
-    exit 0    done
-    exit 2    usage or input error (a bad option, model, data file or output folder), found before the work
-    exit 1    failure at run time (a write fails, the disk is full, an internal error); finished outputs are kept
-    exit 130  SIGINT (Ctrl-C) / 143 SIGTERM: the job stopped after its current step or batch
-
-Jobs raise ``ValueError`` / ``TypeError`` for input errors, ``RunFailure`` or ``OSError`` at run time and
-``Interrupted`` on a signal; ``run_guarded`` turns each into its line and exit code. ``ARE_FAST_TRACEBACK=1``
-prints the traceback too (for bug reports). ``StopSignals`` lets a loop finish its current step on SIGINT or
-SIGTERM instead of dying in the middle of a write.
-"""
+"""The jobs' run-time helpers: how a job ends (``run_guarded``: exit 0, 2 for input errors, 1 at run time,
+130/143 on a signal, one line on stderr, never a raw traceback), ``StopSignals`` (finish the current step on
+SIGINT/SIGTERM), write checks and ``written_atomically``. README "Faults" has the table."""
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import shutil
 import signal
 import sys
 import traceback
@@ -81,6 +73,28 @@ def writing(what: str, kept: str):
         if not _safetensors_error(err):
             raise
         raise RunFailure(f"{what}: {err}; {kept}") from None
+
+
+@contextlib.contextmanager
+def written_atomically(path: str):
+    """Yield a temporary path beside ``path`` to write a file or a folder to; on success it replaces ``path`` (a
+    folder there is removed first), on an error it is removed, so ``path`` is never half written."""
+    tmp = f"{path}.tmp"
+    _remove(tmp)
+    try:
+        yield tmp
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
 
 
 def _safetensors_error(err: BaseException) -> bool:

@@ -1,12 +1,6 @@
-"""Peak extra memory of a call, on CUDA and on CPU.
-
-CUDA: ``torch.cuda.max_memory_allocated`` around the call, less what was allocated before it.
-CPU: PyTorch's profiler with ``profile_memory=True`` records every allocation and free of PyTorch's CPU
-allocator, each with the running total allocated since profiling began; the largest running total is the
-call's peak extra memory (measured from the total before the call's first allocation). Unlike process RSS it counts exactly the tensors the call allocates (including
-temporaries inside ATen ops and the autograd graph's saved tensors), ignores allocator caching and memory
-that other threads or earlier calls hold, and is repeatable.
-"""
+"""Peak extra memory of a call: on CUDA ``torch.cuda.max_memory_allocated`` around it; on CPU the PyTorch
+profiler's record of every allocation and free (exact tensors, temporaries and saved tensors included, nothing
+held before the call). README "Benchmarks" compares it with RSS."""
 from __future__ import annotations
 
 from typing import Callable

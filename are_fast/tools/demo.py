@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from .ops import functional as F
-from .ops.backends import resolve_backend
-from .ops.registry import OPS_TABLE
+from ..ops import functional as F
+from ..ops.backends import resolve_backend
+from ..ops.registry import OPS_TABLE
 from .memory import peak_extra_memory
 
 

@@ -1,17 +1,12 @@
-"""Triplet accuracy: how often cos(e(q), e(pos)) > cos(e(q), e(neg)) for held-out stage-2 rows.
-
-The embedding e(text) is the mean of the k compressed vectors of text + instruction, as in the paper. Two
-kinds of negatives: each row's own (``neg``: hard negatives, close to the query in wording) and random ones
-(the query or positive of other rows, chosen with a seed), so a reader sees both how fine the model's
-distinctions are and whether it separates topics at all.
-"""
+"""Triplet accuracy of held-out stage-2 rows: how often cos(e(q), e(pos)) > cos(e(q), e(neg)), against each
+row's hard negatives and against random other rows' texts; e(text) is the mean of the k compressed vectors."""
 from __future__ import annotations
 
 import random
 
 import torch
 
-from .model import Compressor
+from ..model import Compressor
 
 
 @torch.inference_mode()

@@ -1,13 +1,6 @@
-"""An embedded default that needs no download: a tiny Llama from a config, a byte-level tokenizer, and a
-generated paraphrase dataset. It drives the main job, the tests and the CPU benchmarks.
-
-The data: each meaning is (size, animal, action, place); every slot has three synonyms ("big", "large",
-"huge"). A stage-1 row restates its context with other synonyms in every slot. A stage-2 positive is a
-paraphrase of the query that keeps its content: one slot's word replaced by a synonym. A hard negative keeps
-the query's words but changes one slot's meaning (another animal, action, ...). Both differ from the query in
-exactly one word, so wording alone cannot rank them (the base model is near chance); a model that learned
-which words are synonyms can, and a small one does within the main job's few minutes.
-"""
+"""The embedded default's data and model, no download: a tiny random Llama with ByT5's byte tokenizer, and
+generated paraphrase rows (each meaning: size, animal, action, place, three synonyms a slot) where a positive
+and a hard negative both differ from the query in one word, one by a synonym, one by meaning."""
 from __future__ import annotations
 
 import json

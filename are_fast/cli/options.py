@@ -1,24 +1,14 @@
-"""The training subcommands of ``are-fast``: stage1, ref-scores, stage2 and main (the embedded default).
-
-Every option can come from a flag or from a config file (``--config run.yaml`` or ``.json``) whose keys are
-the flags' names (``max-steps`` or ``max_steps``; a switch such as ``no-progress`` takes true or false); the
-file's values are checked exactly as flags are (types, ranges, choices), and flags win over the file.
-Every numeric option is range-checked. Errors print one line and exit 2 (see ``are_fast.errors``).
-Run under ``torchrun`` for DDP.
-"""
+"""The options the ``are-fast`` jobs share, declared once: the parser, checked number types, ``--config``
+files (checked exactly as flags), and the groups of model, data, training, evaluation and runtime options."""
 from __future__ import annotations
 
 import argparse
 import json
 import math
 import os
-import time
 
-from .data import DEFAULT_MAX_BAD_FRACTION
-from .errors import run_guarded
-from .ops.registry import DISTANCES
-
-_PARSERS: dict = {}
+from ..runtime import run_guarded
+from ..training.data import DEFAULT_MAX_BAD_FRACTION
 
 
 def _number(kind, low: float, inclusive: bool = True, high: float | None = None):
@@ -42,16 +32,23 @@ def _number(kind, low: float, inclusive: bool = True, high: float | None = None)
 POSITIVE_INT, COUNT = _number(int, 1), _number(int, 0)
 POSITIVE, NONNEGATIVE = _number(float, 0, False), _number(float, 0)
 FRACTION = _number(float, 0, True, 1)
-_REQUIRED = {
-    "stage1": ("data", "base_model", "output_dir"),
-    "ref-scores": ("data", "model", "base_model", "output"),
-    "stage2": ("data", "scores", "model", "base_model", "output_dir"),
-    "main": (),
-}
+CONFIG_HELP = "JSON or YAML file of options (keys as the option names); flags override it"
 
 
-def _model_options(p) -> None:
-    from .ops.backends import BACKENDS  # the op registry's backends
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors are one line (the problem, then where the options are explained) and exit 2. Options are
+    never abbreviated (``--max-step`` is an error, not ``--max-steps``): a typo must not pick another option."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def model_options(p) -> None:
+    from ..ops.backends import BACKENDS  # the op registry's backends
 
     g = p.add_argument_group("model")
     g.add_argument("--num-embed-tokens", type=POSITIVE_INT, default=None,
@@ -79,7 +76,7 @@ def _model_options(p) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of initialization and data order (default 0)")
 
 
-def _runtime_options(p, threads: int | None = None, log_interval: float = 30.0, why: str = "",
+def runtime_options(p, threads: int | None = None, log_interval: float = 30.0, why: str = "",
                      training: bool = False) -> None:
     """Device, threads and progress options; ``threads`` / ``log_interval``: this job's defaults, ``why``: the
     reason they differ from the other jobs' (shown in --help); ``training``: add --logging-steps."""
@@ -98,18 +95,7 @@ def _runtime_options(p, threads: int | None = None, log_interval: float = 30.0, 
                        "every step either way); 0: every --log-interval seconds (default 0)")
 
 
-def _ref_sign(text: str) -> float:
-    """--ref-sign: +1 or -1 (1, 1.0, -1.0 too), as a float."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value not in (1.0, -1.0):
-        raise argparse.ArgumentTypeError(f"expected +1 or -1, got {text!r}")
-    return value
-
-
-def _eval_options(p, stage2: bool) -> None:
+def eval_options(p, stage2: bool) -> None:
     g = p.add_argument_group("held-out evaluation")
     kind = "stage-2 rows: alignment loss and triplet accuracy" if stage2 else "stage-1 rows: compression loss"
     g.add_argument("--eval-data", default=None, help=f"held-out file in the --data format ({kind})")
@@ -132,7 +118,7 @@ def _eval_options(p, stage2: bool) -> None:
     g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard events")
 
 
-def _train_options(p) -> None:
+def train_options(p) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--output-dir", default=None, help="run directory: checkpoints, loss.jsonl, model/ (required)")
     g.add_argument("--max-steps", type=POSITIVE_INT, default=None, help="optimizer steps (default 100 unless --epochs)")
@@ -164,7 +150,7 @@ def _train_options(p) -> None:
                    help="no progress (default: a bar on a terminal, else a line every --log-interval seconds)")
 
 
-def _data_options(p, stage2: bool) -> None:
+def data_options(p, stage2: bool) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="JSON-lines file of rows (required): " +
                    ("{query, pos, neg, instruction}" if stage2 else "{context, instruction, output}"))
@@ -176,85 +162,7 @@ def _data_options(p, stage2: bool) -> None:
         g.add_argument("--num-negatives", type=POSITIVE_INT, default=1, help="negatives per row; rows with fewer are skipped (default 1)")
 
 
-def add_training_commands(subparsers) -> None:
-    """Add stage1, ref-scores, stage2 and main to the ``are-fast`` parser."""
-    config_help = "JSON or YAML file of options (keys as the option names); flags override it"
-    p = subparsers.add_parser("stage1", help="stage 1: information compression",
-                              description="Train the compressor to let the frozen base LM reconstruct each row's output.")
-    p.add_argument("--config", default=None, help=config_help)
-    p.add_argument("--base-model", default=None, help="base causal LM directory: compressor start and frozen decoder (required)")
-    _data_options(p, False), _model_options(p), _train_options(p), _eval_options(p, False)
-    _runtime_options(p, training=True)
-    _PARSERS["stage1"] = p
-
-    p = subparsers.add_parser("ref-scores", help="reference scores of stage-2 rows under the stage-1 model",
-                              description="log p(pos|c(q)) and log p(neg_j|c(q)) per row, saved by row id (safetensors).")
-    p.add_argument("--config", default=None, help=config_help)
-    p.add_argument("--model", default=None, help="stage-1 model directory (<output-dir>/model of stage1) (required)")
-    p.add_argument("--base-model", default=None, help="base causal LM directory, the frozen decoder (required)")
-    p.add_argument("--output", default=None, help="score file to write (.safetensors) (required)")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=32,
-                   help="rows per batch (default 32, not training's 8: no gradients are kept, so batches can be larger)")
-    p.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress (default: a bar on a terminal, else a line every --log-interval seconds)")
-    _data_options(p, True), _model_options(p), _runtime_options(p)
-    _PARSERS["ref-scores"] = p
-
-    p = subparsers.add_parser("stage2", help="stage 2: conditional distribution alignment",
-                              description="Train the stage-1 compressor with the alignment loss and the reference scores.")
-    p.add_argument("--config", default=None, help=config_help)
-    p.add_argument("--scores", default=None, help="reference-score file from ref-scores (required)")
-    p.add_argument("--model", default=None, help="stage-1 model directory, the compressor's start (required)")
-    p.add_argument("--base-model", default=None, help="base causal LM directory, the frozen decoder (required)")
-    p.add_argument("--beta", type=POSITIVE, default=0.1, help="sigmoid scale of the alignment loss (default 0.1)")
-    p.add_argument("--tau", type=POSITIVE, default=0.1, help="temperature of the alignment loss (default 0.1)")
-    p.add_argument("--ref-sign", type=_ref_sign, default=1.0, metavar="{+1,-1}",
-                   help="+1 adds the reference margin as released (default); -1 subtracts it (DPO-consistent)")
-    p.add_argument("--distance", default="logprob", choices=["logprob", *DISTANCES],
-                   help="logprob: |log p(pos|c(q)) - log p(pos|c(pos))| as released (default); else a pair op's "
-                        f"divergence of the two streams ({', '.join(f'{k}: {v}' for k, v in DISTANCES.items())})")
-    _data_options(p, True), _model_options(p), _train_options(p), _eval_options(p, True)
-    _runtime_options(p, training=True)
-    _PARSERS["stage2"] = p
-
-    from .main_job import MainJobConfig
-
-    d = MainJobConfig()
-    p = subparsers.add_parser("main", help="the main job on the embedded default (tiny Llama, ByT5 bytes, toy data)",
-                              description="Pretrain a tiny Llama on generated restatements, then stage 1 -> "
-                              "reference scores -> stage 2, with held-out triplet accuracy through both. No download; "
-                              "about 2.5 minutes on 2 CPU cores.")
-    p.add_argument("--config", default=None, help=config_help)
-    p.add_argument("--output-dir", default=d.output_dir,
-                   help=f"where everything goes (default {d.output_dir}: the embedded default runs without options)")
-    for name, help_text in (("hidden_size", "hidden size of the tiny Llama"), ("layers", "its layers"),
-                            ("num_embed_tokens", "k compressed tokens (stage1's default for a base LM; the other "
-                             "jobs read k from the model)"),
-                            ("stage1_rows", "generated stage-1 rows"),
-                            ("stage2_rows", "generated stage-2 rows"), ("eval_rows", "held-out evaluation rows"),
-                            ("num_negatives", "negatives per stage-2 row (stage2: 1; the generated rows have a hard "
-                             "negative per changed slot, and two make the accuracy table)"), ("pretrain_steps", "LM pretraining steps"),
-                            ("stage1_steps", "stage-1 steps"), ("stage2_steps", "stage-2 steps"),
-                            ("eval_steps", "held-out evaluation every N steps of stages 1 and 2 (stage1/stage2: 0, "
-                             "before and after only; here the accuracy table needs the curve)"),
-                            ("batch_size", "rows per batch (stage1/stage2: 8; the tiny model's batches are cheap)"),
-                            ("seed", "seed")):
-        kind = int if name == "seed" else COUNT if name == "eval_steps" else POSITIVE_INT
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
-                       help=f"{help_text} (default {getattr(d, name)})")
-    for name, help_text in (("stage1_lr", "stage-1 learning rate"), ("stage2_lr", "stage-2 learning rate"),
-                            ("beta", "alignment beta"), ("tau", "alignment tau")):
-        p.add_argument("--" + name.replace("_", "-"), type=POSITIVE, default=getattr(d, name),
-                       help=f"{help_text} (default {getattr(d, name)})")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars or lines")
-    p.add_argument("--restart", dest="resume", action="store_false",
-                   help="start every step over (default: resume; a step whose settings changed starts over by itself)")
-    _runtime_options(p, threads=d.threads, log_interval=d.log_interval,
-                     why=": the tiny model runs fastest on one thread and each stage lasts about a minute")
-    _PARSERS["main"] = p
-
-
-def _config_argv(path: str, parser) -> list[str]:
+def config_argv(path: str, parser) -> list[str]:
     """The config file's options as command-line tokens, so the file is checked exactly as flags are."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -297,24 +205,27 @@ def _config_argv(path: str, parser) -> list[str]:
     return argv
 
 
-def parse_training_args(command: str, argv) -> argparse.Namespace:
-    """Parse ``argv`` (after the command) after the config file's options; check required options."""
-    parser = _PARSERS[command]
+def parse_with_config(parser, argv, required=()) -> argparse.Namespace:
+    """Parse ``argv`` (after the command) after the ``--config`` file's options; check the ``required`` ones
+    (names of ``args``), which may come from either."""
     args = parser.parse_args(argv)
     if args.config:
-        args = parser.parse_args(_config_argv(args.config, parser) + list(argv))
-    missing = [name for name in _REQUIRED[command] if getattr(args, name) is None]
+        args = parser.parse_args(config_argv(args.config, parser) + list(argv))
+    missing = [name for name in required if getattr(args, name) is None]
     if missing:
         parser.error("missing " + ", ".join("--" + m.replace("_", "-") for m in missing) + " (a flag or a --config key)")
-    if command in ("stage1", "stage2"):
-        if args.epochs is not None and args.max_steps is not None:
-            parser.error("--epochs and --max-steps: give one of them (the number of steps follows from --epochs)")
-        if args.max_steps is None:
-            args.max_steps = 100
     return args
 
 
-def _pick(cls, args, **renames):
+def check_steps(parser, args) -> None:
+    """--epochs or --max-steps (default 100 steps), not both."""
+    if args.epochs is not None and args.max_steps is not None:
+        parser.error("--epochs and --max-steps: give one of them (the number of steps follows from --epochs)")
+    if args.max_steps is None:
+        args.max_steps = 100
+
+
+def pick(cls, args, **renames):
     from dataclasses import fields
 
     values = vars(args)
@@ -322,60 +233,29 @@ def _pick(cls, args, **renames):
                   if renames.get(f.name, f.name) in values})
 
 
-def run_training_command(args: argparse.Namespace) -> int:
-    """Run a parsed training subcommand: one line and exit 2 for bad input, 1 for run-time failures, 130/143
-    on SIGINT/SIGTERM (after the current step; a rerun resumes); see ``are_fast.errors``."""
-    return run_guarded(args.command, lambda: _run(args), "rerun the same command to resume")
+def run_training_job(args: argparse.Namespace, work) -> int:
+    """Run ``work(args)`` for a parsed training job: one line and exit 2 for bad input, 1 for run-time failures,
+    130/143 on SIGINT/SIGTERM (after the current step; a rerun resumes); see ``are_fast.runtime``."""
+    def job() -> None:
+        import torch
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        work(args)
+
+    return run_guarded(args.command, job, "rerun the same command to resume")
 
 
-def _run(args: argparse.Namespace) -> None:
-    import torch
-    import transformers
-
-    from .training.jobs import ModelOptions, run_reference_scores, run_stage1, run_stage2
-    from .training.reporting import run_summary
-    from .training.trainer import TrainConfig
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    start = time.perf_counter()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if args.command == "main":
-        from .main_job import MainJobConfig, run_main_job
-
-        run_main_job(_pick(MainJobConfig, args))
-        return
-    opts = _pick(ModelOptions, args)
-    if args.command == "stage1":
-        run_stage1(args.data, args.base_model, _pick(TrainConfig, args), opts, args.instruction, args.max_bad_fraction,
-                   _held_out(args))
-    elif args.command == "ref-scores":
-        ref_p, _, _ = run_reference_scores(args.data, args.model, args.base_model, args.output, args.num_negatives,
-                                           opts, args.batch_size, args.instruction, args.progress,
-                                           args.max_bad_fraction, args.device, args.log_interval)
-    else:
-        run_stage2(args.data, args.scores, args.model, args.base_model, _pick(TrainConfig, args), opts,
-                   args.num_negatives, args.beta, args.tau, args.ref_sign, args.distance, args.instruction,
-                   args.max_bad_fraction, _held_out(args))
-    if os.environ.get("RANK", "0") == "0":
-        if args.command == "ref-scores":
-            seconds = time.perf_counter() - start
-            print(f"are-fast ref-scores: done - {len(ref_p)} rows scored in {seconds:.0f} s "
-                  f"({len(ref_p) / seconds:.0f} rows/s)\n  {'scores':<15} {os.path.abspath(args.output)}")
-        else:
-            settings = {"objective": objective_line(args)} if args.command == "stage2" else None
-            print(run_summary(f"are-fast {args.command}", args.output_dir,
-                              {"model": os.path.join(args.output_dir, "model")}, settings))
+def on_first_rank() -> bool:
+    """Whether this process prints the job's summary (rank 0 under torchrun, or the only process)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
-def objective_line(args: argparse.Namespace) -> str:
-    """Stage 2's loss settings as its summary shows them (the reference sign as +1 or -1, as --ref-sign takes it)."""
-    return (f"beta {args.beta:g}, tau {args.tau:g}, ref-sign {args.ref_sign:+.0f}, distance {args.distance}")
+def held_out(args):
+    from ..training.evaluate import HeldOut
 
-
-def _held_out(args):
-    from .training.evaluate import HeldOut
-
-    return _pick(HeldOut, args, data="eval_data", fraction="eval_fraction", triplets="eval_triplets",
+    return pick(HeldOut, args, data="eval_data", fraction="eval_fraction", triplets="eval_triplets",
                  batch_size="eval_batch_size")

@@ -1,14 +1,8 @@
-"""Training data: reading JSON-lines rows, validating them, and tokenizing them into model items.
+"""Training data: JSON-lines rows read, checked and tokenized into model items.
 
-Stage-1 rows: {context, instruction, output}. Stage-2 rows: {query, pos, neg (a string or a list),
-instruction}. An ``id`` field, when present, names the row (else its line number does); reference scores
-are stored against these ids, so a shuffled or filtered data file can never pick up another row's scores.
-
-Bad input never crashes a job and is never silently dropped: unreadable files raise a ValueError naming the
-path; empty lines and rows with invalid UTF-8 or JSON, missing fields, empty strings or too few negatives are
-skipped and counted per reason with their 1-based line numbers; texts over the maximum length are truncated and counted.
-``DataReport.summary()`` says it all, and ``check_usable`` fails a file whose bad rows exceed a fraction.
-"""
+Stage-1 rows {context, instruction, output}, stage-2 rows {query, pos, neg, instruction}, named by ``id`` (else
+the line number). Bad rows are skipped and counted per reason with line numbers (``DataReport``), never a
+crash; ``check_usable`` fails a file with too many."""
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +10,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .model.objectives import Stage1Item, Stage2Item
+from ..model.objectives import Stage1Item, Stage2Item
 
 STAGE1_FIELDS = ("context", "instruction", "output")
 STAGE2_FIELDS = ("query", "pos", "neg", "instruction")

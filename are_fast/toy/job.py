@@ -1,17 +1,6 @@
-"""The main job on the embedded default: both AutoRegEmbed stages end to end, no download needed.
-
-A tiny Llama (from a config), transformers' ByT5Tokenizer (bytes, no files) and the generated paraphrase
-data of ``are_fast.toy``. AutoRegEmbed starts from a pretrained LM, so step 0 pretrains the tiny LM on the
-toy restatement pairs "context = output" (causal-LM loss through the fused ``compression_loss``, trainable
-head); then stage 1 (information compression) -> reference scores -> stage 2 (conditional distribution
-alignment). Both stages evaluate held-out rows every ``eval_steps`` (and before and at the end): the stage's
-loss and triplet accuracy against two kinds of negatives: hard ones (the query's words with one slot's meaning
-changed) and random ones (other held-out rows' texts). Writes the models, data, scores, ``loss.jsonl`` per
-stage, ``loss_curves.png`` (``are_fast.plots``) and ``summary.json`` under the output directory, and prints a
-summary. A rerun resumes from the checkpoints it finds there; a step whose settings changed (its run
-fingerprint differs: other sizes, rows, steps, learning rates, ...) starts over, and so do the steps after it,
-each with a line saying which settings changed; ``restart`` starts every step over.
-"""
+"""The main job on the embedded default, no download: pretrain a tiny Llama on the toy restatements, then
+stage 1 -> reference scores -> stage 2 with held-out loss and triplet accuracy, a picture and a summary; a rerun
+resumes (a step whose settings changed starts over). README "Two commands" describes it."""
 from __future__ import annotations
 
 import hashlib
@@ -22,16 +11,16 @@ from dataclasses import dataclass
 
 import torch
 
-from . import toy
-from .errors import check_writable
-from .model.directory import model_fingerprint
-from .model.layout import IGNORE_INDEX, pad_right
-from .ops import functional as F
-from .plots import plot_main_job
-from .training.evaluate import HeldOut
-from .training.jobs import ModelOptions, run_reference_scores, run_stage1, run_stage2
-from .training.reporting import read_log
-from .training.trainer import TrainConfig
+from . import data as toy
+from .picture import plot_main_job
+from ..model.directory import model_fingerprint
+from ..model.layout import IGNORE_INDEX, pad_right
+from ..ops import functional as F
+from ..runtime import check_writable
+from ..training.evaluate import HeldOut
+from ..training.jobs import ModelOptions, run_reference_scores, run_stage1, run_stage2
+from ..training.reporting import read_log
+from ..training.trainer import TrainConfig
 
 
 @dataclass
@@ -128,7 +117,7 @@ class _Pretrain(torch.nn.Module):
 def _pretrain(base: str, rows, cfg: "MainJobConfig", identity: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .training.trainer import Trainer
+    from ..training.trainer import Trainer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     lm = AutoModelForCausalLM.from_pretrained(base)
