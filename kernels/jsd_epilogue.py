@@ -16,9 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .kl_epilogue import check_pair
+from .kl_epilogue import launch_pair
 from .logprob_epilogue import (
-    LAUNCH_OPTIONS, check_block, check_grad_out, finite_or_zero, shares_memory, transform_arguments, transform_derivative,
+    finite_or_zero, transform_derivative,
     transformed,
 )
 
@@ -152,35 +152,10 @@ def jsd_epilogue(
 
     block_v: the vocabulary tile (a power of two; default ``block_size(V)``), smaller in tests to get many tiles.
     """
-    check_pair(logits_p, logits_q)
-    grad_p = check_grad_out("grad_out_p", grad_out_p, logits_p)
-    grad_q = check_grad_out("grad_out_q", grad_out_q, logits_q)
-    rows, vocab = logits_p.shape
-    out = torch.empty(rows, dtype=torch.float32, device=logits_p.device)
-    if rows == 0:
-        return out
-    write_grad = grad_scale is not None
-    _jsd_epilogue_kernel[(rows,)](
-        logits_p,
-        logits_q,
-        logits_p.stride(0),
-        logits_q.stride(0),
-        grad_p,
-        grad_q,
-        grad_p.stride(0),
-        grad_q.stride(0),
-        valid.to(torch.uint8).contiguous(),
-        grad_scale.contiguous() if write_grad else out,
-        out,
-        vocab,
+    mixture_terms = (
         float(beta),
         math.log1p(-beta) - math.log(beta),
         -beta * math.log(beta) - (1 - beta) * math.log1p(-beta),
-        *transform_arguments(softcap, logit_scale),
-        BLOCK_V=check_block(block_v, vocab),
-        WRITE_GRAD=write_grad,
-        SYNC_TILES=write_grad and (shares_memory(grad_p, logits_p) or shares_memory(grad_q, logits_q)),
-        HAS_SOFTCAP=softcap is not None,
-        **LAUNCH_OPTIONS,
     )
-    return out
+    return launch_pair(_jsd_epilogue_kernel, logits_p, logits_q, valid, grad_scale, grad_out_p, grad_out_q,
+                       mixture_terms, block_v, softcap, logit_scale)

@@ -133,6 +133,15 @@ def kl_epilogue(
 
     block_v: the vocabulary tile (a power of two; default ``block_size(V)``), smaller in tests to get many tiles.
     """
+    return launch_pair(_kl_epilogue_kernel, logits_p, logits_q, valid, grad_scale, grad_out_p, grad_out_q, (),
+                       block_v, softcap, logit_scale)
+
+
+def launch_pair(kernel, logits_p, logits_q, valid, grad_scale, grad_out_p, grad_out_q, kind_arguments: tuple,
+                block_v, softcap, logit_scale) -> torch.Tensor:
+    """Checks and launches a two-stream row epilogue (one program per row) with the argument order the KL and JSD
+    kernels share: the logits, their gradient outputs, valid, scale, out, vocab, then ``kind_arguments`` (the
+    kind's own scalars), then the transforms. Returns out [C] float32."""
     check_pair(logits_p, logits_q)
     grad_p = check_grad_out("grad_out_p", grad_out_p, logits_p)
     grad_q = check_grad_out("grad_out_q", grad_out_q, logits_q)
@@ -140,6 +149,29 @@ def kl_epilogue(
     out = torch.empty(rows, dtype=torch.float32, device=logits_p.device)
     if rows == 0:
         return out
+    write_grad = grad_scale is not None
+    kernel[(rows,)](
+        logits_p,
+        logits_q,
+        logits_p.stride(0),
+        logits_q.stride(0),
+        grad_p,
+        grad_q,
+        grad_p.stride(0),
+        grad_q.stride(0),
+        valid.to(torch.uint8).contiguous(),
+        grad_scale.contiguous() if write_grad else out,
+        out,
+        vocab,
+        *kind_arguments,
+        *transform_arguments(softcap, logit_scale),
+        BLOCK_V=check_block(block_v, vocab),
+        WRITE_GRAD=write_grad,
+        SYNC_TILES=write_grad and (shares_memory(grad_p, logits_p) or shares_memory(grad_q, logits_q)),
+        HAS_SOFTCAP=softcap is not None,
+        **LAUNCH_OPTIONS,
+    )
+    return out
     write_grad = grad_scale is not None
     _kl_epilogue_kernel[(rows,)](
         logits_p,

@@ -49,6 +49,7 @@ def variants():
 def compile_all(arch: int) -> list:
     target = GPUTarget("cuda", arch, 32)
     rows = []
+    launch_options = importlib.import_module("are_fast.kernels.logprob_epilogue").LAUNCH_OPTIONS  # every kernel's
     for module_name, arguments in ARGUMENTS.items():
         module = importlib.import_module(f"are_fast.kernels.{module_name}")
         kernel = getattr(module, f"_{module_name}_kernel")
@@ -61,7 +62,7 @@ def compile_all(arch: int) -> list:
             }
             constants = {"BLOCK_V": block, "WRITE_GRAD": write, "SYNC_TILES": sync, "HAS_SOFTCAP": softcap}
             compiled = triton.compile(ASTSource(kernel, signature, constants), target=target,
-                                      options=module.LAUNCH_OPTIONS)
+                                      options=launch_options)
             rows.append({"kernel": module_name, "grad": grad, "write": write, "sync": sync, "block": block,
                          "softcap": softcap, "cubin_bytes": len(compiled.asm["cubin"])})
     return rows
