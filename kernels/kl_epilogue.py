@@ -172,25 +172,3 @@ def launch_pair(kernel, logits_p, logits_q, valid, grad_scale, grad_out_p, grad_
         **LAUNCH_OPTIONS,
     )
     return out
-    write_grad = grad_scale is not None
-    _kl_epilogue_kernel[(rows,)](
-        logits_p,
-        logits_q,
-        logits_p.stride(0),
-        logits_q.stride(0),
-        grad_p,
-        grad_q,
-        grad_p.stride(0),
-        grad_q.stride(0),
-        valid.to(torch.uint8).contiguous(),
-        grad_scale.contiguous() if write_grad else out,
-        out,
-        vocab,
-        *transform_arguments(softcap, logit_scale),
-        BLOCK_V=check_block(block_v, vocab),
-        WRITE_GRAD=write_grad,
-        SYNC_TILES=write_grad and (shares_memory(grad_p, logits_p) or shares_memory(grad_q, logits_q)),
-        HAS_SOFTCAP=softcap is not None,
-        **LAUNCH_OPTIONS,
-    )
-    return out
