@@ -103,7 +103,7 @@ def _pass(kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows
             return online.online_pass(
                 kind, hiddens, weight, bias, labels, ignore_index, grads.get("grad_scale"),
                 grads.get("hidden_grads", ()), rows, block_rows=chunk_rows or None, operand_dtype=operand_dtype,
-                **transform,
+                params=dict(zip(registry.kind(kind).params, params)), **transform,
             )
     return fused_linear_pass(
         hiddens, weight, bias, _epilogue(kind, backend, labels, ignore_index, transform, params),

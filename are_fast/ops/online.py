@@ -72,16 +72,13 @@ def sweep_matmuls(weight: torch.Tensor, bias: torch.Tensor | None, operand_dtype
     return SweepMatmuls(weight, bias, sweep_precision.choose(weight.device, low).operand_dtype, compute)
 
 
-def block_shape(active: int, vocab: int, streams: int, rows: int | None = None, derivatives: bool = False,
-                low_precision: bool = False):
+def block_shape(active: int, vocab: int, slots: int, rows: int | None = None, low_precision: bool = False):
     """(rows, vocabulary entries) per block: ``rows`` (default 512, 1024 for ``low_precision`` operands) rows,
-    and as many vocabulary entries as keep the float32 blocks of all streams (the KL keeps three, four with a
-    softcap's gradient) and, with ``derivatives``, a softcap's derivative per stream, within 2 MiB (32 MiB for
-    low-precision operands; ARE_FAST_BLOCK_BYTES overrides)."""
+    and as many vocabulary entries as keep ``slots`` float32 [rows, block] buffers (a sweep's ``block_slots``)
+    within 2 MiB (32 MiB for low-precision operands; ARE_FAST_BLOCK_BYTES overrides)."""
     default_bytes, default_rows = _LOW_PRECISION_BLOCK if low_precision else (_BLOCK_BYTES, _BLOCK_ROWS)
     budget = int(os.environ.get("ARE_FAST_BLOCK_BYTES", default_bytes))
     block_rows = max(1, min(rows or default_rows, active))
-    slots = (3 if streams == 2 else 1) + (3 if streams == 2 else 1) * derivatives
     block_vocab = max(16, budget // (4 * slots * block_rows))
     block_vocab -= block_vocab % 16
     return block_rows, min(block_vocab, vocab)
@@ -101,12 +98,14 @@ def online_pass(
     softcap: float | None = None,
     logit_scale: float | None = None,
     operand_dtype: torch.dtype | None = None,
+    params: dict | None = None,
 ) -> PassResult:
     """Values [N] and, with ``grad_scale`` [N], the hidden gradients of sum(grad_scale * values).
 
     kind "logprob": hiddens [h] with h [N, H], labels int64 targets [N]; values log p(target), 0 where the
     target is ignore_index, NaN where it is otherwise outside [0, V). kind "kl": hiddens [h_p, h_q], labels
-    bool valid [N]; values KL(softmax(h_p W^T + b) || softmax(h_q W^T + b)), 0 on rows that are not valid.
+    bool valid [N]; values KL(softmax(h_p W^T + b) || softmax(h_q W^T + b)), 0 on rows that are not valid; kind
+    "jsd" likewise (``are_fast.ops.online_jsd``). params: the kind's float parameters by name (JSD's beta).
     rows: optional int64 [M] rows that count (the others get value 0 and zero gradients); block_rows: rows per
     block (tests use small blocks to reach every edge); softcap, logit_scale: the logit transforms;
     operand_dtype: autocast's for a float32 head. Same contract as ``chunked.fused_linear_pass`` for a frozen head.
@@ -124,13 +123,13 @@ def online_pass(
     log_norms = new(n_rows, dtype=dtype, device=device) if kind == "logprob" else None
     if active == 0:
         return PassResult(values, dh, None, None, log_norms)
-    capped_grad = want_grad and softcap is not None
-    step, block_vocab = block_shape(active, vocab, len(hiddens), block_rows, capped_grad, matmuls.low_precision)
     sweep = registry.online_sweep(kind)
     if sweep is None:
         raise ValueError(f"kind: {kind!r} has no online sweep (are_fast.ops.registry)")
+    slots = sweep.block_slots(want_grad and softcap is not None)
+    step, block_vocab = block_shape(active, vocab, slots, block_rows, matmuls.low_precision)
     state = sweep(step, hidden_size, block_vocab, dtype, device, want_grad, [g is not None for g in dh],
-                  (softcap, logit_scale), matmuls.operand_dtype)
+                  (softcap, logit_scale), matmuls.operand_dtype, **(params or {}))
     for start in range(0, active, step):
         stop = min(start + step, active)
         sel = rows[start:stop] if compact else slice(start, stop)
@@ -181,7 +180,8 @@ def online_weight_pass(
     dh = (torch.zeros if compact else torch.empty)(hidden.shape, dtype=hidden.dtype, device=device) if hidden_grad else None
     dw = torch.zeros(weight.shape, dtype=dtype, device=device) if weight_grad else None
     db = torch.zeros(vocab, dtype=dtype, device=device) if bias_grad else None
-    step, block_vocab = block_shape(max(active, 1), vocab, 1, block_rows, softcap is not None, matmuls.low_precision)
+    slots = 2 if softcap is not None else 1  # a logits block, and a softcap's derivative
+    step, block_vocab = block_shape(max(active, 1), vocab, slots, block_rows, matmuls.low_precision)
     buffer = torch.empty(step * block_vocab, dtype=dtype, device=device)
     capped = torch.empty_like(buffer) if softcap is not None else None  # the softcap's derivative per block
     acc = torch.empty(step * hidden_size, dtype=dtype, device=device) if hidden_grad else None
@@ -193,7 +193,7 @@ def online_weight_pass(
         scale = torch.where(counted, grad_scale[sel].to(dtype), 0.0)
         norm = torch.where(counted, log_norms[sel], torch.inf).unsqueeze(1)  # p = 0 on rows that do not count
         chunk_acc = acc[: size * hidden_size].view(size, hidden_size).zero_() if acc is not None else None
-        for first, last in _vocab_blocks(vocab, block_vocab):
+        for first, last in vocab_blocks(vocab, block_vocab):
             width = last - first
             logits = matmuls.logits(chunk, first, last, buffer[: size * width].view(size, width))
             derivative = logit_transforms.apply_with_derivative_(
@@ -219,7 +219,7 @@ def online_weight_pass(
     return PassResult(None, [dh], dw, None if db is None else db.to(bias.dtype))
 
 
-def _vocab_blocks(vocab: int, block_vocab: int):
+def vocab_blocks(vocab: int, block_vocab: int):
     return ((start, min(start + block_vocab, vocab)) for start in range(0, vocab, block_vocab))
 
 
@@ -231,7 +231,7 @@ def _targets_in_block(targets: torch.Tensor, counted: torch.Tensor, first: int, 
     return here, local.clamp(0, width - 1).unsqueeze(1)
 
 
-def _rescale(running_max: torch.Tensor, block_max: torch.Tensor) -> torch.Tensor:
+def rescale(running_max: torch.Tensor, block_max: torch.Tensor) -> torch.Tensor:
     """Updates running_max [C] in place to max(running_max, block_max); returns exp(old - new) [C]."""
     new_max = torch.maximum(running_max, block_max)
     factor = torch.exp(running_max - new_max)
@@ -241,6 +241,11 @@ def _rescale(running_max: torch.Tensor, block_max: torch.Tensor) -> torch.Tensor
 
 class _LogprobSweep:
     """log p(target) and its unit hidden gradient (1 - p_t) W[t] - sum_{v != t} p_v W_v, scaled per row."""
+
+    @staticmethod
+    def block_slots(capped_grad: bool) -> int:
+        """float32 [rows, block] buffers per block (``block_shape``): the logits, and a softcap's derivative."""
+        return 2 if capped_grad else 1
 
     def __init__(self, rows, hidden_size, block_vocab, dtype, device, want_grad, need, transform, operand_dtype):
         self.want_grad = want_grad and need[0]
@@ -267,7 +272,7 @@ class _LogprobSweep:
         acc = self.acc[:size] if self.want_grad else None
         if acc is not None:
             acc.zero_()
-        for first, last in _vocab_blocks(vocab, self.block_vocab):
+        for first, last in vocab_blocks(vocab, self.block_vocab):
             width = last - first
             block = self.buffer[: size * width].view(size, width)
             logits = matmuls.logits(hidden, first, last, block)
@@ -281,7 +286,7 @@ class _LogprobSweep:
             target_logit = torch.where(here, logits.gather(1, index).squeeze(1), target_logit)
             if self.derivative is not None:
                 target_derivative = torch.where(here, derivative.gather(1, index).squeeze(1), target_derivative)
-            factor = _rescale(running_max, logits.amax(1))
+            factor = rescale(running_max, logits.amax(1))
             probs = logits.sub_(running_max.unsqueeze(1)).exp_()  # exp(l - running max), in place
             probs.scatter_(1, index, torch.where(here, 0.0, probs.gather(1, index).squeeze(1)).unsqueeze(1))
             others.mul_(factor).add_(probs.sum(1))
@@ -319,6 +324,12 @@ class _KLSweep:
     With logit transforms a and b are the transformed logits; a softcap's derivatives D_a, D_b (one more
     [2 rows, block] buffer) weigh the slots, and a fourth slot e_a D_b gives stream q's p-term."""
 
+    @staticmethod
+    def block_slots(capped_grad: bool) -> int:
+        """float32 [rows, block] buffers per block (``block_shape``): three slots, with a softcap's gradient four
+        and both streams' derivatives."""
+        return 6 if capped_grad else 3
+
     def __init__(self, rows, hidden_size, block_vocab, dtype, device, want_grad, need, transform, operand_dtype):
         # Both streams' gradients come from the same three sums, so they are formed whichever ``need`` asks for.
         # Slots: 0 exp(a - max_a), 1 exp(b - max_b), 2 exp(a - max_a) * (d - shift) (with a softcap's gradient
@@ -347,7 +358,7 @@ class _KLSweep:
         if self.acc is not None:
             acc = self.acc.view(-1)[: slots * size * self.acc.shape[2]].view(slots, size, -1)  # packed, like the blocks
             acc.zero_()
-        for first, last in _vocab_blocks(vocab, width_max):
+        for first, last in vocab_blocks(vocab, width_max):
             width = last - first
             # Logits of both streams in one matmul: the buffer's first two slots, rows [a; b].
             pair = self.blocks.view(-1)[: 2 * size * width].view(2 * size, width)
@@ -360,7 +371,7 @@ class _KLSweep:
                 )
             logits_a, logits_b = pair[:size], pair[size:]
             ratio = torch.sub(logits_a, logits_b, out=_slot(self.blocks, 2, size, width))  # d = a - b
-            factor_a, factor_b = _rescale(max_a, logits_a.amax(1)), _rescale(max_b, logits_b.amax(1))
+            factor_a, factor_b = rescale(max_a, logits_a.amax(1)), rescale(max_b, logits_b.amax(1))
             exp_a = logits_a.sub_(max_a.unsqueeze(1)).exp_()
             exp_b = logits_b.sub_(max_b.unsqueeze(1)).exp_()
             sum_ad.mul_(factor_a)

@@ -51,7 +51,7 @@ KINDS = {
         Kind("jsd", 2, "valid", {
             "torch": f"{_EPI}:jsd_epilogue",
             "triton": "are_fast.kernels.jsd_epilogue:jsd_epilogue",
-        }, params=("beta",)),
+        }, online="are_fast.ops.online_jsd:JSDSweep", params=("beta",)),
     )
 }
 

@@ -169,23 +169,43 @@ def jsd_epilogue(
         derivative_q = logit_transforms.apply_with_derivative_(logits_q, softcap, logit_scale)
         log_p = _log_softmax_in_place(logits_p)
         log_q = _log_softmax_in_place(logits_q)
-    d = (log_q - log_p).add_(math.log1p(-beta) - math.log(beta))
-    s = torch.nn.functional.softplus(d)
-    t = torch.nn.functional.softplus(d.neg_())
     out_p, out_q = (logits_p, logits_q) if grad_scale is not None else (None, None)
-    p = torch.exp(log_p, out=out_p)  # in place of the logits when they become the gradient
-    q = torch.exp(log_q, out=out_q)
-    s.masked_fill_(p == 0, 0.0)
-    t.masked_fill_(q == 0, 0.0)
+    p, q, s, t = jsd_terms(log_p, log_q, beta, out_p, out_q)  # p, q in place of the logits with a gradient
     sum_ps = torch.linalg.vecdot(p, s)  # [C]
     sum_qt = torch.linalg.vecdot(q, t)
     if grad_scale is not None:
-        scale = _row_scale(valid, grad_scale, logits_p.dtype, derivative_p)
-        p.mul_(s.neg_().add_(sum_ps.unsqueeze(1))).mul_(scale * beta)
-        q.mul_(t.neg_().add_(sum_qt.unsqueeze(1))).mul_(scale * (1 - beta))
+        jsd_gradients_(p, q, s, t, sum_ps, sum_qt, _row_scale(valid, grad_scale, logits_p.dtype, derivative_p), beta)
         _chain(logits_p, derivative_p)
         _chain(logits_q, derivative_q)
         store_gradient(logits_p, grad_out_p)
         store_gradient(logits_q, grad_out_q)
+    return torch.where(valid, jsd_value(sum_ps, sum_qt, beta), 0.0)
+
+
+def jsd_terms(log_p: torch.Tensor, log_q: torch.Tensor, beta: float, out_p=None, out_q=None):
+    """The JSD's elementwise terms from log-probabilities log_p, log_q [C, W] (a whole row or a block of it):
+    (p, q, s, t), p = exp(log_p) and q = exp(log_q) (into ``out_p``/``out_q`` when given, which may be log_p/log_q),
+    s = softplus(d) and t = softplus(-d) with d = log q - log p + log((1 - beta) / beta), s masked to 0 where p is
+    0 and t where q is 0. Shared by ``jsd_epilogue`` and the online sweep (``are_fast.ops.online_jsd``)."""
+    d = (log_q - log_p).add_(math.log1p(-beta) - math.log(beta))
+    s = torch.nn.functional.softplus(d)
+    t = torch.nn.functional.softplus(d.neg_())
+    p = torch.exp(log_p, out=out_p)
+    q = torch.exp(log_q, out=out_q)
+    s.masked_fill_(p == 0, 0.0)
+    t.masked_fill_(q == 0, 0.0)
+    return p, q, s, t
+
+
+def jsd_gradients_(p, q, s, t, sum_ps, sum_qt, scale, beta: float) -> None:
+    """In place, from ``jsd_terms``' [C, W] terms and the whole rows' sums S = sum p s, T = sum q t ([C]):
+    p becomes scale * beta * p * (S - s) and q scale * (1 - beta) * q * (T - t) (the gradients over the transformed
+    logits, elementwise so that close streams keep their precision); s and t are overwritten; scale [C, 1]."""
+    p.mul_(s.neg_().add_(sum_ps.unsqueeze(1))).mul_(scale * beta)
+    q.mul_(t.neg_().add_(sum_qt.unsqueeze(1))).mul_(scale * (1 - beta))
+
+
+def jsd_value(sum_ps: torch.Tensor, sum_qt: torch.Tensor, beta: float) -> torch.Tensor:
+    """The JSD [C] from the rows' sums S = sum p s and T = sum q t: H(beta) - beta S - (1 - beta) T."""
     entropy = -beta * math.log(beta) - (1 - beta) * math.log1p(-beta)  # the JSD of two disjoint distributions
-    return torch.where(valid, entropy - beta * sum_ps - (1 - beta) * sum_qt, 0.0)
+    return entropy - beta * sum_ps - (1 - beta) * sum_qt

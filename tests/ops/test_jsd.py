@@ -4,6 +4,7 @@ the Triton kernel against the PyTorch epilogue over many tiles, the module, the 
 registry's fallback for the backends without a JSD implementation. The dtype x head x transform matrix and
 opcheck / fullgraph compile come from the registry-driven tests (test_functional, test_logit_transforms,
 test_compile)."""
+import dataclasses
 import logging
 import math
 
@@ -12,7 +13,8 @@ import torch
 
 import are_fast
 from _helpers import FUSED_BACKENDS, assert_rel_close, leaf, make_inputs, representable, run_op
-from are_fast.ops import reference, registry, torch_epilogues
+from are_fast.ops import autograd, reference, registry, torch_epilogues
+from are_fast.ops.online_jsd import JSDSweep
 
 BETAS = [0.1, 0.5, 0.9]
 # close: stream q is stream p plus a perturbation of a quarter of its size (JSD ~1e-2, against ~0.3 for unrelated
@@ -85,6 +87,59 @@ def test_jsd_over_a_masked_vocabulary(backend, device):
     for name, ref_grad in ref_grads.items():
         assert_rel_close(grads[name], ref_grad, torch.float32, f"d/d{name}")
     assert (grads["bias"].cpu()[masked] == 0).all()
+
+
+SWEEP_BLOCK = 16
+SWEEP_VOCAB = 5 * SWEEP_BLOCK + 3  # five full blocks, then a ragged tail of 3
+SWEEP_MASKED = [*range(SWEEP_BLOCK), 40, 41, SWEEP_VOCAB - 2, SWEEP_VOCAB - 1]  # all of block 0, mid-row, the tail
+
+
+@pytest.mark.parametrize("grads", ["both", "p", "q"])
+@pytest.mark.parametrize("transform", [{}, dict(softcap=2.0, logit_scale=1.5)], ids=["plain", "softcap+scale"])
+@pytest.mark.parametrize("beta", [0.2, 0.7])
+def test_online_sweep_over_many_vocabulary_blocks(beta, transform, grads, monkeypatch):
+    """A frozen head on the online backend runs the JSD's own sweep (spied; the chunk driver must not run) in
+    blocks of 3 rows and 16 vocabulary entries, so every row spans six blocks with a ragged tail; -inf logits fill
+    the first block and sit in the middle and the tail; close and far streams; the ignored positions are left out
+    (compaction) and get 0. The value and the gradient of each stream that asks for one against float64."""
+    monkeypatch.setenv("ARE_FAST_BLOCK_BYTES", str(4 * JSDSweep.block_slots("softcap" in transform) * 3 * SWEEP_BLOCK))
+    sizes = []
+    run = JSDSweep.run
+
+    def spy(self, chunk, *args):
+        sizes.append(chunk[0].shape[0])
+        assert self.block_vocab == SWEEP_BLOCK
+        return run(self, chunk, *args)
+
+    monkeypatch.setattr(JSDSweep, "run", spy)
+    monkeypatch.setattr(autograd, "fused_linear_pass", lambda *a, **k: pytest.fail("the chunk driver ran"))
+    masters = make_inputs(batch=2, length=9, hidden=16, vocab=SWEEP_VOCAB)
+    masters["hidden_q"][0] = masters["hidden"][0] + 0.25 * masters["hidden_q"][0]  # close streams
+    masters["hidden_q"][1] *= 4  # far streams
+    masters = representable(masters, torch.float32)
+    masked = torch.tensor(SWEEP_MASKED)
+    limit = dict(masters, bias=masters["bias"].index_fill(0, masked, -1e4))  # the reference's: p = 0 exactly
+    masters["bias"] = masters["bias"].index_fill(0, masked, float("-inf"))
+    upstream = torch.randn(2, 9, dtype=torch.float64)
+    results = {}
+    for backend, dtype, inputs in (("reference", torch.float64, limit), ("online", torch.float32, masters)):
+        h, q = (leaf(inputs[n], dtype, grads in ("both", stream)) for n, stream in (("hidden", "p"), ("hidden_q", "q")))
+        w, b = (leaf(inputs[n], dtype, False) for n in ("weight", "bias"))
+        chunking = dict(chunk_rows=3) if backend == "online" else {}
+        out = are_fast.conditional_jsd(h, q, w, inputs["labels"], beta, b, reduction="none", backend=backend,
+                                       **chunking, **transform)
+        (out.double() * upstream).sum().backward()
+        results[backend] = (out, h.grad, q.grad)
+    counted = masters["labels"][:, 1:] != -100
+    assert sum(sizes) == counted.sum() and max(sizes) == 3, sizes  # only the counted rows, in blocks of 3
+    (out, *ours), (ref, *theirs) = results["online"], results["reference"]
+    assert_rel_close(out, ref, torch.float32, "JSD")
+    assert (out[:, 1:][~counted] == 0).all() and (out[:, 0] == 0).all()  # values sit at the labels' positions
+    for name, got, want in zip(("hidden", "hidden_q"), ours, theirs):
+        assert (got is None) == (want is None), name
+        if got is not None:
+            assert_rel_close(got, want, torch.float32, f"d/d{name}")
+            assert (got[:, :-1][~counted] == 0).all() and (got[:, -1] == 0).all(), f"d/d{name} of an ignored row"
 
 
 def test_gradcheck_float64():
@@ -167,10 +222,10 @@ def test_gradients_of_nearly_disjoint_distributions_keep_their_precision(epilogu
             assert_rel_close(ours[stream][row], ref_logits[stream][row], torch.float32, f"gradient {stream}, row {row}")
 
 
-@pytest.mark.parametrize("backend", ["native", "online"])
+@pytest.mark.parametrize("backend", ["native"])
 def test_backends_without_a_jsd_say_so_once_and_run_its_pytorch_epilogue(backend, caplog):
-    """native has no JSD kernels and online no JSD sweep: both run the JSD's PyTorch epilogue on the chunk driver
-    (the chunked backend's numbers, bit for bit), and log that once."""
+    """native has no JSD kernels: it runs the JSD's PyTorch epilogue on the chunk driver (the chunked backend's
+    numbers, bit for bit), and logs that once."""
     masters = make_inputs()
     args = [masters[n].float() for n in ("hidden", "hidden_q", "weight")]
     expected = are_fast.conditional_jsd(*args, masters["labels"], 0.4, backend="chunked", chunk_rows=4)
@@ -183,10 +238,12 @@ def test_backends_without_a_jsd_say_so_once_and_run_its_pytorch_epilogue(backend
     assert len(said) == 1 and ("PyTorch epilogue" in said[0] or "chunk driver" in said[0]), said
 
 
-def test_a_kind_is_never_run_as_another():
-    """An unknown kind is refused by name everywhere, and a kind without an online sweep is not run as the KL's."""
+def test_a_kind_is_never_run_as_another(monkeypatch):
+    """An unknown kind is refused by name everywhere, and a kind without an online sweep (the JSD's taken away
+    here) is not run as the KL's."""
     with pytest.raises(ValueError, match="kind: expected one of logprob, kl, jsd, got 'bogus'"):
         registry.epilogue_for("bogus", "torch")
+    monkeypatch.setitem(registry.KINDS, "jsd", dataclasses.replace(registry.KINDS["jsd"], online=None))
     h = torch.randn(4, 8)
     with pytest.raises(ValueError, match="'jsd' has no online sweep"):
         are_fast.ops.online.online_pass("jsd", [h, h], torch.randn(11, 8), None, torch.ones(4, dtype=torch.bool), -100)

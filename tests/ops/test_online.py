@@ -5,15 +5,19 @@ With an identity head (W = I, H = V) the hidden states are the logits, so each r
 first, a middle, the last full or the ragged tail vocabulary block, rise with every block or fall steeply, with
 and without a common offset of 1e4. Blocks of 16 vocabulary entries (ARE_FAST_BLOCK_BYTES) and of 3 rows
 (chunk_rows) make a short row span many blocks: a sweep that forgets a rescale, lets its running maximum fall,
-mixes the target into the sums or lets a ragged block's padding in fails here. Everything else (bias, ignored
-rows, compaction, every op, gradients, NaN-poisoned outputs) runs through the ``online`` backend in the
-backend-parametrized tests of test_functional.py, test_compaction.py and test_head_matmuls.py.
+mixes the target into the sums or lets a ragged block's padding in fails here; the KL and JSD sweeps (two
+streams) run the same corners. Everything else (bias, ignored rows, compaction, every op, gradients,
+NaN-poisoned outputs) runs through the ``online`` backend in the backend-parametrized tests of
+test_functional.py, test_compaction.py and test_head_matmuls.py (the JSD's masked vocabulary, compaction and
+single-stream gradients in test_jsd.py).
 """
+import math
+
 import pytest
 import torch
 
 import are_fast
-from are_fast.ops import online
+from are_fast.ops import online, registry
 from are_fast.ops.head_matmuls import use_mode
 from are_fast.ops.sweep_matmuls import SweepMatmuls
 from _helpers import TOLERANCE, leaf, rel_error
@@ -56,7 +60,8 @@ def small_blocks(monkeypatch):
 
 
 def _run(op, logits, targets_or_q, upstream, backend, dtype, device, **transform):
-    """Values and hidden gradients of sum(upstream * values) with an identity head (logits = hidden)."""
+    """Values and hidden gradients of sum(upstream * values) with an identity head (logits = hidden); op
+    "token_logprobs", or a pair op ("conditional_kl", "conditional_jsd"; transform may hold the JSD's beta)."""
     head = leaf(torch.eye(VOCAB, dtype=torch.float64), dtype, False, device)
     kwargs = dict(backend=backend, chunk_rows=3) if backend != "reference" else dict(backend=backend)
     kwargs.update(transform)
@@ -69,7 +74,7 @@ def _run(op, logits, targets_or_q, upstream, backend, dtype, device, **transform
     hidden_q = leaf(targets_or_q.unsqueeze(0), dtype, True, device)
     labels = torch.zeros(1, logits.shape[0], dtype=torch.int64, device=device)
     labels[0, -1] = IGNORE  # the KL counts the rows whose label is a target: all but the last
-    values = are_fast.conditional_kl(hidden_p, hidden_q, head, labels, reduction="none", **kwargs)
+    values = getattr(are_fast, op)(hidden_p, hidden_q, head, labels, reduction="none", **kwargs)
     (values * upstream.to(device, dtype).unsqueeze(0)).sum().backward()
     return values[0], [hidden_p.grad[0], hidden_q.grad[0]]
 
@@ -120,6 +125,47 @@ def test_kl_over_many_vocabulary_blocks(offset, small_blocks, device):
     assert out[-1] == 0 and (grads[0][-1] == 0).all() and (grads[1][-1] == 0).all(), "a row that is not valid counts"
 
 
+@pytest.mark.parametrize("beta", [0.2, 0.5, 0.9])
+@pytest.mark.parametrize("offset", [0.0, 1e4], ids=["offset0", "offset1e4"])
+def test_jsd_over_many_vocabulary_blocks(offset, beta, small_blocks, device):
+    """The KL's cornered pairs through the JSD sweep (``are_fast.ops.online_jsd``): its log-sum-exp sweep must
+    rescale, and its later sweeps subtract the maximum and the log of the sum apart (an offset of 1e4 rounded into
+    log p would cost 5e-4 absolute); p's and q's maxima in different blocks, close rows and an independent one."""
+    small_blocks(registry.online_sweep("jsd").block_slots(False))
+    pairs = [(3, 4 * BLOCK + 7), (2 * BLOCK + 5, 1), (VOCAB - 1, 2 * BLOCK), (4 * BLOCK + 7, VOCAB - 2)]
+    base_a = torch.randn(len(pairs) + 3, VOCAB, dtype=torch.float64) * 3
+    base_b = base_a + 0.3 * torch.randn_like(base_a)
+    base_b[0] = torch.randn(VOCAB, dtype=torch.float64) * 3
+    a = cornered(base_a, [p for p, _ in pairs], offset)
+    b = cornered(base_b, [q for _, q in pairs], offset)
+    upstream = torch.randn(a.shape[0], dtype=torch.float64)
+    ref, ref_grads = _run("conditional_jsd", a, b, upstream, "reference", torch.float64, "cpu", beta=beta)
+    out, grads = _run("conditional_jsd", a, b, upstream, "online", torch.float32, device, beta=beta)
+    # float32's own floor (the PyTorch epilogue's too): the value is H(beta) - beta S - (1 - beta) T, S = sum p s,
+    # T = sum q t, so its error is relative to those terms (two close rows: 1e3x their JSD); the gradients (identity
+    # head) g beta p (S - s) and g (1 - beta) q (T - t), relative to g beta p (S + s) and g (1 - beta) q (T + t).
+    # Hidden rows 0-4 count (row 5's label is ignored, row 6 has none); out[t + 1] is hidden row t's value.
+    p, q = torch.softmax(a, 1), torch.softmax(b, 1)
+    d = torch.log_softmax(b, 1) - torch.log_softmax(a, 1) + math.log((1 - beta) / beta)
+    s, t = torch.nn.functional.softplus(d), torch.nn.functional.softplus(-d)
+    sum_ps, sum_qt = (p * s).sum(1, keepdim=True), (q * t).sum(1, keepdim=True)
+    g = upstream[1:].unsqueeze(1)
+    counted = slice(0, 5)
+    scales = [
+        torch.maximum(ref[1:].abs(), beta * sum_ps[:-1, 0] + (1 - beta) * sum_qt[:-1, 0]),
+        (g * beta * p[:-1] * (sum_ps[:-1] + s[:-1])).norm(dim=1),
+        (g * (1 - beta) * q[:-1] * (sum_qt[:-1] + t[:-1])).norm(dim=1),
+    ]
+    results = [(out[1:], ref[1:], "JSD")]
+    results += [(got[:-1], want[:-1], f"d/dhidden of stream {i}") for i, (got, want) in enumerate(zip(grads, ref_grads))]
+    for (got, want, what), scale in zip(results, scales):
+        error = (got.cpu().double() - want).reshape(len(want), -1).norm(dim=1)[counted]
+        bound = TOLERANCE[torch.float32] * scale[counted]
+        assert (error <= bound).all(), f"{what}: row errors {error.tolist()} > bounds {bound.tolist()}"
+    assert out[0] == 0 and out[-1] == 0, "a row that is not valid counts"
+    assert all((grad[5:] == 0).all() for grad in grads), "a row that is not valid has a gradient"
+
+
 def test_frozen_full_precision_heads_take_the_sweep(device):
     """The online backend runs the sweeps for a float32 head, frozen or (log-probabilities) trainable, a bf16
     head and a float32 head under autocast (tests/ops/test_online_low_precision.py checks those), and the
@@ -166,13 +212,15 @@ def test_only_target_rows_reach_the_sweep(monkeypatch):
     assert (out[labels == IGNORE] == 0).all() and (hidden.grad[labels == IGNORE] == 0).all()
 
 
-def test_block_shape_keeps_the_budget(monkeypatch):
+@pytest.mark.parametrize("kind", list(registry.KINDS))
+@pytest.mark.parametrize("capped_grad", [False, True])
+def test_block_shape_keeps_the_budget(kind, capped_grad, monkeypatch):
+    """Each sweep's declared [rows, block] buffers (``block_slots``) fit the 2 MiB block budget."""
     monkeypatch.delenv("ARE_FAST_BLOCK_BYTES", raising=False)
-    rows, vocab = online.block_shape(4096, 32000, 1)
-    assert rows * vocab * 4 <= 2 << 20 and vocab % 16 == 0
-    rows, vocab = online.block_shape(4096, 32000, 2)
-    assert 3 * rows * vocab * 4 <= 2 << 20
-    assert online.block_shape(5, 40, 1) == (5, 40)  # never wider than the vocabulary, never more rows than there are
+    slots = registry.online_sweep(kind).block_slots(capped_grad)
+    rows, vocab = online.block_shape(4096, 32000, slots)
+    assert slots * rows * vocab * 4 <= 2 << 20 and vocab % 16 == 0 and rows == 512
+    assert online.block_shape(5, 40, slots) == (5, 40)  # never wider than the vocabulary, never more rows than there are
 
 
 @pytest.mark.parametrize("op", ["token_logprobs", "sequence_logprobs"])
@@ -205,8 +253,8 @@ TRANSFORMS = {"softcap": dict(softcap=2.0), "logit_scale": dict(logit_scale=0.7)
 def test_logit_transforms_over_many_vocabulary_blocks(transform, small_blocks, device):
     """The cornered rows through the sweeps with a softcap (the rising, falling and confident rows run far
     beyond the cap) and/or a logit scale: the running statistics are over the transformed logits, and the
-    softcap's derivative weighs each block (the KL's fourth slot too). The trainable head's weight pass is
-    covered by test_logit_transforms.py on the online backend."""
+    softcap's derivative weighs each block (the KL's fourth slot too, and the JSD's gradient sweep). The
+    trainable head's weight pass is covered by test_logit_transforms.py on the online backend."""
     kw = TRANSFORMS[transform]
     small_blocks(2 if "softcap" in kw else 1)  # a softcap's gradient: one derivative block beside the logits
     logits = cornered(torch.randn(len(PEAKS) + 3, VOCAB, dtype=torch.float64) * 3, list(PEAKS.values()), 0.0)
@@ -221,5 +269,11 @@ def test_logit_transforms_over_many_vocabulary_blocks(transform, small_blocks, d
     ref, ref_grads = _run("conditional_kl", logits, other, upstream, "reference", torch.float64, "cpu", **kw)
     out, grads = _run("conditional_kl", logits, other, upstream, "online", torch.float32, device, **kw)
     assert_rows_close(out.cpu()[:-1], ref[:-1], "KL")
+    for stream, (got, want) in enumerate(zip(grads, ref_grads)):
+        assert_rows_close(got.cpu()[:-1], want[:-1], f"d/dhidden of stream {stream}")
+    small_blocks(registry.online_sweep("jsd").block_slots("softcap" in kw))  # the JSD's last sweep: derivatives
+    ref, ref_grads = _run("conditional_jsd", logits, other, upstream, "reference", torch.float64, "cpu", beta=0.3, **kw)
+    out, grads = _run("conditional_jsd", logits, other, upstream, "online", torch.float32, device, beta=0.3, **kw)
+    assert_rows_close(out.cpu()[:-1], ref[:-1], "JSD")
     for stream, (got, want) in enumerate(zip(grads, ref_grads)):
         assert_rows_close(got.cpu()[:-1], want[:-1], f"d/dhidden of stream {stream}")
