@@ -61,6 +61,9 @@ def _call(op, args, labels, **kwargs):
         return are_fast.sequence_logprobs(args["hidden"], args["weight"], labels, args["bias"], **kwargs)
     if op == "compression_loss":
         return are_fast.compression_loss(args["hidden"], args["weight"], labels, args["bias"], **kwargs)
+    if op == "conditional_jsd":
+        return are_fast.conditional_jsd(args["hidden"], args["hidden_q"], args["weight"], labels, 0.3, args["bias"],
+                                        reduction="none", **kwargs)
     return are_fast.conditional_kl(args["hidden"], args["hidden_q"], args["weight"], labels, args["bias"],
                                    reduction="none", **kwargs)
 
@@ -72,7 +75,7 @@ def _run(op, masters, labels, dtype, trainable, upstream=None, autocast=False, *
     if upstream is None:
         upstream = torch.randn(out.shape, dtype=torch.float64)
     (out.double() * upstream).sum().backward()
-    names = [n for n, t in args.items() if t.requires_grad and (op == "conditional_kl" or n != "hidden_q")]
+    names = [n for n, t in args.items() if t.requires_grad and (op in PAIR_OPS or n != "hidden_q")]
     return out, upstream, {n: args[n].grad for n in names}
 
 
@@ -84,9 +87,9 @@ def _check(op, dtype, trainable, path, autocast=False, **transform):
                              autocast=autocast, backend="online", chunk_rows=4, **transform)
     assert choices and {c.path for c in choices} == {path}
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
-    if op == "conditional_kl":
+    if op in PAIR_OPS:
         error = rel_error(out, ref)
-        assert error <= TOLERANCE[torch.bfloat16], f"KL: relative error {error:.2e}"
+        assert error <= TOLERANCE[torch.bfloat16], f"{op}: relative error {error:.2e}"
     else:
         worst = (out.double() - ref).abs().max().item()
         assert worst <= LOGPROB_TOLERANCE, f"{op}: a row is {worst:.3f} off"
@@ -98,7 +101,8 @@ def _check(op, dtype, trainable, path, autocast=False, **transform):
     return out, grads
 
 
-FROZEN_OPS = ["token_logprobs", "sequence_logprobs", "compression_loss", "conditional_kl"]
+PAIR_OPS = ["conditional_kl", "conditional_jsd"]
+FROZEN_OPS = ["token_logprobs", "sequence_logprobs", "compression_loss", *PAIR_OPS]
 
 
 @pytest.mark.parametrize("path", ["lowp", "float32"])
@@ -122,23 +126,23 @@ def test_trainable_bf16_head(op, path, small_blocks, operands):
 
 
 @pytest.mark.parametrize(("op", "trainable"), [("token_logprobs", False), ("token_logprobs", True),
-                                                ("conditional_kl", False)])
+                                                ("conditional_kl", False), ("conditional_jsd", False)])
 def test_logit_transforms_in_bf16(op, trainable, small_blocks):
     """A softcap (its derivative weighs each block before the low-precision product) and a logit scale."""
     _check(op, torch.bfloat16, trainable, "lowp", softcap=2.5, logit_scale=1.3)
 
 
-@pytest.mark.parametrize("op", ["token_logprobs", "conditional_kl"])
+@pytest.mark.parametrize("op", ["token_logprobs", *PAIR_OPS])
 def test_fp16_head(op, small_blocks):
     _check(op, torch.float16, False, "lowp")
 
 
 @pytest.mark.parametrize(("op", "trainable"), [("token_logprobs", False), ("token_logprobs", True),
-                                                ("conditional_kl", False)])
+                                                ("conditional_kl", False), ("conditional_jsd", False)])
 def test_autocast_takes_the_sweep_with_one_cast(op, trainable, small_blocks, operands):
     """A float32 head under CPU bf16 autocast: the sweep with bf16 operands (the head cast once per pass, not
     per block), float32 gradients, against float64 on the bf16-rounded inputs. (A trainable head's KL takes
-    the chunk driver: the sweep covers the log-probability ops.)"""
+    the chunk driver: the sweep covers the log-probability ops.) The pair ops take it with a frozen head."""
     seen, made = operands
     _check(op, torch.float32, trainable, "lowp", autocast=True)
     assert set(seen) == {(torch.bfloat16, torch.bfloat16)}
