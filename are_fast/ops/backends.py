@@ -4,11 +4,11 @@ Backends (``REGISTRY``, in this order; ``BACKENDS`` is their names, which the CL
 - ``reference``: the plain eager formulas (``are_fast.ops.reference``), materializing the logits: test oracle
   and naive baseline; differentiable by PyTorch autograd and traceable by torch.compile as is.
 - ``chunked``: the chunk driver with PyTorch epilogues.
-- ``online``: for a float32/float64 head, frozen (every kind with a sweep in the registry: log-probabilities, KL)
-  or trainable (the log-probability ops), the online sweeps of ``are_fast.ops.online`` (flash-attention style: no
-  logits chunk, each block of rows meets each block of the head once); anything else (compression_loss or the
-  KL with a trainable head, a kind without a sweep such as the JSD, a low-precision head, autocast) the chunk
-  driver with PyTorch epilogues, as ``chunked``. The default on CPU.
+- ``online``: for a float32/float64 head, frozen (every kind with a sweep in the registry: log-probabilities, KL,
+  JSD) or trainable (the log-probability ops), the online sweeps of ``are_fast.ops.online`` (flash-attention
+  style: no logits chunk, each block of rows meets each block of the head once; bf16/fp16 heads and autocast
+  too, ``are_fast.ops.sweep_precision``); anything else (compression_loss or a pair op with a trainable head, a
+  kind without a sweep) the chunk driver with PyTorch epilogues, as ``chunked``. The default on CPU.
 - ``triton``: the chunk driver with the Triton epilogue kernels of ``are_fast.kernels``; the default on CUDA.
   On CPU tensors it runs only under the Triton interpreter (TRITON_INTERPRET=1 set before the kernels are
   imported), which is how the tests exercise it without a GPU.

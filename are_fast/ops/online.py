@@ -12,8 +12,9 @@ memory bandwidth.
 Scope: float32/float64 heads, and bfloat16/float16 heads (or a float32 head under bf16/fp16 autocast), whose
 block matmuls run with low-precision operands where ``are_fast.ops.sweep_precision`` finds that faster, else on a
 float32 copy of the head (``are_fast.ops.sweep_matmuls``; statistics and accumulators float32 either way). A
-frozen head: every op. A trainable head:
-the log-probability ops whose per-row upstream gradient is unknown in the forward (token, sequence): the values
+frozen head: every op, each kind by its own sweep class (``registry.Kind.online``: the log-probability and KL
+sweeps here, the JSD's three sweeps in ``are_fast.ops.online_jsd``), which declares its block buffers
+(``block_slots``) and takes the kind's params by keyword. A trainable head: the log-probability ops whose per-row upstream gradient is unknown in the forward (token, sequence): the values
 sweep also returns each row's log-sum-exp, and the backward (``online_weight_pass``) sweeps once more with the
 final probabilities (4 block matmuls per row in all, the minimum without holding the logits). The ``online``
 backend (``are_fast.ops.backends``) routes everything else to the chunk driver.
@@ -21,7 +22,8 @@ backend (``are_fast.ops.backends``) routes everything else to the chunk driver.
 Precision: every sum is relative to its row's running maximum. The target's probability is kept out of the
 running sums, so the gradient's target term (1 - p_t) W[t] is formed from the sum of the other probabilities,
 never as 1 - p_t, and a confident target's log-probability is -log1p(others / e_t), not a difference of
-nearly equal logarithms. For the KL the sums hold p (log p - log q) as the sweep ends (see ``_KLSweep``).
+nearly equal logarithms. For the KL the sums hold p (log p - log q) as the sweep ends (see ``_KLSweep``); the
+JSD's gradient is formed elementwise with the final sums, as its PyTorch epilogue does.
 
 Logit transforms (``softcap``, ``logit_scale``: ``are_fast.ops.logit_transforms``): each block of logits is
 transformed in place as it is formed, so the running maxima and sums are over the transformed logits z'. The
