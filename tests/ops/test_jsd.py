@@ -142,6 +142,27 @@ def test_online_sweep_over_many_vocabulary_blocks(beta, transform, grads, monkey
             assert (got[:, :-1][~counted] == 0).all() and (got[:, -1] == 0).all(), f"d/d{name} of an ignored row"
 
 
+def test_online_pass_without_compaction_zeroes_rows_that_are_not_valid(monkeypatch):
+    """The sweep over every row (compaction off, as on CUDA): rows that are not valid give 0 and zero gradients,
+    the others the float64 PyTorch epilogue's values and gradients; blocks of 16 entries and 3 rows."""
+    monkeypatch.setenv("ARE_FAST_BLOCK_BYTES", str(4 * JSDSweep.block_slots(False) * 3 * SWEEP_BLOCK))
+    generator = torch.Generator().manual_seed(0)
+    h, q = (torch.randn(7, 8, generator=generator, dtype=torch.float64) for _ in range(2))
+    weight = torch.randn(SWEEP_VOCAB, 8, generator=generator, dtype=torch.float64)
+    valid = torch.tensor([True, False, True, True, False, True, True])
+    scale = torch.randn(7, generator=generator, dtype=torch.float64)
+    h, q, weight, scale = (x.float().double() for x in (h, q, weight, scale))  # what the float32 sweep sees
+    result = are_fast.ops.online.online_pass("jsd", [h.float(), q.float()], weight.float(), None, valid, -100,
+                                             scale.float(), (True, True), block_rows=3, params=dict(beta=0.3))
+    logits = [h @ weight.T, q @ weight.T]
+    expected = torch_epilogues.jsd_epilogue(*logits, valid, scale, beta=0.3)  # logits become their gradients
+    assert_rel_close(result.values, expected, torch.float32, "JSD")
+    for stream, (grad, grad_logits) in enumerate(zip(result.hidden_grads, logits)):
+        assert_rel_close(grad, grad_logits @ weight, torch.float32, f"d/dhidden of stream {stream}")
+        assert (grad[~valid] == 0).all()
+    assert (result.values[~valid] == 0).all()
+
+
 def test_gradcheck_float64():
     masters = make_inputs(batch=2, length=5, hidden=6, vocab=11)
     h, q, w, b = (leaf(masters[n], torch.float64, True) for n in ("hidden", "hidden_q", "weight", "bias"))
