@@ -157,7 +157,8 @@ def test_jsd_over_many_vocabulary_blocks(offset, beta, small_blocks, device):
         (g * (1 - beta) * q[:-1] * (sum_qt[:-1] + t[:-1])).norm(dim=1),
     ]
     results = [(out[1:], ref[1:], "JSD")]
-    results += [(got[:-1], want[:-1], f"d/dhidden of stream {i}") for i, (got, want) in enumerate(zip(grads, ref_grads))]
+    results += [(got[:-1], want[:-1], f"d/dhidden of stream {i}")
+                for i, (got, want) in enumerate(zip(grads, ref_grads))]
     for (got, want, what), scale in zip(results, scales):
         error = (got.cpu().double() - want).reshape(len(want), -1).norm(dim=1)[counted]
         bound = TOLERANCE[torch.float32] * scale[counted]
@@ -220,7 +221,7 @@ def test_block_shape_keeps_the_budget(kind, capped_grad, monkeypatch):
     slots = registry.online_sweep(kind).block_slots(capped_grad)
     rows, vocab = online.block_shape(4096, 32000, slots)
     assert slots * rows * vocab * 4 <= 2 << 20 and vocab % 16 == 0 and rows == 512
-    assert online.block_shape(5, 40, slots) == (5, 40)  # never wider than the vocabulary, never more rows than there are
+    assert online.block_shape(5, 40, slots) == (5, 40)  # never wider than the vocabulary nor more rows than exist
 
 
 @pytest.mark.parametrize("op", ["token_logprobs", "sequence_logprobs"])
