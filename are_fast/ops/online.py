@@ -17,7 +17,8 @@ sweeps here, the JSD's three sweeps in ``are_fast.ops.online_jsd``), which decla
 (``block_slots``) and takes the kind's params by keyword. A trainable head: the log-probability ops whose
 per-row upstream gradient is unknown in the forward (token, sequence): the values sweep also returns each
 row's log-sum-exp, and the backward (``online_weight_pass``) sweeps once more with the final probabilities (4
-block matmuls per row in all, the minimum without holding the logits). The ``online`` backend (``are_fast.ops.backends``) routes everything else to the chunk driver.
+block matmuls per row in all, the minimum without holding the logits). The ``online`` backend
+(``are_fast.ops.backends``) routes everything else to the chunk driver.
 
 Precision: every sum is relative to its row's running maximum. The target's probability is kept out of the
 running sums, so the gradient's target term (1 - p_t) W[t] is formed from the sum of the other probabilities,
