@@ -234,6 +234,12 @@ def _targets_in_block(targets: torch.Tensor, counted: torch.Tensor, first: int, 
     return here, local.clamp(0, width - 1).unsqueeze(1)
 
 
+def lowest(dtype: torch.dtype) -> float:
+    """The running maximum's start: the lowest finite value, not -inf, so that a block of -inf logits (a masked
+    vocabulary) rescales by exp(0) and subtracts a finite maximum, never exp(-inf + inf) = NaN."""
+    return torch.finfo(dtype).min
+
+
 def rescale(running_max: torch.Tensor, block_max: torch.Tensor) -> torch.Tensor:
     """Updates running_max [C] in place to max(running_max, block_max); returns exp(old - new) [C]."""
     new_max = torch.maximum(running_max, block_max)
@@ -268,7 +274,7 @@ class _LogprobSweep:
         valid = targets != ignore_index
         in_range = (targets >= 0) & (targets < vocab)
         kw = dict(dtype=self.buffer.dtype, device=hidden.device)
-        running_max = torch.full((size,), -torch.inf, **kw)
+        running_max = torch.full((size,), lowest(kw["dtype"]), **kw)
         others = torch.zeros(size, **kw)  # sum_{v != t} exp(l_v - max)
         target_logit = torch.zeros(size, **kw)
         target_derivative = torch.ones(size, **kw)  # dz'/dz at the target
@@ -353,7 +359,7 @@ class _KLSweep:
         stacked = self.stacked[: 2 * size]
         stacked[:size], stacked[size:] = chunk[0], chunk[1]
         kw = dict(dtype=self.blocks.dtype, device=stacked.device)
-        max_a, max_b = torch.full((size,), -torch.inf, **kw), torch.full((size,), -torch.inf, **kw)
+        max_a, max_b = torch.full((size,), lowest(kw["dtype"]), **kw), torch.full((size,), lowest(kw["dtype"]), **kw)
         sum_a, sum_b, sum_ad = torch.zeros(size, **kw), torch.zeros(size, **kw), torch.zeros(size, **kw)
         shift = None  # the running lse_a - lse_b, so that the sums hold p (log p - log q) as the sweep ends
         acc = None
@@ -390,7 +396,8 @@ class _KLSweep:
             # lse_a - lse_b as (max_a - max_b) + log(sum_a / sum_b): no rounding of a common logit offset
             new_shift = (max_a - max_b) + (torch.log(sum_a) - torch.log(sum_b))
             if shift is not None:  # re-base the earlier blocks' sums on the new shift
-                moved = new_shift - shift
+                # nothing to re-base where the earlier blocks have no mass (the shift was NaN: log 0 - log 0)
+                moved = torch.where(earlier_a > 0, new_shift - shift, 0.0)
                 sum_ad.sub_(moved * earlier_a)
                 if acc is not None:
                     acc[2].addcmul_(acc[0], moved.unsqueeze(1), value=-1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import logit_transforms, torch_epilogues
-from .online import rescale, vocab_blocks
+from .online import lowest, rescale, vocab_blocks
 
 
 class JSDSweep:
@@ -59,9 +59,8 @@ class JSDSweep:
         stacked = self.stacked[: 2 * size]
         stacked[:size], stacked[size:] = chunk[0], chunk[1]
         kw = dict(dtype=self.pair.dtype, device=stacked.device)
-        # Sweep 1: the log-sum-exps of the 2C rows [a; b]. The running maximum starts at the lowest finite value,
-        # not -inf, so that a block of -inf logits (a masked vocabulary) rescales by exp(0), never exp(-inf + inf).
-        running_max = torch.full((2 * size,), torch.finfo(kw["dtype"]).min, **kw)
+        # Sweep 1: the log-sum-exps of the 2C rows [a; b].
+        running_max = torch.full((2 * size,), lowest(kw["dtype"]), **kw)
         sums = torch.zeros(2 * size, **kw)
         for _, _, logits, _ in self._blocks(stacked, matmuls):
             factor = rescale(running_max, logits.amax(1))

@@ -278,3 +278,34 @@ def test_logit_transforms_over_many_vocabulary_blocks(transform, small_blocks, d
     assert_rows_close(out.cpu()[:-1], ref[:-1], "JSD")
     for stream, (got, want) in enumerate(zip(grads, ref_grads)):
         assert_rows_close(got.cpu()[:-1], want[:-1], f"d/dhidden of stream {stream}")
+
+
+@pytest.mark.parametrize("op", ["token_logprobs", "conditional_kl", "conditional_jsd"])
+def test_a_masked_first_vocabulary_block(op, small_blocks, device):
+    """A bias of -inf over the whole first vocabulary block (a masked vocabulary, shared by both streams): each
+    sweep's first block has no maximum, which must rescale by 1, not exp(-inf + inf) = NaN. Values and hidden
+    gradients against float64 with a bias of -1e4 there (p = 0 exactly)."""
+    kind = registry.OPS_TABLE[op].kind
+    small_blocks(registry.online_sweep(kind).block_slots(False))
+    hiddens = [torch.randn(1, 7, 8, dtype=torch.float64) for _ in range(registry.KINDS[kind].streams)]
+    weight = torch.randn(VOCAB, 8, dtype=torch.float64)
+    bias = torch.randn(VOCAB, dtype=torch.float64)
+    labels = torch.randint(BLOCK, VOCAB, (1, 7))
+    labels[0, 3] = IGNORE
+    upstream = torch.randn(1, 7, dtype=torch.float64)
+    results = {}
+    for backend, dtype, where, fill in (("reference", torch.float64, "cpu", -1e4),
+                                        ("online", torch.float32, device, float("-inf"))):
+        leaves = [leaf(h, dtype, True, where) for h in hiddens]
+        head = leaf(weight, dtype, False, where)
+        masked = leaf(bias.index_fill(0, torch.arange(BLOCK), fill), dtype, False, where)
+        kwargs = dict(backend=backend, chunk_rows=3) if backend == "online" else dict(backend=backend)
+        if op == "token_logprobs":
+            out = are_fast.token_logprobs(leaves[0][0], head, labels[0].to(where), masked, **kwargs)[None]
+        else:
+            out = getattr(are_fast, op)(*leaves, head, labels.to(where), bias=masked, reduction="none", **kwargs)
+        (out.double() * upstream.to(where)).sum().backward()
+        results[backend] = [out] + [h.grad for h in leaves]
+    for what, got, want in zip(("values", "d/dhidden", "d/dhidden_q"), results["online"], results["reference"]):
+        error = rel_error(got, want)
+        assert error <= TOLERANCE[torch.float32], f"{op} {what}: relative error {error:.2e}"
