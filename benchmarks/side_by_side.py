@@ -23,6 +23,7 @@ import subprocess
 
 import torch
 
+from are_fast.ops.registry import OPS_TABLE
 from are_fast.ops.sweep_precision import cpu_units
 
 from .cases import HEADS, Case, Shape
@@ -30,7 +31,7 @@ from .conftest import _cpu_model
 from .impls import implementations
 from .rss import probe
 
-OPS = ("token_logprobs", "compression_loss", "sequence_logprobs", "conditional_kl")
+OPS = tuple(OPS_TABLE)  # every op of the registry
 SEQ = 256
 
 
