@@ -6,11 +6,14 @@
 //   kl_epilogue(logits_p [C, V], logits_q [C, V], valid [C] bool, grad_scale [C] or None) -> [C]
 //       KL(softmax(a) || softmax(b)) per row (a = logits_p, b = logits_q), 0 where valid is false. With
 //       grad_scale g, logits_p becomes g * p * ((a - b) - sum_v p_v (a_v - b_v)) and logits_q becomes g * (q - p).
+//   jsd_epilogue(logits_p, logits_q, valid, grad_scale, beta) -> [C]
+//       as kl_epilogue, for the generalized JSD beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q,
+//       0 < beta < 1; its per-entry arithmetic and gradients are those of jsd_terms.h.
 //
 // logits are float32 or float64 (grad_scale is converted to their dtype). Each row's statistics take one pass
 // over memory: the row is read tile by tile (a tile fits in L1), taking the tile's max and then its sum of
 // exponentials relative to the running max (online log-sum-exp). The gradient is a second pass, made while
-// the row is still in L2. Rows are spread over threads; inner loops are written to vectorize (omp simd, a
+// the row is still in L2 (the JSD takes a second pass for its sums, then the gradient's). Rows are spread over threads; inner loops are written to vectorize (omp simd, a
 // branch-free float32 exp) and, on x86-64 with GCC, compiled for AVX-512, AVX2 and a baseline, picked at load.
 // A +inf logit gives an infinite log-sum-exp (log-probs -inf or NaN) and a NaN KL; -inf logits (a masked
 // vocabulary) have probability 0 and add nothing to a KL (kl_terms.h).
@@ -31,6 +34,7 @@
 #include <limits>
 
 #include "epilogue_checks.h"
+#include "jsd_terms.h"
 #include "kl_terms.h"
 #include "logit_transform.h"
 
@@ -254,17 +258,26 @@ ARE_FAST_INLINE KlStats<T> row_kl_stats(const T* a, const T* b, int64_t n, const
   return {{max_a, std::log(s)}, {max_b, std::log(s_b)}, t / s};
 }
 
+// A row whose valid flag is false gives 0 and zero gradients: true when `row` is one (then done).
+template <typename T>
+ARE_FAST_INLINE bool skipped_row(const KlArgs<T>& k, int64_t row, T* a, T* b) {
+  if (k.valid[row]) {
+    return false;
+  }
+  k.out[row] = 0;
+  if (k.scale != nullptr) {
+    std::fill(a, a + k.vocab, T(0));
+    std::fill(b, b + k.vocab, T(0));
+  }
+  return true;
+}
+
 template <typename T>
 ARE_FAST_INLINE void kl_rows(const KlArgs<T>& k, int64_t begin, int64_t end) {
   for (int64_t row = begin; row < end; ++row) {
     T* a = k.logits_p + row * k.stride_p;
     T* b = k.logits_q + row * k.stride_q;
-    if (!k.valid[row]) {
-      k.out[row] = 0;
-      if (k.scale != nullptr) {
-        std::fill(a, a + k.vocab, T(0));
-        std::fill(b, b + k.vocab, T(0));
-      }
+    if (skipped_row(k, row, a, b)) {
       continue;
     }
     const LogitTransform<T>& f = k.f;
@@ -295,6 +308,88 @@ ARE_FAST_INLINE void kl_rows(const KlArgs<T>& k, int64_t begin, int64_t end) {
   }
 }
 
+// The JSD: the KL's arguments and the mixture's constants.
+template <typename T>
+struct JsdArgs {
+  KlArgs<T> pair;
+  JsdMixture<T> mixture;
+};
+
+// One entry's probabilities and (s, t) (jsd_terms.h) from its transformed logits za, zb.
+template <typename T>
+ARE_FAST_INLINE void jsd_entry(T za, T zb, const Lse<T>& lp, const Lse<T>& lq, T log_odds, JsdPair<T>& prob,
+                               JsdPair<T>& softplus) {
+  const T log_p = (za - lp.max) - lp.log_sum, log_q = (zb - lq.max) - lq.log_sum;
+  prob = {exp_nonpositive(log_p), exp_nonpositive(log_q)};
+  softplus = mixture_softplus(log_p, log_q, log_odds);
+}
+
+// (sum p s, sum q t) of a row, tile by tile, given its two log-sum-exps.
+template <typename T>
+ARE_FAST_INLINE JsdPair<T> row_jsd_sums(const T* a, const T* b, int64_t n, const LogitTransform<T>& f,
+                                        const Lse<T>& lp, const Lse<T>& lq, T log_odds) {
+  T sum_ps = 0, sum_qt = 0;
+  T scratch_a[kTile], scratch_b[kTile];
+  for (int64_t start = 0; start < n; start += kTile) {
+    const int64_t len = std::min(kTile, n - start);
+    const T* ta = transformed_tile(a + start, len, f, scratch_a);
+    const T* tb = transformed_tile(b + start, len, f, scratch_b);
+    T tile_ps = 0, tile_qt = 0;
+#pragma omp simd reduction(+ : tile_ps, tile_qt)
+    for (int64_t i = 0; i < len; ++i) {
+      JsdPair<T> prob, softplus;
+      jsd_entry(ta[i], tb[i], lp, lq, log_odds, prob, softplus);
+      const JsdPair<T> terms = jsd_terms(prob, softplus);
+      tile_ps += terms.p;
+      tile_qt += terms.q;
+    }
+    sum_ps += tile_ps;
+    sum_qt += tile_qt;
+  }
+  return {sum_ps, sum_qt};
+}
+
+// Three passes per row: the log-sum-exps of both streams, the sums (sum p s, sum q t), then (with a gradient
+// scale) the gradients, over the logits in place.
+template <typename T>
+ARE_FAST_INLINE void jsd_rows(const JsdArgs<T>& j, int64_t begin, int64_t end) {
+  const KlArgs<T>& k = j.pair;
+  const LogitTransform<T>& f = k.f;
+  const JsdMixture<T>& mixture = j.mixture;
+  for (int64_t row = begin; row < end; ++row) {
+    T* a = k.logits_p + row * k.stride_p;
+    T* b = k.logits_q + row * k.stride_q;
+    if (skipped_row(k, row, a, b)) {
+      continue;
+    }
+    const Lse<T> lp = row_logsumexp(a, k.vocab, f), lq = row_logsumexp(b, k.vocab, f);
+    const JsdPair<T> sums = row_jsd_sums(a, b, k.vocab, f, lp, lq, mixture.log_odds);
+    k.out[row] = jsd_value(mixture, sums);
+    if (k.scale == nullptr) {
+      continue;
+    }
+    const T g = k.scale[row];
+    if (f.identity()) {
+#pragma omp simd
+      for (int64_t i = 0; i < k.vocab; ++i) {
+        JsdPair<T> prob, softplus;
+        jsd_entry(a[i], b[i], lp, lq, mixture.log_odds, prob, softplus);
+        const JsdPair<T> grad = jsd_gradients(prob, softplus, sums, g, mixture.beta);
+        a[i] = grad.p;
+        b[i] = grad.q;
+      }
+    } else {
+      for (int64_t i = 0; i < k.vocab; ++i) {
+        JsdPair<T> prob, softplus;
+        jsd_entry(f(a[i]), f(b[i]), lp, lq, mixture.log_odds, prob, softplus);
+        const JsdPair<T> grad = jsd_gradients(prob, softplus, sums, g, mixture.beta);
+        a[i] = grad.p * f.derivative(a[i]);
+        b[i] = grad.q * f.derivative(b[i]);
+      }
+    }
+  }
+}
+
 // Non-template entry points, so that each can be cloned per instruction set.
 ARE_FAST_CLONES void logprob_range(const LogprobArgs<float>& a, int64_t begin, int64_t end) {
   logprob_rows(a, begin, end);
@@ -302,8 +397,10 @@ ARE_FAST_CLONES void logprob_range(const LogprobArgs<float>& a, int64_t begin, i
 ARE_FAST_CLONES void logprob_range(const LogprobArgs<double>& a, int64_t begin, int64_t end) {
   logprob_rows(a, begin, end);
 }
-ARE_FAST_CLONES void kl_range(const KlArgs<float>& k, int64_t begin, int64_t end) { kl_rows(k, begin, end); }
-ARE_FAST_CLONES void kl_range(const KlArgs<double>& k, int64_t begin, int64_t end) { kl_rows(k, begin, end); }
+ARE_FAST_CLONES void pair_range(const KlArgs<float>& k, int64_t begin, int64_t end) { kl_rows(k, begin, end); }
+ARE_FAST_CLONES void pair_range(const KlArgs<double>& k, int64_t begin, int64_t end) { kl_rows(k, begin, end); }
+ARE_FAST_CLONES void pair_range(const JsdArgs<float>& j, int64_t begin, int64_t end) { jsd_rows(j, begin, end); }
+ARE_FAST_CLONES void pair_range(const JsdArgs<double>& j, int64_t begin, int64_t end) { jsd_rows(j, begin, end); }
 
 at::Tensor logprob_epilogue_cpu(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
                                 const std::optional<at::Tensor>& grad_scale, std::optional<double> softcap,
@@ -326,15 +423,17 @@ at::Tensor logprob_epilogue_cpu(const at::Tensor& logits, const at::Tensor& targ
   return out;
 }
 
-at::Tensor kl_epilogue_cpu(const at::Tensor& logits_p, const at::Tensor& logits_q, const at::Tensor& valid,
-                           const std::optional<at::Tensor>& grad_scale, std::optional<double> softcap,
-                           std::optional<double> logit_scale) {
-  check_kl_args(logits_p, logits_q, valid, c10::DeviceType::CPU);
+// Runs a two-stream epilogue (pair_range) over the rows of a checked (logits_p, logits_q) pair, with the KL's
+// arguments as they are or as `extend` completes them (the JSD's mixture); returns the per-row values.
+template <typename Extend>
+at::Tensor pair_epilogue_cpu(const at::Tensor& logits_p, const at::Tensor& logits_q, const at::Tensor& valid,
+                             const std::optional<at::Tensor>& grad_scale, std::optional<double> softcap,
+                             std::optional<double> logit_scale, const Extend& extend) {
   const std::optional<at::Tensor> scale = checked_scale(grad_scale, logits_p);
   const at::Tensor valid_c = valid.contiguous();
   at::Tensor out = at::empty({logits_p.size(0)}, logits_p.options());
-  AT_DISPATCH_FLOATING_TYPES(logits_p.scalar_type(), "kl_epilogue", [&] {
-    const KlArgs<scalar_t> args{logits_p.mutable_data_ptr<scalar_t>(),
+  AT_DISPATCH_FLOATING_TYPES(logits_p.scalar_type(), "pair_epilogue", [&] {
+    const KlArgs<scalar_t> pair{logits_p.mutable_data_ptr<scalar_t>(),
                                 logits_q.mutable_data_ptr<scalar_t>(),
                                 logits_p.stride(0),
                                 logits_q.stride(0),
@@ -343,9 +442,31 @@ at::Tensor kl_epilogue_cpu(const at::Tensor& logits_p, const at::Tensor& logits_
                                 scale ? scale->const_data_ptr<scalar_t>() : nullptr,
                                 out.mutable_data_ptr<scalar_t>(),
                                 make_transform<scalar_t>(softcap, logit_scale)};
-    at::parallel_for(0, logits_p.size(0), 1, [&](int64_t begin, int64_t end) { kl_range(args, begin, end); });
+    const auto args = extend(pair);
+    at::parallel_for(0, logits_p.size(0), 1, [&](int64_t begin, int64_t end) { pair_range(args, begin, end); });
   });
   return out;
+}
+
+template <typename T>
+JsdArgs<T> with_mixture(const KlArgs<T>& pair, double beta) {
+  return {pair, JsdMixture<T>::of(beta)};
+}
+
+at::Tensor kl_epilogue_cpu(const at::Tensor& logits_p, const at::Tensor& logits_q, const at::Tensor& valid,
+                           const std::optional<at::Tensor>& grad_scale, std::optional<double> softcap,
+                           std::optional<double> logit_scale) {
+  check_kl_args(logits_p, logits_q, valid, c10::DeviceType::CPU);
+  return pair_epilogue_cpu(logits_p, logits_q, valid, grad_scale, softcap, logit_scale,
+                           [](const auto& pair) { return pair; });
+}
+
+at::Tensor jsd_epilogue_cpu(const at::Tensor& logits_p, const at::Tensor& logits_q, const at::Tensor& valid,
+                            const std::optional<at::Tensor>& grad_scale, double beta, std::optional<double> softcap,
+                            std::optional<double> logit_scale) {
+  check_jsd_args(logits_p, logits_q, valid, beta, c10::DeviceType::CPU);
+  return pair_epilogue_cpu(logits_p, logits_q, valid, grad_scale, softcap, logit_scale,
+                           [beta](const auto& pair) { return with_mixture(pair, beta); });
 }
 
 // Shape-only versions for fake/meta tensors (torch.compile tracing).
@@ -359,6 +480,11 @@ at::Tensor kl_epilogue_meta(const at::Tensor& logits_p, const at::Tensor&, const
   return at::empty({logits_p.size(0)}, logits_p.options());
 }
 
+at::Tensor jsd_epilogue_meta(const at::Tensor& logits_p, const at::Tensor&, const at::Tensor&,
+                             const std::optional<at::Tensor>&, double, std::optional<double>, std::optional<double>) {
+  return at::empty({logits_p.size(0)}, logits_p.options());
+}
+
 }  // namespace
 }  // namespace are_fast
 
@@ -369,14 +495,19 @@ TORCH_LIBRARY(are_fast, m) {
   m.def(
       "kl_epilogue(Tensor(a!) logits_p, Tensor(b!) logits_q, Tensor valid, Tensor? grad_scale, float? softcap=None, "
       "float? logit_scale=None) -> Tensor");
+  m.def(
+      "jsd_epilogue(Tensor(a!) logits_p, Tensor(b!) logits_q, Tensor valid, Tensor? grad_scale, float beta, "
+      "float? softcap=None, float? logit_scale=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(are_fast, CPU, m) {
   m.impl("logprob_epilogue", &are_fast::logprob_epilogue_cpu);
   m.impl("kl_epilogue", &are_fast::kl_epilogue_cpu);
+  m.impl("jsd_epilogue", &are_fast::jsd_epilogue_cpu);
 }
 
 TORCH_LIBRARY_IMPL(are_fast, Meta, m) {
   m.impl("logprob_epilogue", &are_fast::logprob_epilogue_meta);
   m.impl("kl_epilogue", &are_fast::kl_epilogue_meta);
+  m.impl("jsd_epilogue", &are_fast::jsd_epilogue_meta);
 }

@@ -1,0 +1,72 @@
+// The per-entry arithmetic of the generalized JSD row epilogue, shared by the CPU (epilogues.cpp) and CUDA
+// (epilogues_cuda.cu) code so that the CPU tests check what the GPU runs. For one vocabulary entry with
+// log-probabilities log p, log q and d = log q - log p + log((1 - beta) / beta): s = softplus(d) = log(m / (beta p))
+// and t = softplus(-d) = log(m / ((1 - beta) q)), m = beta p + (1 - beta) q. The row's JSD is
+// H(beta) - beta sum p s - (1 - beta) sum q t, and its gradients over the transformed logits a and b are
+// g beta p (sum p s - s) and g (1 - beta) q (sum q t - t). softplus keeps the small s and t of streams far apart to
+// full relative precision (are_fast/ops/torch_epilogues.py: jsd_epilogue says why); a zero probability's terms are
+// 0 (kl_terms.h), as s is +inf there (NaN where p and q are both 0).
+#pragma once
+
+#include <cmath>
+
+#include "host_device.h"
+#include "kl_terms.h"
+
+namespace are_fast {
+
+ARE_FAST_HOST_DEVICE float exp_of(float x) { return expf(x); }
+ARE_FAST_HOST_DEVICE double exp_of(double x) { return exp(x); }
+ARE_FAST_HOST_DEVICE float log1p_of(float x) { return log1pf(x); }
+ARE_FAST_HOST_DEVICE double log1p_of(double x) { return log1p(x); }
+
+// The mixture's constants for a beta in (0, 1) (check_jsd_args checks it), formed in double.
+template <typename T>
+struct JsdMixture {
+  T beta;
+  T log_odds;  // log((1 - beta) / beta)
+  T entropy;   // H(beta) = -beta log beta - (1 - beta) log(1 - beta): the JSD of disjoint P and Q
+
+  static JsdMixture of(double beta) {
+    return {static_cast<T>(beta), static_cast<T>(std::log1p(-beta) - std::log(beta)),
+            static_cast<T>(-beta * std::log(beta) - (1 - beta) * std::log1p(-beta))};
+  }
+};
+
+// One value per stream: p's (over a) and q's (over b).
+template <typename T>
+struct JsdPair {
+  T p;
+  T q;
+};
+
+// (s, t) = (softplus(d), softplus(-d)), d = log q - log p + log_odds, each as max(+-d, 0) + log1p(e^-|d|) (one
+// log1p for both). d = +inf (p = 0) gives (+inf, 0), -inf gives (0, +inf), NaN (p = q = 0, or a NaN logit) NaN.
+template <typename T>
+ARE_FAST_HOST_DEVICE JsdPair<T> mixture_softplus(T log_p, T log_q, T log_odds) {
+  const T d = (log_q - log_p) + log_odds;
+  const T magnitude = d < T(0) ? -d : d;
+  const T tail = log1p_of(exp_of(-magnitude));
+  return {(d > T(0) ? d : T(0)) + tail, (d < T(0) ? -d : T(0)) + tail};
+}
+
+// One entry's terms of the row sums: (p s, q t), each 0 where its probability is 0.
+template <typename T>
+ARE_FAST_HOST_DEVICE JsdPair<T> jsd_terms(JsdPair<T> prob, JsdPair<T> softplus) {
+  return {kl_term(prob.p, softplus.p), kl_term(prob.q, softplus.q)};
+}
+
+// One entry's gradients over a and b for the row's sums (sum p s, sum q t) and gradient scale g:
+// g beta p (sum p s - s) and g (1 - beta) q (sum q t - t), each 0 where its probability is 0.
+template <typename T>
+ARE_FAST_HOST_DEVICE JsdPair<T> jsd_gradients(JsdPair<T> prob, JsdPair<T> softplus, JsdPair<T> sums, T g, T beta) {
+  return {g * beta * kl_term(prob.p, sums.p - softplus.p), g * (T(1) - beta) * kl_term(prob.q, sums.q - softplus.q)};
+}
+
+// The row's JSD from its sums (sum p s, sum q t).
+template <typename T>
+ARE_FAST_HOST_DEVICE T jsd_value(const JsdMixture<T>& mixture, JsdPair<T> sums) {
+  return mixture.entropy - mixture.beta * sums.p - (T(1) - mixture.beta) * sums.q;
+}
+
+}  // namespace are_fast
