@@ -326,15 +326,15 @@ ARE_FAST_INLINE void jsd_entry(T za, T zb, const Lse<T>& lp, const Lse<T>& lq, T
 
 // (sum p s, sum q t) of a row, tile by tile, given its two log-sum-exps.
 template <typename T>
-ARE_FAST_INLINE JsdPair<T> row_jsd_sums(const T* a, const T* b, int64_t n, const LogitTransform<T>& f,
+ARE_FAST_INLINE JsdPair<double> row_jsd_sums(const T* a, const T* b, int64_t n, const LogitTransform<T>& f,
                                         const Lse<T>& lp, const Lse<T>& lq, T log_odds) {
-  T sum_ps = 0, sum_qt = 0;
+  double sum_ps = 0, sum_qt = 0;
   T scratch_a[kTile], scratch_b[kTile];
   for (int64_t start = 0; start < n; start += kTile) {
     const int64_t len = std::min(kTile, n - start);
     const T* ta = transformed_tile(a + start, len, f, scratch_a);
     const T* tb = transformed_tile(b + start, len, f, scratch_b);
-    T tile_ps = 0, tile_qt = 0;
+    double tile_ps = 0, tile_qt = 0;
 #pragma omp simd reduction(+ : tile_ps, tile_qt)
     for (int64_t i = 0; i < len; ++i) {
       JsdPair<T> prob, softplus;
@@ -363,7 +363,7 @@ ARE_FAST_INLINE void jsd_rows(const JsdArgs<T>& j, int64_t begin, int64_t end) {
       continue;
     }
     const Lse<T> lp = row_logsumexp(a, k.vocab, f), lq = row_logsumexp(b, k.vocab, f);
-    const JsdPair<T> sums = row_jsd_sums(a, b, k.vocab, f, lp, lq, mixture.log_odds);
+    const JsdPair<double> sums = row_jsd_sums(a, b, k.vocab, f, lp, lq, mixture.log_odds);
     k.out[row] = jsd_value(mixture, sums);
     if (k.scale == nullptr) {
       continue;
@@ -374,7 +374,7 @@ ARE_FAST_INLINE void jsd_rows(const JsdArgs<T>& j, int64_t begin, int64_t end) {
       for (int64_t i = 0; i < k.vocab; ++i) {
         JsdPair<T> prob, softplus;
         jsd_entry(a[i], b[i], lp, lq, mixture.log_odds, prob, softplus);
-        const JsdPair<T> grad = jsd_gradients(prob, softplus, sums, g, mixture.beta);
+        const JsdPair<T> grad = jsd_gradients(prob, softplus, sums, g, mixture);
         a[i] = grad.p;
         b[i] = grad.q;
       }
@@ -382,7 +382,7 @@ ARE_FAST_INLINE void jsd_rows(const JsdArgs<T>& j, int64_t begin, int64_t end) {
       for (int64_t i = 0; i < k.vocab; ++i) {
         JsdPair<T> prob, softplus;
         jsd_entry(f(a[i]), f(b[i]), lp, lq, mixture.log_odds, prob, softplus);
-        const JsdPair<T> grad = jsd_gradients(prob, softplus, sums, g, mixture.beta);
+        const JsdPair<T> grad = jsd_gradients(prob, softplus, sums, g, mixture);
         a[i] = grad.p * f.derivative(a[i]);
         b[i] = grad.q * f.derivative(b[i]);
       }

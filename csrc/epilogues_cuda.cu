@@ -219,6 +219,7 @@ __device__ __forceinline__ void jsd_entry(T za, T zb, const RowLse<T>& lp, const
 template <typename T>
 __global__ void __launch_bounds__(kThreads) jsd_kernel(PairArgs<T> k, JsdMixture<T> mixture) {
   __shared__ Stat<T> shared[kThreads / kWarp];
+  __shared__ Stat<double> shared_sums[kThreads / kWarp];
   const int64_t row = blockIdx.x;
   T* a = k.logits_p + row * k.stride_p;
   T* b = k.logits_q + row * k.stride_q;
@@ -235,7 +236,7 @@ __global__ void __launch_bounds__(kThreads) jsd_kernel(PairArgs<T> k, JsdMixture
   sa = block_merge(sa, shared);
   sb = block_merge(sb, shared);
   const RowLse<T> lp{sa.max, log(sa.sum)}, lq{sb.max, log(sb.sum)};
-  JsdPair<T> part{T(0), T(0)};
+  JsdPair<double> part{0.0, 0.0};  // double: see jsd_terms.h
   for (int64_t i = threadIdx.x; i < k.vocab; i += kThreads) {
     JsdPair<T> prob, softplus;
     jsd_entry(f(a[i]), f(b[i]), lp, lq, mixture.log_odds, prob, softplus);
@@ -244,8 +245,8 @@ __global__ void __launch_bounds__(kThreads) jsd_kernel(PairArgs<T> k, JsdMixture
     part.q += terms.q;
   }
   // Statistics with a common max of 0 merge by adding their sum and weighted fields: the block's two sums.
-  const Stat<T> total = block_merge(Stat<T>{T(0), part.p, part.q}, shared);
-  const JsdPair<T> sums{total.sum, total.weighted};
+  const Stat<double> total = block_merge(Stat<double>{0.0, part.p, part.q}, shared_sums);
+  const JsdPair<double> sums{total.sum, total.weighted};
   if (threadIdx.x == 0) {
     k.out[row] = jsd_value(mixture, sums);
   }
@@ -255,7 +256,7 @@ __global__ void __launch_bounds__(kThreads) jsd_kernel(PairArgs<T> k, JsdMixture
       const T raw_a = a[i], raw_b = b[i];
       JsdPair<T> prob, softplus;
       jsd_entry(f(raw_a), f(raw_b), lp, lq, mixture.log_odds, prob, softplus);
-      const JsdPair<T> grad = jsd_gradients(prob, softplus, sums, g, mixture.beta);
+      const JsdPair<T> grad = jsd_gradients(prob, softplus, sums, g, mixture);
       a[i] = grad.p * f.derivative(raw_a);
       b[i] = grad.q * f.derivative(raw_b);
     }
