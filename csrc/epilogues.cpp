@@ -30,10 +30,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 
 #include "epilogue_checks.h"
+#include "fast_math.h"
 #include "jsd_terms.h"
 #include "kl_terms.h"
 #include "logit_transform.h"
@@ -57,38 +57,6 @@ constexpr int64_t kTile = 1024;  // elements per tile: 4 KiB of float32, read fr
 
 template <typename T>
 constexpr T kInf = std::numeric_limits<T>::infinity();
-
-// exp(x) for x <= 0 (every caller passes a logit minus an upper bound of its row), branch-free so that loops
-// calling it vectorize: x = k ln2 + r with |r| <= ln2 / 2, exp(r) by its degree-7 Taylor polynomial (relative
-// error below 2e-7), 2^k written into the exponent bits. Below -87.3 (under the smallest normal float) it
-// returns 0; NaN stays NaN.
-ARE_FAST_INLINE float exp_nonpositive(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;  // ln 2 = kLn2Hi - kLn2Lo, kLn2Hi exact in a few bits so k * kLn2Hi is exact
-  constexpr float kLn2Lo = 2.12194440e-4f;
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits
-  constexpr uint32_t kRoundBits = 0x4B400000u;
-  const float xc = x < -87.3f ? -87.3f : x;
-  const float y = xc * kLog2e + kRound;
-  const float k = y - kRound;
-  const float r = (xc - k * kLn2Hi) + k * kLn2Lo;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  uint32_t bits;
-  std::memcpy(&bits, &y, sizeof bits);
-  bits = (bits - kRoundBits + 127u) << 23;  // the biased exponent of 2^k, k in [-126, 0]
-  float pow2;
-  std::memcpy(&pow2, &bits, sizeof pow2);
-  return x < -87.3f ? 0.0f : p * pow2;
-}
-
-ARE_FAST_INLINE double exp_nonpositive(double x) { return std::exp(x); }
 
 template <typename T>
 ARE_FAST_INLINE T tile_max(const T* x, int64_t n) {
@@ -315,36 +283,36 @@ struct JsdArgs {
   JsdMixture<T> mixture;
 };
 
-// One entry's probabilities and (s, t) (jsd_terms.h) from its transformed logits za, zb.
+// One entry's probabilities and (s, t) (jsd_terms.h), from its transformed logits za, zb.
 template <typename T>
-ARE_FAST_INLINE void jsd_entry(T za, T zb, const Lse<T>& lp, const Lse<T>& lq, T log_odds, JsdPair<T>& prob,
-                               JsdPair<T>& softplus) {
+struct JsdEntry {
+  JsdPair<T> prob;
+  JsdPair<T> softplus;
+};
+
+template <typename T>
+ARE_FAST_INLINE JsdEntry<T> jsd_entry(T za, T zb, const Lse<T>& lp, const Lse<T>& lq, T log_odds) {
   const T log_p = (za - lp.max) - lp.log_sum, log_q = (zb - lq.max) - lq.log_sum;
-  prob = {exp_nonpositive(log_p), exp_nonpositive(log_q)};
-  softplus = mixture_softplus(log_p, log_q, log_odds);
+  return {{exp_nonpositive(log_p), exp_nonpositive(log_q)}, mixture_softplus(log_p, log_q, log_odds)};
 }
 
-// (sum p s, sum q t) of a row, tile by tile, given its two log-sum-exps.
+// (sum p s, sum q t) of a row, tile by tile, given its two log-sum-exps; summed in double (jsd_terms.h says why).
 template <typename T>
 ARE_FAST_INLINE JsdPair<double> row_jsd_sums(const T* a, const T* b, int64_t n, const LogitTransform<T>& f,
-                                        const Lse<T>& lp, const Lse<T>& lq, T log_odds) {
+                                             const Lse<T>& lp, const Lse<T>& lq, T log_odds) {
   double sum_ps = 0, sum_qt = 0;
   T scratch_a[kTile], scratch_b[kTile];
   for (int64_t start = 0; start < n; start += kTile) {
     const int64_t len = std::min(kTile, n - start);
     const T* ta = transformed_tile(a + start, len, f, scratch_a);
     const T* tb = transformed_tile(b + start, len, f, scratch_b);
-    double tile_ps = 0, tile_qt = 0;
-#pragma omp simd reduction(+ : tile_ps, tile_qt)
+#pragma omp simd reduction(+ : sum_ps, sum_qt)
     for (int64_t i = 0; i < len; ++i) {
-      JsdPair<T> prob, softplus;
-      jsd_entry(ta[i], tb[i], lp, lq, log_odds, prob, softplus);
-      const JsdPair<T> terms = jsd_terms(prob, softplus);
-      tile_ps += terms.p;
-      tile_qt += terms.q;
+      const JsdEntry<T> e = jsd_entry(ta[i], tb[i], lp, lq, log_odds);
+      const JsdPair<T> terms = jsd_terms(e.prob, e.softplus);
+      sum_ps += terms.p;
+      sum_qt += terms.q;
     }
-    sum_ps += tile_ps;
-    sum_qt += tile_qt;
   }
   return {sum_ps, sum_qt};
 }
@@ -372,17 +340,15 @@ ARE_FAST_INLINE void jsd_rows(const JsdArgs<T>& j, int64_t begin, int64_t end) {
     if (f.identity()) {
 #pragma omp simd
       for (int64_t i = 0; i < k.vocab; ++i) {
-        JsdPair<T> prob, softplus;
-        jsd_entry(a[i], b[i], lp, lq, mixture.log_odds, prob, softplus);
-        const JsdPair<T> grad = jsd_gradients(prob, softplus, sums, g, mixture);
+        const JsdEntry<T> e = jsd_entry(a[i], b[i], lp, lq, mixture.log_odds);
+        const JsdPair<T> grad = jsd_gradients(e.prob, e.softplus, sums, g, mixture);
         a[i] = grad.p;
         b[i] = grad.q;
       }
     } else {
       for (int64_t i = 0; i < k.vocab; ++i) {
-        JsdPair<T> prob, softplus;
-        jsd_entry(f(a[i]), f(b[i]), lp, lq, mixture.log_odds, prob, softplus);
-        const JsdPair<T> grad = jsd_gradients(prob, softplus, sums, g, mixture);
+        const JsdEntry<T> e = jsd_entry(f(a[i]), f(b[i]), lp, lq, mixture.log_odds);
+        const JsdPair<T> grad = jsd_gradients(e.prob, e.softplus, sums, g, mixture);
         a[i] = grad.p * f.derivative(a[i]);
         b[i] = grad.q * f.derivative(b[i]);
       }

@@ -4,6 +4,8 @@
 
 #if defined(__CUDACC__)
 #define ARE_FAST_HOST_DEVICE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define ARE_FAST_HOST_DEVICE inline __attribute__((always_inline))  // inlined into the vectorized loops
 #else
 #define ARE_FAST_HOST_DEVICE inline
 #endif

@@ -14,15 +14,11 @@
 
 #include <cmath>
 
+#include "fast_math.h"
 #include "host_device.h"
 #include "kl_terms.h"
 
 namespace are_fast {
-
-ARE_FAST_HOST_DEVICE float exp_of(float x) { return expf(x); }
-ARE_FAST_HOST_DEVICE double exp_of(double x) { return exp(x); }
-ARE_FAST_HOST_DEVICE float log1p_of(float x) { return log1pf(x); }
-ARE_FAST_HOST_DEVICE double log1p_of(double x) { return log1p(x); }
 
 // The mixture's constants for a beta in (0, 1) (check_jsd_args checks it), formed in double.
 template <typename T>
@@ -45,12 +41,12 @@ struct JsdPair {
 };
 
 // (s, t) = (softplus(d), softplus(-d)), d = log q - log p + log_odds, each as max(+-d, 0) + log1p(e^-|d|) (one
-// log1p for both). d = +inf (p = 0) gives (+inf, 0), -inf gives (0, +inf), NaN (p = q = 0, or a NaN logit) NaN.
+// log1p for both, fast_math.h's). d = +inf (p = 0) gives (+inf, 0), -inf gives (0, +inf), NaN (p = q = 0, or a NaN logit) NaN.
 template <typename T>
 ARE_FAST_HOST_DEVICE JsdPair<T> mixture_softplus(T log_p, T log_q, T log_odds) {
   const T d = (log_q - log_p) + log_odds;
   const T magnitude = d < T(0) ? -d : d;
-  const T tail = log1p_of(exp_of(-magnitude));
+  const T tail = log1p_unit(exp_nonpositive(-magnitude));
   return {(d > T(0) ? d : T(0)) + tail, (d < T(0) ? -d : T(0)) + tail};
 }
 
