@@ -56,4 +56,11 @@ inline void check_kl_args(const at::Tensor& logits_p, const at::Tensor& logits_q
   check_rows(valid, logits_p, "valid", at::kBool);
 }
 
+// The KL's arguments, and the mixture weight beta in the open interval (0, 1).
+inline void check_jsd_args(const at::Tensor& logits_p, const at::Tensor& logits_q, const at::Tensor& valid,
+                           double beta, c10::DeviceType device) {
+  check_kl_args(logits_p, logits_q, valid, device);
+  TORCH_CHECK_VALUE(beta > 0 && beta < 1, "beta: expected a real number in (0, 1), got ", beta);
+}
+
 }  // namespace are_fast

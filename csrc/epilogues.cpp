@@ -6,11 +6,14 @@
 //   kl_epilogue(logits_p [C, V], logits_q [C, V], valid [C] bool, grad_scale [C] or None) -> [C]
 //       KL(softmax(a) || softmax(b)) per row (a = logits_p, b = logits_q), 0 where valid is false. With
 //       grad_scale g, logits_p becomes g * p * ((a - b) - sum_v p_v (a_v - b_v)) and logits_q becomes g * (q - p).
+//   jsd_epilogue(logits_p, logits_q, valid, grad_scale, beta) -> [C]
+//       as kl_epilogue, for the generalized JSD beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q,
+//       0 < beta < 1; its per-entry arithmetic and gradients are those of jsd_terms.h.
 //
 // logits are float32 or float64 (grad_scale is converted to their dtype). Each row's statistics take one pass
 // over memory: the row is read tile by tile (a tile fits in L1), taking the tile's max and then its sum of
 // exponentials relative to the running max (online log-sum-exp). The gradient is a second pass, made while
-// the row is still in L2. Rows are spread over threads; inner loops are written to vectorize (omp simd, a
+// the row is still in L2 (the JSD takes a second pass for its sums, then the gradient's). Rows are spread over threads; inner loops are written to vectorize (omp simd, a
 // branch-free float32 exp) and, on x86-64 with GCC, compiled for AVX-512, AVX2 and a baseline, picked at load.
 // A +inf logit gives an infinite log-sum-exp (log-probs -inf or NaN) and a NaN KL; -inf logits (a masked
 // vocabulary) have probability 0 and add nothing to a KL (kl_terms.h).
@@ -27,10 +30,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 
 #include "epilogue_checks.h"
+#include "fast_math.h"
+#include "jsd_terms.h"
 #include "kl_terms.h"
 #include "logit_transform.h"
 
@@ -53,38 +57,6 @@ constexpr int64_t kTile = 1024;  // elements per tile: 4 KiB of float32, read fr
 
 template <typename T>
 constexpr T kInf = std::numeric_limits<T>::infinity();
-
-// exp(x) for x <= 0 (every caller passes a logit minus an upper bound of its row), branch-free so that loops
-// calling it vectorize: x = k ln2 + r with |r| <= ln2 / 2, exp(r) by its degree-7 Taylor polynomial (relative
-// error below 2e-7), 2^k written into the exponent bits. Below -87.3 (under the smallest normal float) it
-// returns 0; NaN stays NaN.
-ARE_FAST_INLINE float exp_nonpositive(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;  // ln 2 = kLn2Hi - kLn2Lo, kLn2Hi exact in a few bits so k * kLn2Hi is exact
-  constexpr float kLn2Lo = 2.12194440e-4f;
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits
-  constexpr uint32_t kRoundBits = 0x4B400000u;
-  const float xc = x < -87.3f ? -87.3f : x;
-  const float y = xc * kLog2e + kRound;
-  const float k = y - kRound;
-  const float r = (xc - k * kLn2Hi) + k * kLn2Lo;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  uint32_t bits;
-  std::memcpy(&bits, &y, sizeof bits);
-  bits = (bits - kRoundBits + 127u) << 23;  // the biased exponent of 2^k, k in [-126, 0]
-  float pow2;
-  std::memcpy(&pow2, &bits, sizeof pow2);
-  return x < -87.3f ? 0.0f : p * pow2;
-}
-
-ARE_FAST_INLINE double exp_nonpositive(double x) { return std::exp(x); }
 
 template <typename T>
 ARE_FAST_INLINE T tile_max(const T* x, int64_t n) {
@@ -254,17 +226,26 @@ ARE_FAST_INLINE KlStats<T> row_kl_stats(const T* a, const T* b, int64_t n, const
   return {{max_a, std::log(s)}, {max_b, std::log(s_b)}, t / s};
 }
 
+// A row whose valid flag is false gives 0 and zero gradients: true when `row` is one (then done).
+template <typename T>
+ARE_FAST_INLINE bool skipped_row(const KlArgs<T>& k, int64_t row, T* a, T* b) {
+  if (k.valid[row]) {
+    return false;
+  }
+  k.out[row] = 0;
+  if (k.scale != nullptr) {
+    std::fill(a, a + k.vocab, T(0));
+    std::fill(b, b + k.vocab, T(0));
+  }
+  return true;
+}
+
 template <typename T>
 ARE_FAST_INLINE void kl_rows(const KlArgs<T>& k, int64_t begin, int64_t end) {
   for (int64_t row = begin; row < end; ++row) {
     T* a = k.logits_p + row * k.stride_p;
     T* b = k.logits_q + row * k.stride_q;
-    if (!k.valid[row]) {
-      k.out[row] = 0;
-      if (k.scale != nullptr) {
-        std::fill(a, a + k.vocab, T(0));
-        std::fill(b, b + k.vocab, T(0));
-      }
+    if (skipped_row(k, row, a, b)) {
       continue;
     }
     const LogitTransform<T>& f = k.f;
@@ -295,6 +276,86 @@ ARE_FAST_INLINE void kl_rows(const KlArgs<T>& k, int64_t begin, int64_t end) {
   }
 }
 
+// The JSD: the KL's arguments and the mixture's constants.
+template <typename T>
+struct JsdArgs {
+  KlArgs<T> pair;
+  JsdMixture<T> mixture;
+};
+
+// One entry's probabilities and (s, t) (jsd_terms.h), from its transformed logits za, zb.
+template <typename T>
+struct JsdEntry {
+  JsdPair<T> prob;
+  JsdPair<T> softplus;
+};
+
+template <typename T>
+ARE_FAST_INLINE JsdEntry<T> jsd_entry(T za, T zb, const Lse<T>& lp, const Lse<T>& lq, T log_odds) {
+  const T log_p = (za - lp.max) - lp.log_sum, log_q = (zb - lq.max) - lq.log_sum;
+  return {{exp_nonpositive(log_p), exp_nonpositive(log_q)}, mixture_softplus(log_p, log_q, log_odds)};
+}
+
+// (sum p s, sum q t) of a row, tile by tile, given its two log-sum-exps; summed in double (jsd_terms.h says why).
+template <typename T>
+ARE_FAST_INLINE JsdPair<double> row_jsd_sums(const T* a, const T* b, int64_t n, const LogitTransform<T>& f,
+                                             const Lse<T>& lp, const Lse<T>& lq, T log_odds) {
+  double sum_ps = 0, sum_qt = 0;
+  T scratch_a[kTile], scratch_b[kTile];
+  for (int64_t start = 0; start < n; start += kTile) {
+    const int64_t len = std::min(kTile, n - start);
+    const T* ta = transformed_tile(a + start, len, f, scratch_a);
+    const T* tb = transformed_tile(b + start, len, f, scratch_b);
+#pragma omp simd reduction(+ : sum_ps, sum_qt)
+    for (int64_t i = 0; i < len; ++i) {
+      const JsdEntry<T> e = jsd_entry(ta[i], tb[i], lp, lq, log_odds);
+      const JsdPair<T> terms = jsd_terms(e.prob, e.softplus);
+      sum_ps += terms.p;
+      sum_qt += terms.q;
+    }
+  }
+  return {sum_ps, sum_qt};
+}
+
+// Three passes per row: the log-sum-exps of both streams, the sums (sum p s, sum q t), then (with a gradient
+// scale) the gradients, over the logits in place.
+template <typename T>
+ARE_FAST_INLINE void jsd_rows(const JsdArgs<T>& j, int64_t begin, int64_t end) {
+  const KlArgs<T>& k = j.pair;
+  const LogitTransform<T>& f = k.f;
+  const JsdMixture<T>& mixture = j.mixture;
+  for (int64_t row = begin; row < end; ++row) {
+    T* a = k.logits_p + row * k.stride_p;
+    T* b = k.logits_q + row * k.stride_q;
+    if (skipped_row(k, row, a, b)) {
+      continue;
+    }
+    const Lse<T> lp = row_logsumexp(a, k.vocab, f), lq = row_logsumexp(b, k.vocab, f);
+    const JsdPair<double> sums = row_jsd_sums(a, b, k.vocab, f, lp, lq, mixture.log_odds);
+    k.out[row] = jsd_value(mixture, sums);
+    if (k.scale == nullptr) {
+      continue;
+    }
+    const T g = k.scale[row];
+    if (f.identity()) {
+#pragma omp simd
+      for (int64_t i = 0; i < k.vocab; ++i) {
+        const JsdEntry<T> e = jsd_entry(a[i], b[i], lp, lq, mixture.log_odds);
+        const JsdPair<T> grad = jsd_gradients(e.prob, e.softplus, sums, g, mixture);
+        a[i] = grad.p;
+        b[i] = grad.q;
+      }
+    } else {
+      for (int64_t i = 0; i < k.vocab; ++i) {
+        const JsdEntry<T> e = jsd_entry(f(a[i]), f(b[i]), lp, lq, mixture.log_odds);
+        const JsdPair<T> grad = jsd_gradients(e.prob, e.softplus, sums, g, mixture);
+        a[i] = grad.p * f.derivative(a[i]);
+        b[i] = grad.q * f.derivative(b[i]);
+      }
+    }
+  }
+}
+
 // Non-template entry points, so that each can be cloned per instruction set.
 ARE_FAST_CLONES void logprob_range(const LogprobArgs<float>& a, int64_t begin, int64_t end) {
   logprob_rows(a, begin, end);
@@ -302,8 +363,10 @@ ARE_FAST_CLONES void logprob_range(const LogprobArgs<float>& a, int64_t begin, i
 ARE_FAST_CLONES void logprob_range(const LogprobArgs<double>& a, int64_t begin, int64_t end) {
   logprob_rows(a, begin, end);
 }
-ARE_FAST_CLONES void kl_range(const KlArgs<float>& k, int64_t begin, int64_t end) { kl_rows(k, begin, end); }
-ARE_FAST_CLONES void kl_range(const KlArgs<double>& k, int64_t begin, int64_t end) { kl_rows(k, begin, end); }
+ARE_FAST_CLONES void pair_range(const KlArgs<float>& k, int64_t begin, int64_t end) { kl_rows(k, begin, end); }
+ARE_FAST_CLONES void pair_range(const KlArgs<double>& k, int64_t begin, int64_t end) { kl_rows(k, begin, end); }
+ARE_FAST_CLONES void pair_range(const JsdArgs<float>& j, int64_t begin, int64_t end) { jsd_rows(j, begin, end); }
+ARE_FAST_CLONES void pair_range(const JsdArgs<double>& j, int64_t begin, int64_t end) { jsd_rows(j, begin, end); }
 
 at::Tensor logprob_epilogue_cpu(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
                                 const std::optional<at::Tensor>& grad_scale, std::optional<double> softcap,
@@ -326,15 +389,17 @@ at::Tensor logprob_epilogue_cpu(const at::Tensor& logits, const at::Tensor& targ
   return out;
 }
 
-at::Tensor kl_epilogue_cpu(const at::Tensor& logits_p, const at::Tensor& logits_q, const at::Tensor& valid,
-                           const std::optional<at::Tensor>& grad_scale, std::optional<double> softcap,
-                           std::optional<double> logit_scale) {
-  check_kl_args(logits_p, logits_q, valid, c10::DeviceType::CPU);
+// Runs a two-stream epilogue (pair_range) over the rows of a checked (logits_p, logits_q) pair, with the KL's
+// arguments as they are or as `extend` completes them (the JSD's mixture); returns the per-row values.
+template <typename Extend>
+at::Tensor pair_epilogue_cpu(const at::Tensor& logits_p, const at::Tensor& logits_q, const at::Tensor& valid,
+                             const std::optional<at::Tensor>& grad_scale, std::optional<double> softcap,
+                             std::optional<double> logit_scale, const Extend& extend) {
   const std::optional<at::Tensor> scale = checked_scale(grad_scale, logits_p);
   const at::Tensor valid_c = valid.contiguous();
   at::Tensor out = at::empty({logits_p.size(0)}, logits_p.options());
-  AT_DISPATCH_FLOATING_TYPES(logits_p.scalar_type(), "kl_epilogue", [&] {
-    const KlArgs<scalar_t> args{logits_p.mutable_data_ptr<scalar_t>(),
+  AT_DISPATCH_FLOATING_TYPES(logits_p.scalar_type(), "pair_epilogue", [&] {
+    const KlArgs<scalar_t> pair{logits_p.mutable_data_ptr<scalar_t>(),
                                 logits_q.mutable_data_ptr<scalar_t>(),
                                 logits_p.stride(0),
                                 logits_q.stride(0),
@@ -343,9 +408,31 @@ at::Tensor kl_epilogue_cpu(const at::Tensor& logits_p, const at::Tensor& logits_
                                 scale ? scale->const_data_ptr<scalar_t>() : nullptr,
                                 out.mutable_data_ptr<scalar_t>(),
                                 make_transform<scalar_t>(softcap, logit_scale)};
-    at::parallel_for(0, logits_p.size(0), 1, [&](int64_t begin, int64_t end) { kl_range(args, begin, end); });
+    const auto args = extend(pair);
+    at::parallel_for(0, logits_p.size(0), 1, [&](int64_t begin, int64_t end) { pair_range(args, begin, end); });
   });
   return out;
+}
+
+template <typename T>
+JsdArgs<T> with_mixture(const KlArgs<T>& pair, double beta) {
+  return {pair, JsdMixture<T>::of(beta)};
+}
+
+at::Tensor kl_epilogue_cpu(const at::Tensor& logits_p, const at::Tensor& logits_q, const at::Tensor& valid,
+                           const std::optional<at::Tensor>& grad_scale, std::optional<double> softcap,
+                           std::optional<double> logit_scale) {
+  check_kl_args(logits_p, logits_q, valid, c10::DeviceType::CPU);
+  return pair_epilogue_cpu(logits_p, logits_q, valid, grad_scale, softcap, logit_scale,
+                           [](const auto& pair) { return pair; });
+}
+
+at::Tensor jsd_epilogue_cpu(const at::Tensor& logits_p, const at::Tensor& logits_q, const at::Tensor& valid,
+                            const std::optional<at::Tensor>& grad_scale, double beta, std::optional<double> softcap,
+                            std::optional<double> logit_scale) {
+  check_jsd_args(logits_p, logits_q, valid, beta, c10::DeviceType::CPU);
+  return pair_epilogue_cpu(logits_p, logits_q, valid, grad_scale, softcap, logit_scale,
+                           [beta](const auto& pair) { return with_mixture(pair, beta); });
 }
 
 // Shape-only versions for fake/meta tensors (torch.compile tracing).
@@ -359,6 +446,11 @@ at::Tensor kl_epilogue_meta(const at::Tensor& logits_p, const at::Tensor&, const
   return at::empty({logits_p.size(0)}, logits_p.options());
 }
 
+at::Tensor jsd_epilogue_meta(const at::Tensor& logits_p, const at::Tensor&, const at::Tensor&,
+                             const std::optional<at::Tensor>&, double, std::optional<double>, std::optional<double>) {
+  return at::empty({logits_p.size(0)}, logits_p.options());
+}
+
 }  // namespace
 }  // namespace are_fast
 
@@ -369,14 +461,19 @@ TORCH_LIBRARY(are_fast, m) {
   m.def(
       "kl_epilogue(Tensor(a!) logits_p, Tensor(b!) logits_q, Tensor valid, Tensor? grad_scale, float? softcap=None, "
       "float? logit_scale=None) -> Tensor");
+  m.def(
+      "jsd_epilogue(Tensor(a!) logits_p, Tensor(b!) logits_q, Tensor valid, Tensor? grad_scale, float beta, "
+      "float? softcap=None, float? logit_scale=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(are_fast, CPU, m) {
   m.impl("logprob_epilogue", &are_fast::logprob_epilogue_cpu);
   m.impl("kl_epilogue", &are_fast::kl_epilogue_cpu);
+  m.impl("jsd_epilogue", &are_fast::jsd_epilogue_cpu);
 }
 
 TORCH_LIBRARY_IMPL(are_fast, Meta, m) {
   m.impl("logprob_epilogue", &are_fast::logprob_epilogue_meta);
   m.impl("kl_epilogue", &are_fast::kl_epilogue_meta);
+  m.impl("jsd_epilogue", &are_fast::jsd_epilogue_meta);
 }

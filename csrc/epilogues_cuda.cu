@@ -2,7 +2,8 @@
 // dispatch key): one thread block per row. Each thread folds its strided share of the row into a running
 // (max, sum of exp(x - max)) pair, the block merges the pairs with warp shuffles, and a second sweep writes
 // the gradient over the logits. Arithmetic runs in the logits' dtype (float32 or float64). The logit transforms
-// (softcap, logit_scale) are those of logit_transform.h, applied to each logit as it is read.
+// (softcap, logit_scale) are those of logit_transform.h, applied to each logit as it is read. The JSD takes one
+// more sweep, for its sums; its per-entry arithmetic is jsd_terms.h's, which the CPU code runs too.
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -13,8 +14,10 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "epilogue_checks.h"
+#include "jsd_terms.h"
 #include "kl_terms.h"
 #include "logit_transform.h"
 
@@ -122,29 +125,52 @@ __global__ void __launch_bounds__(kThreads) logprob_kernel(T* logits, int64_t st
   }
 }
 
+// The arguments of a two-stream (KL, JSD) kernel: rows of logits_p and logits_q, [C] valid flags and gradient
+// scales (nullptr: values only), [C] values out.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) kl_kernel(T* logits_p, T* logits_q, int64_t stride_p, int64_t stride_q,
-                                                      int64_t vocab, const bool* valid, const T* scale, T* out,
-                                                      LogitTransform<T> f) {
+struct PairArgs {
+  T* logits_p;
+  T* logits_q;
+  int64_t stride_p;
+  int64_t stride_q;
+  int64_t vocab;
+  const bool* valid;
+  const T* scale;
+  T* out;
+  LogitTransform<T> f;
+};
+
+// Gives a row whose valid flag is false 0 and zero gradients; true when `row` is one (the block is then done).
+template <typename T>
+__device__ __forceinline__ bool skipped_row(const PairArgs<T>& k, int64_t row, T* a, T* b) {
+  if (k.valid[row]) {
+    return false;
+  }
+  if (threadIdx.x == 0) {
+    k.out[row] = T(0);
+  }
+  if (k.scale != nullptr) {
+    for (int64_t i = threadIdx.x; i < k.vocab; i += kThreads) {
+      a[i] = T(0);
+      b[i] = T(0);
+    }
+  }
+  return true;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) kl_kernel(PairArgs<T> k) {
   __shared__ Stat<T> shared[kThreads / kWarp];
   const int64_t row = blockIdx.x;
-  T* a = logits_p + row * stride_p;
-  T* b = logits_q + row * stride_q;
-  if (!valid[row]) {
-    if (threadIdx.x == 0) {
-      out[row] = T(0);
-    }
-    if (scale != nullptr) {
-      for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
-        a[i] = T(0);
-        b[i] = T(0);
-      }
-    }
+  T* a = k.logits_p + row * k.stride_p;
+  T* b = k.logits_q + row * k.stride_q;
+  if (skipped_row(k, row, a, b)) {
     return;
   }
+  const LogitTransform<T>& f = k.f;
   Stat<T> sa{neg_inf<T>(), T(0), T(0)};  // weighted: sum exp(a - max a) (a - b)
   Stat<T> sb{neg_inf<T>(), T(0), T(0)};
-  for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
+  for (int64_t i = threadIdx.x; i < k.vocab; i += kThreads) {
     const T za = f(a[i]), zb = f(b[i]);
     sa = merge(sa, element(za, za - zb));
     sb = merge(sb, element(zb, T(0)));
@@ -155,17 +181,84 @@ __global__ void __launch_bounds__(kThreads) kl_kernel(T* logits_p, T* logits_q, 
   const T log_sum_q = log(sb.sum);
   const T cross = sa.weighted / sa.sum;  // sum_v p_v (a_v - b_v)
   if (threadIdx.x == 0) {
-    out[row] = cross - (sa.max - sb.max) - (log_sum_p - log_sum_q);
+    k.out[row] = cross - (sa.max - sb.max) - (log_sum_p - log_sum_q);
   }
-  if (scale != nullptr) {
-    const T g = scale[row];
-    for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
+  if (k.scale != nullptr) {
+    const T g = k.scale[row];
+    for (int64_t i = threadIdx.x; i < k.vocab; i += kThreads) {
       const T raw_a = a[i], raw_b = b[i];
       const T za = f(raw_a), zb = f(raw_b);
       const T p = exp((za - sa.max) - log_sum_p);
       const T q = exp((zb - sb.max) - log_sum_q);
       a[i] = g * kl_term(p, (za - zb) - cross) * f.derivative(raw_a);
       b[i] = g * (q - p) * f.derivative(raw_b);
+    }
+  }
+}
+
+// A stream's log-sum-exp as max + log_sum (x - lse is formed as (x - max) - log_sum).
+template <typename T>
+struct RowLse {
+  T max;
+  T log_sum;
+
+  __device__ __forceinline__ T log_prob(T z) const { return (z - max) - log_sum; }
+};
+
+// One entry's probabilities and (s, t) (jsd_terms.h) from its transformed logits za, zb.
+template <typename T>
+__device__ __forceinline__ void jsd_entry(T za, T zb, const RowLse<T>& lp, const RowLse<T>& lq, T log_odds,
+                                          JsdPair<T>& prob, JsdPair<T>& softplus) {
+  const T log_p = lp.log_prob(za), log_q = lq.log_prob(zb);
+  prob = {exp(log_p), exp(log_q)};
+  softplus = mixture_softplus(log_p, log_q, log_odds);
+}
+
+// Three sweeps per row: the log-sum-exps of both streams, the sums (sum p s, sum q t), then (with a gradient
+// scale) the gradients over the logits in place.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) jsd_kernel(PairArgs<T> k, JsdMixture<T> mixture) {
+  __shared__ Stat<T> shared[kThreads / kWarp];
+  __shared__ Stat<double> shared_sums[kThreads / kWarp];
+  const int64_t row = blockIdx.x;
+  T* a = k.logits_p + row * k.stride_p;
+  T* b = k.logits_q + row * k.stride_q;
+  if (skipped_row(k, row, a, b)) {
+    return;
+  }
+  const LogitTransform<T>& f = k.f;
+  Stat<T> sa{neg_inf<T>(), T(0), T(0)};
+  Stat<T> sb{neg_inf<T>(), T(0), T(0)};
+  for (int64_t i = threadIdx.x; i < k.vocab; i += kThreads) {
+    sa = merge(sa, element(f(a[i]), T(0)));
+    sb = merge(sb, element(f(b[i]), T(0)));
+  }
+  sa = block_merge(sa, shared);
+  sb = block_merge(sb, shared);
+  const RowLse<T> lp{sa.max, log(sa.sum)}, lq{sb.max, log(sb.sum)};
+  JsdPair<double> part{0.0, 0.0};  // double: see jsd_terms.h
+  for (int64_t i = threadIdx.x; i < k.vocab; i += kThreads) {
+    JsdPair<T> prob, softplus;
+    jsd_entry(f(a[i]), f(b[i]), lp, lq, mixture.log_odds, prob, softplus);
+    const JsdPair<T> terms = jsd_terms(prob, softplus);
+    part.p += terms.p;
+    part.q += terms.q;
+  }
+  // Statistics with a common max of 0 merge by adding their sum and weighted fields: the block's two sums.
+  const Stat<double> total = block_merge(Stat<double>{0.0, part.p, part.q}, shared_sums);
+  const JsdPair<double> sums{total.sum, total.weighted};
+  if (threadIdx.x == 0) {
+    k.out[row] = jsd_value(mixture, sums);
+  }
+  if (k.scale != nullptr) {
+    const T g = k.scale[row];
+    for (int64_t i = threadIdx.x; i < k.vocab; i += kThreads) {
+      const T raw_a = a[i], raw_b = b[i];
+      JsdPair<T> prob, softplus;
+      jsd_entry(f(raw_a), f(raw_b), lp, lq, mixture.log_odds, prob, softplus);
+      const JsdPair<T> grad = jsd_gradients(prob, softplus, sums, g, mixture);
+      a[i] = grad.p * f.derivative(raw_a);
+      b[i] = grad.q * f.derivative(raw_b);
     }
   }
 }
@@ -194,10 +287,12 @@ at::Tensor logprob_epilogue_cuda(const at::Tensor& logits, const at::Tensor& tar
   return out;
 }
 
-at::Tensor kl_epilogue_cuda(const at::Tensor& logits_p, const at::Tensor& logits_q, const at::Tensor& valid,
-                            const std::optional<at::Tensor>& grad_scale, std::optional<double> softcap,
-                            std::optional<double> logit_scale) {
-  check_kl_args(logits_p, logits_q, valid, c10::DeviceType::CUDA);
+// Launches a two-stream kernel one block per row of a checked (logits_p, logits_q) pair:
+// launch(PairArgs<scalar_t>, grid, stream) for the rows' dtype. Returns the per-row values.
+template <typename Launch>
+at::Tensor pair_epilogue_cuda(const at::Tensor& logits_p, const at::Tensor& logits_q, const at::Tensor& valid,
+                              const std::optional<at::Tensor>& grad_scale, std::optional<double> softcap,
+                              std::optional<double> logit_scale, const Launch& launch) {
   const c10::cuda::CUDAGuard guard(logits_p.device());
   const std::optional<at::Tensor> scale = checked_scale(grad_scale, logits_p);
   const at::Tensor valid_c = valid.contiguous();
@@ -208,15 +303,41 @@ at::Tensor kl_epilogue_cuda(const at::Tensor& logits_p, const at::Tensor& logits
     return out;
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(logits_p.scalar_type(), "kl_epilogue", [&] {
-    kl_kernel<scalar_t><<<logits_p.size(0), kThreads, 0, stream>>>(
-        logits_p.mutable_data_ptr<scalar_t>(), logits_q.mutable_data_ptr<scalar_t>(), logits_p.stride(0),
-        logits_q.stride(0), logits_p.size(1), valid_c.const_data_ptr<bool>(),
-        scale ? scale->const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(),
-        make_transform<scalar_t>(softcap, logit_scale));
+  AT_DISPATCH_FLOATING_TYPES(logits_p.scalar_type(), "pair_epilogue", [&] {
+    const PairArgs<scalar_t> args{logits_p.mutable_data_ptr<scalar_t>(),
+                                  logits_q.mutable_data_ptr<scalar_t>(),
+                                  logits_p.stride(0),
+                                  logits_q.stride(0),
+                                  logits_p.size(1),
+                                  valid_c.const_data_ptr<bool>(),
+                                  scale ? scale->const_data_ptr<scalar_t>() : nullptr,
+                                  out.mutable_data_ptr<scalar_t>(),
+                                  make_transform<scalar_t>(softcap, logit_scale)};
+    launch(args, static_cast<unsigned>(logits_p.size(0)), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
+}
+
+at::Tensor kl_epilogue_cuda(const at::Tensor& logits_p, const at::Tensor& logits_q, const at::Tensor& valid,
+                            const std::optional<at::Tensor>& grad_scale, std::optional<double> softcap,
+                            std::optional<double> logit_scale) {
+  check_kl_args(logits_p, logits_q, valid, c10::DeviceType::CUDA);
+  return pair_epilogue_cuda(logits_p, logits_q, valid, grad_scale, softcap, logit_scale,
+                            [](const auto& args, unsigned rows, cudaStream_t stream) {
+                              kl_kernel<<<rows, kThreads, 0, stream>>>(args);
+                            });
+}
+
+at::Tensor jsd_epilogue_cuda(const at::Tensor& logits_p, const at::Tensor& logits_q, const at::Tensor& valid,
+                             const std::optional<at::Tensor>& grad_scale, double beta, std::optional<double> softcap,
+                             std::optional<double> logit_scale) {
+  check_jsd_args(logits_p, logits_q, valid, beta, c10::DeviceType::CUDA);
+  return pair_epilogue_cuda(logits_p, logits_q, valid, grad_scale, softcap, logit_scale,
+                            [beta](const auto& args, unsigned rows, cudaStream_t stream) {
+                              using T = std::decay_t<decltype(*args.out)>;
+                              jsd_kernel<<<rows, kThreads, 0, stream>>>(args, JsdMixture<T>::of(beta));
+                            });
 }
 
 }  // namespace
@@ -225,4 +346,5 @@ at::Tensor kl_epilogue_cuda(const at::Tensor& logits_p, const at::Tensor& logits
 TORCH_LIBRARY_IMPL(are_fast, CUDA, m) {
   m.impl("logprob_epilogue", &are_fast::logprob_epilogue_cuda);
   m.impl("kl_epilogue", &are_fast::kl_epilogue_cuda);
+  m.impl("jsd_epilogue", &are_fast::jsd_epilogue_cuda);
 }

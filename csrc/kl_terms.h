@@ -2,11 +2,7 @@
 // the CPU tests check the arithmetic the GPU runs on masked (-inf) logits.
 #pragma once
 
-#if defined(__CUDACC__)
-#define ARE_FAST_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define ARE_FAST_HOST_DEVICE inline
-#endif
+#include "host_device.h"
 
 namespace are_fast {
 

@@ -11,11 +11,7 @@
 
 #include <c10/util/Exception.h>
 
-#if defined(__CUDACC__)
-#define ARE_FAST_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define ARE_FAST_HOST_DEVICE inline
-#endif
+#include "host_device.h"
 
 namespace are_fast {
 

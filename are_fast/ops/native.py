@@ -1,7 +1,7 @@
 """Loader of the native row epilogues in ``csrc/`` (C++ with OpenMP, plus CUDA when torch and nvcc have it).
 
-Once loaded, ``torch.ops.are_fast.logprob_epilogue`` and ``torch.ops.are_fast.kl_epilogue`` follow the
-contract of ``are_fast.ops.torch_epilogues`` (logits [C, V] float32/float64, overwritten in place with their
+Once loaded, ``torch.ops.are_fast.logprob_epilogue``, ``torch.ops.are_fast.kl_epilogue`` and
+``torch.ops.are_fast.jsd_epilogue`` follow the contract of ``are_fast.ops.torch_epilogues`` (logits [C, V] float32/float64, overwritten in place with their
 gradient when ``grad_scale`` is given; optional ``softcap`` and ``logit_scale``, the logit transforms). The
 library comes from, first match wins:
 
@@ -193,9 +193,18 @@ def kl_epilogue(logits_p, logits_q, valid, grad_scale, grad_out_p=None, grad_out
     return values
 
 
+def jsd_epilogue(logits_p, logits_q, valid, grad_scale, grad_out_p=None, grad_out_q=None, *, beta, softcap=None,
+                 logit_scale=None):
+    values = torch.ops.are_fast.jsd_epilogue(logits_p, logits_q, valid, grad_scale, beta, softcap, logit_scale)
+    if grad_scale is not None:
+        store_gradient(logits_p, grad_out_p)
+        store_gradient(logits_q, grad_out_q)
+    return values
+
+
 def epilogues() -> SimpleNamespace:
-    """The native row epilogues (``logprob``, ``kl``) as one namespace."""
-    return SimpleNamespace(logprob=logprob_epilogue, kl=kl_epilogue)
+    """The native row epilogues (``logprob``, ``kl``, ``jsd``) as one namespace."""
+    return SimpleNamespace(logprob=logprob_epilogue, kl=kl_epilogue, jsd=jsd_epilogue)
 
 
 def supports(device: torch.device) -> bool:
@@ -260,7 +269,7 @@ def main(argv: list | None = None) -> int:
     print("are_fast native epilogues: available")
     print(f"  library: {library.path} ({library.origin})")
     print(f"  CUDA kernels: {'yes' if library.cuda else 'no'}")
-    for op in (torch.ops.are_fast.logprob_epilogue, torch.ops.are_fast.kl_epilogue):
+    for op in (torch.ops.are_fast.logprob_epilogue, torch.ops.are_fast.kl_epilogue, torch.ops.are_fast.jsd_epilogue):
         print(f"  op: {op.default._schema}")
     return 0
 

@@ -51,6 +51,7 @@ KINDS = {
         Kind("jsd", 2, "valid", {
             "torch": f"{_EPI}:jsd_epilogue",
             "triton": "are_fast.kernels.jsd_epilogue:jsd_epilogue",
+            "native": "are_fast.ops.native:jsd_epilogue",
         }, online="are_fast.ops.online_jsd:JSDSweep", params=("beta",)),
     )
 }

@@ -1,7 +1,7 @@
 """conditional_jsd (generalized JSD, both gradients): the reference against the definition, every backend against
 the float64 reference for beta 0.1 / 0.5 / 0.9 on close and far distributions, underflow (masked vocabulary),
 the Triton kernel against the PyTorch epilogue over many tiles, the module, the argument checks, and the
-registry's fallback for the backends without a JSD implementation. The dtype x head x transform matrix and
+registry's fallback for a backend without the kind (an implementation taken away). The dtype x head x transform matrix and
 opcheck / fullgraph compile come from the registry-driven tests (test_functional, test_logit_transforms,
 test_compile)."""
 import dataclasses
@@ -55,15 +55,35 @@ def test_reference_is_the_definition(beta):
     assert (out >= 0).all() and (out <= math.log(2) + 1e-12).all()  # bounded by log 2 for any beta
 
 
+def spy_on_native_jsd(monkeypatch) -> list:
+    """Builds the native library and wraps torch.ops.are_fast.jsd_epilogue: the returned list gets the beta of
+    every call."""
+    from are_fast.ops import native
+
+    assert native.library.load(build=True), native.library.reason
+    calls, op = [], torch.ops.are_fast.jsd_epilogue
+
+    def spy(*args):
+        calls.append(args[4])
+        return op(*args)
+
+    monkeypatch.setattr(torch.ops.are_fast, "jsd_epilogue", spy)
+    return calls
+
+
 @pytest.mark.parametrize("distribution", list(DISTRIBUTIONS))
 @pytest.mark.parametrize("beta", BETAS)
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-def test_jsd_matches_float64_reference(backend, beta, distribution, device):
-    """Value and the gradients of both streams, the head and the bias, with ignored positions, in fp32."""
+def test_jsd_matches_float64_reference(backend, beta, distribution, device, monkeypatch):
+    """Value and the gradients of both streams, the head and the bias, with ignored positions, in fp32; native runs
+    its own JSD op (csrc/), not the PyTorch epilogue."""
     masters = representable(pair_inputs(distribution), torch.float32)
     ref, upstream, ref_grads = run_op("conditional_jsd-none", masters, torch.float64, "reference", True, beta=beta)
+    native_calls = spy_on_native_jsd(monkeypatch) if backend == "native" else None
     out, _, grads = run_op("conditional_jsd-none", masters, torch.float32, backend, True, upstream=upstream,
                            device=device, chunk_rows=4, beta=beta)
+    if native_calls is not None:
+        assert native_calls and all(beta_passed == beta for beta_passed in native_calls), native_calls
     assert_rel_close(out, ref, torch.float32, "JSD")
     assert set(grads) == {"hidden", "hidden_q", "weight", "bias"}
     for name, ref_grad in ref_grads.items():
@@ -215,13 +235,18 @@ def test_triton_kernel_matches_the_pytorch_epilogue_over_many_tiles(with_grad, t
         assert_rel_close(ours[1], ref_logits[1], torch.float32, "gradient over logits_q")
 
 
-@pytest.mark.parametrize("epilogue", ["pytorch", "triton"])
+@pytest.mark.parametrize("epilogue", ["pytorch", "triton", "native"])
 def test_gradients_of_nearly_disjoint_distributions_keep_their_precision(epilogue, device):
     """P splits its mass between entries A and B; Q sits on C, with ~1e-3 of it on A and ~e^-30 on B: the JSD is near
     its bound H(beta), and P's gradient on A is a small s_A = log(m_A / (beta p_A)) ~ 1e-3, which must keep full
     relative precision (log(1 + x) instead of log1p(x) would err by ~eps / 1e-3)."""
     if epilogue == "triton":
         from are_fast.kernels.jsd_epilogue import jsd_epilogue
+    elif epilogue == "native":
+        from are_fast.ops import native
+
+        assert native.library.load(build=True), native.library.reason
+        jsd_epilogue = native.jsd_epilogue
     else:
         jsd_epilogue = torch_epilogues.jsd_epilogue
     rows, vocab = 4, 37
@@ -243,10 +268,14 @@ def test_gradients_of_nearly_disjoint_distributions_keep_their_precision(epilogu
             assert_rel_close(ours[stream][row], ref_logits[stream][row], torch.float32, f"gradient {stream}, row {row}")
 
 
-@pytest.mark.parametrize("backend", ["native"])
-def test_backends_without_a_jsd_say_so_once_and_run_its_pytorch_epilogue(backend, caplog):
-    """native has no JSD kernels: it runs the JSD's PyTorch epilogue on the chunk driver (the chunked backend's
+@pytest.mark.parametrize("backend", ["native", "online"])
+def test_a_backend_without_the_kind_says_so_once_and_runs_its_pytorch_epilogue(backend, monkeypatch, caplog):
+    """Every backend has the JSD now; with its native epilogue or its online sweep taken away from the registry,
+    the backend runs the JSD's PyTorch epilogue on the chunk driver (the chunked backend's
     numbers, bit for bit), and logs that once."""
+    spec = registry.KINDS["jsd"]
+    reduced = {name: path for name, path in spec.implementations.items() if name != backend}
+    monkeypatch.setitem(registry.KINDS, "jsd", dataclasses.replace(spec, implementations=reduced, online=None))
     masters = make_inputs()
     args = [masters[n].float() for n in ("hidden", "hidden_q", "weight")]
     expected = are_fast.conditional_jsd(*args, masters["labels"], 0.4, backend="chunked", chunk_rows=4)

@@ -4,24 +4,44 @@ compile-only check of the CUDA sources. The first test run builds the library (1
 
 The epilogue tests run the C++ CPU epilogues always and the CUDA ones (csrc/epilogues_cuda.cu) when the run's
 device is cuda (``--device``); the ops tests run on the run's device."""
+import functools
+import itertools
 import logging
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import are_fast
-from _helpers import OPS, TOLERANCE, assert_rel_close, assert_rows_close, check_masked_kl, cornered, make_inputs, rel_error, run_op
-from are_fast.ops import native, torch_epilogues
+from _helpers import (OPS, TOLERANCE, assert_rel_close, assert_rows_close, check_masked_kl, cornered, make_inputs,
+                      masked_kl_rows, rel_error, run_op)
+from are_fast.ops import native, registry, torch_epilogues
 from are_fast.ops.backends import resolve_backend
 
 REPO = Path(__file__).resolve().parents[2]
 IGNORE = -100
 VOCABS = [1, 7, 1000, 1024, 1025, 3001]  # one element, under a vector, around the 1024-element tile, ragged
+CPU_TILE = 1024  # the C++ epilogues' tile (kTile in csrc/epilogues.cpp)
+PARAM_VALUES = {"beta": (0.1, 0.5, 0.9)}  # the values each float parameter of a kind is tested at
+
+
+def _pair_cases() -> dict:
+    """id -> (kind, its parameters) for every two-stream kind with a native epilogue, once per parameter value."""
+    cases = {}
+    for name, spec in registry.KINDS.items():
+        if spec.streams == 2 and "native" in spec.implementations:
+            for values in itertools.product(*(PARAM_VALUES[p] for p in spec.params)):
+                params = dict(zip(spec.params, values))
+                cases["-".join([name, *(f"{p}{v}" for p, v in params.items())])] = (name, params)
+    return cases
+
+
+PAIR_CASES = _pair_cases()
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +64,29 @@ def kernels_on(request, ops, device):
     return request.param
 
 
+@pytest.fixture(params=list(PAIR_CASES))
+def pair(request, ops):
+    """A two-stream kind: its native epilogue and its PyTorch one (the oracle, run in float64), parameters bound."""
+    name, params = PAIR_CASES[request.param]
+    return SimpleNamespace(name=name, native=functools.partial(getattr(ops, name), **params),
+                           torch=functools.partial(registry.load(registry.kind(name).implementations["torch"]), **params))
+
+
 def assert_matches(out, ref, dtype, what):
     """Same NaN positions, and the rest within the dtype's tolerance."""
     out = out.cpu()
     nan = torch.isnan(ref)
     assert torch.equal(torch.isnan(out), nan), f"{what}: NaN at {torch.isnan(out).nonzero().flatten().tolist()}"
     assert_rel_close(out[~nan], ref[~nan], dtype, what)
+
+
+def assert_pair_values(out, ref, dtype, what, vocab):
+    """assert_matches; with one vocabulary entry P = Q, the exact KL and JSD are 0 and their rounding (the JSD's
+    H(beta) - beta sum p s - ...) only has an absolute size: then within the tolerance absolutely."""
+    if vocab > 1:
+        assert_matches(out, ref, dtype, what)
+    else:
+        torch.testing.assert_close(out.cpu().double(), ref, rtol=0, atol=TOLERANCE[dtype], msg=what)
 
 
 def logprob_case(rows, vocab, magnitude):
@@ -85,41 +122,48 @@ def test_logprob_epilogue_matches_float64(ops, dtype, vocab, magnitude, kernels_
 @pytest.mark.parametrize("magnitude", [3.0, 1e4], ids=["logits3", "logits1e4"])
 @pytest.mark.parametrize("vocab", VOCABS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_kl_epilogue_matches_float64(ops, dtype, vocab, magnitude, kernels_on):
+def test_pair_epilogue_matches_float64(pair, dtype, vocab, magnitude, kernels_on):
     rows = 37
     p = (torch.randn(rows, vocab, dtype=torch.float64) * magnitude).to(dtype).double()
     q = (p + torch.randn(rows, vocab, dtype=torch.float64) * magnitude / 3).to(dtype).double()
     valid = torch.rand(rows) > 0.25
     scale = torch.randn(rows).double()
     ref_p, ref_q = p.clone(), q.clone()
-    ref = torch_epilogues.kl_epilogue(ref_p, ref_q, valid, scale)
-    values = ops.kl(p.to(kernels_on, dtype, copy=True), q.to(kernels_on, dtype, copy=True), valid.to(kernels_on), None)
-    assert_matches(values, ref, dtype, "values, no gradient")
+    ref = pair.torch(ref_p, ref_q, valid, scale)
+    values_p, values_q = p.to(kernels_on, dtype, copy=True), q.to(kernels_on, dtype, copy=True)
+    assert_pair_values(pair.native(values_p, values_q, valid.to(kernels_on), None), ref, dtype, "values only", vocab)
+    assert torch.equal(values_p.cpu().double(), p) and torch.equal(values_q.cpu().double(), q), "logits changed"
     grad_p, grad_q = p.to(kernels_on, dtype, copy=True), q.to(kernels_on, dtype, copy=True)
-    out = ops.kl(grad_p, grad_q, valid.to(kernels_on), scale.to(kernels_on))
-    assert_matches(out, ref, dtype, "values")
-    assert_rel_close(grad_q.cpu(), ref_q, dtype, "d/dlogits_q")
-    if magnitude < 1e3:
-        assert_rel_close(grad_p.cpu(), ref_p, dtype, "d/dlogits_p")
-    else:  # p is one-hot to the last bit: the exact d/dlogits_p underflows and any formula returns rounding noise
-        assert torch.isfinite(grad_p).all()
+    out = pair.native(grad_p, grad_q, valid.to(kernels_on), scale.to(kernels_on))
+    assert out.dtype == dtype
+    assert_pair_values(out, ref, dtype, "values", vocab)
+    for name, ours, expected in (("d/dlogits_p", grad_p, ref_p), ("d/dlogits_q", grad_q, ref_q)):
+        if magnitude < 1e3 or expected.abs().max() > 1e-6:
+            assert_rel_close(ours.cpu(), expected, dtype, name)
+        else:  # one-hot streams (logits 1e4): the exact gradient vanishes and any formula returns rounding noise
+            assert torch.isfinite(ours).all(), name
     assert (grad_p.cpu()[~valid] == 0).all() and (grad_q.cpu()[~valid] == 0).all()
 
 
 TRANSFORMS = {"softcap": dict(softcap=2.0), "logit_scale": dict(logit_scale=0.7), "both": dict(softcap=3.0, logit_scale=2.0)}
 
 
+def transformed_case(vocab, dtype):
+    """logprob_case's rows at magnitude 3, a third of them 10x larger (beyond the caps), as dtype values."""
+    logits, targets, scale = logprob_case(37, vocab, 3.0)
+    logits[::3] *= 10
+    return logits.to(dtype).double(), targets, scale
+
+
 @pytest.mark.parametrize("transform", list(TRANSFORMS))
 @pytest.mark.parametrize("vocab", [7, 1025, 3001])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_epilogues_with_logit_transforms(ops, dtype, vocab, transform, kernels_on):
-    """Both epilogues with the transforms (logit_transform.h: the CPU and the CUDA code share it) against the
-    float64 PyTorch ones; a third of the rows run far beyond the cap (tanh saturated); the logits stay
-    untouched without a gradient."""
+def test_logprob_epilogue_with_logit_transforms(ops, dtype, vocab, transform, kernels_on):
+    """The transforms (logit_transform.h: the CPU and the CUDA code share it) against the float64 PyTorch
+    epilogue; a third of the rows run far beyond the cap (tanh saturated); the logits stay untouched without a
+    gradient."""
     kw = TRANSFORMS[transform]
-    logits, targets, scale = logprob_case(37, vocab, 3.0)
-    logits[::3] *= 10
-    logits = logits.to(dtype).double()
+    logits, targets, scale = transformed_case(vocab, dtype)
     ref_grad = logits.clone()
     ref = torch_epilogues.logprob_epilogue(ref_grad, targets, IGNORE, scale, **kw)
     values_only = logits.to(kernels_on, dtype, copy=True)
@@ -128,14 +172,24 @@ def test_epilogues_with_logit_transforms(ops, dtype, vocab, transform, kernels_o
     grad = logits.to(kernels_on, dtype, copy=True)
     assert_matches(ops.logprob(grad, targets.to(kernels_on), IGNORE, scale.to(kernels_on), **kw), ref, dtype, "values")
     assert_rel_close(grad.cpu(), ref_grad, dtype, "gradient")
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+@pytest.mark.parametrize("vocab", [7, 1025, 3001])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_pair_epilogue_with_logit_transforms(pair, dtype, vocab, transform, kernels_on):
+    """As above for the two-stream epilogues: both streams transformed, the gradients chained through dz'/dz."""
+    kw = TRANSFORMS[transform]
+    logits, targets, scale = transformed_case(vocab, dtype)
     q = (logits + torch.randn_like(logits) * 2).to(dtype).double()
     valid = torch.rand(len(targets)) > 0.25
     ref_p, ref_q = logits.clone(), q.clone()
-    ref = torch_epilogues.kl_epilogue(ref_p, ref_q, valid, scale, **kw)
+    ref = pair.torch(ref_p, ref_q, valid, scale, **kw)
     grad_p, grad_q = logits.to(kernels_on, dtype, copy=True), q.to(kernels_on, dtype, copy=True)
-    values = ops.kl(grad_p.clone(), grad_q.clone(), valid.to(kernels_on), None, **kw)
-    assert_matches(values, ref, dtype, "KL, no gradient")
-    assert_matches(ops.kl(grad_p, grad_q, valid.to(kernels_on), scale.to(kernels_on), **kw), ref, dtype, "KL")
+    values_p, values_q = grad_p.clone(), grad_q.clone()
+    assert_matches(pair.native(values_p, values_q, valid.to(kernels_on), None, **kw), ref, dtype, "no gradient")
+    assert torch.equal(values_p, grad_p) and torch.equal(values_q, grad_q), "logits changed without grad_scale"
+    assert_matches(pair.native(grad_p, grad_q, valid.to(kernels_on), scale.to(kernels_on), **kw), ref, dtype, "values")
     assert_rel_close(grad_p.cpu(), ref_p, dtype, "d/dlogits_p")
     assert_rel_close(grad_q.cpu(), ref_q, dtype, "d/dlogits_q")
 
@@ -146,8 +200,9 @@ def test_native_ops_refuse_bad_transforms(ops, name, value):
     logits, targets = torch.randn(2, 5), torch.zeros(2, dtype=torch.long)
     with pytest.raises(ValueError, match=f"{name}: expected None or a positive finite float"):
         torch.ops.are_fast.logprob_epilogue(logits, targets, IGNORE, None, **{name: value})
-    with pytest.raises(ValueError, match=f"{name}: expected None or a positive finite float"):
-        torch.ops.are_fast.kl_epilogue(logits, logits.clone(), torch.ones(2, dtype=torch.bool), None, **{name: value})
+    for kind, params in PAIR_CASES.values():
+        with pytest.raises(ValueError, match=f"{name}: expected None or a positive finite float"):
+            getattr(ops, kind)(logits, logits.clone(), torch.ones(2, dtype=torch.bool), None, **params, **{name: value})
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e4], ids=["offset0", "offset1e4"])
@@ -164,29 +219,38 @@ def test_epilogues_corner_the_online_logsumexp(ops, offset, kernels_on):
     grad = logits.to(kernels_on, torch.float32)
     assert_rows_close(ops.logprob(grad, targets.to(kernels_on), IGNORE, scale.to(kernels_on)), ref, "log-probs")
     assert_rows_close(grad, ref_grad, "log-prob gradient")
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4], ids=["offset0", "offset1e4"])
+def test_pair_epilogues_corner_the_online_logsumexp(pair, offset, kernels_on):
+    """As above for both streams of the two-stream epilogues, p's and q's maxima in different tiles."""
+    peaks = [3, 1500, 2100, 3076]
+    base = torch.randn(len(peaks) + 2, 3077, dtype=torch.float64) * 3
+    p = cornered(base, peaks, offset)
     q = cornered(torch.randn_like(base) * 3 + base / 2, peaks[::-1], offset)
     valid = torch.tensor([True, True, False, True, True, True])
-    ref_p, ref_q = logits.clone(), q.clone()
-    ref = torch_epilogues.kl_epilogue(ref_p, ref_q, valid, scale)
-    grad_p, grad_q = logits.to(kernels_on, torch.float32), q.to(kernels_on, torch.float32)
-    assert_rows_close(ops.kl(grad_p, grad_q, valid.to(kernels_on), scale.to(kernels_on)), ref, "KL")
+    scale = torch.randn(len(valid)).double()
+    ref_p, ref_q = p.clone(), q.clone()
+    ref = pair.torch(ref_p, ref_q, valid, scale)
+    grad_p, grad_q = p.to(kernels_on, torch.float32), q.to(kernels_on, torch.float32)
+    assert_rows_close(pair.native(grad_p, grad_q, valid.to(kernels_on), scale.to(kernels_on)), ref, pair.name)
     assert_rows_close(grad_p, ref_p, "d/dlogits_p")
     assert_rows_close(grad_q, ref_q, "d/dlogits_q")
 
 
 @pytest.mark.parametrize("scale", [1.0, 10.0, 100.0])
-def test_kl_error_tracks_the_pytorch_epilogue(ops, scale, kernels_on):
-    """No cancellation in the native KL: float32 error within 1e-5 and a small multiple of PyTorch's."""
+def test_pair_error_tracks_the_pytorch_epilogue(pair, scale, kernels_on):
+    """No cancellation in the native KL or JSD: float32 error within 1e-5 and a small multiple of PyTorch's."""
     a = torch.randn(6, 4099, dtype=torch.float64) * scale
     b = a + torch.randn(6, 4099, dtype=torch.float64) * scale / 2
     a[3:] += 1e4
     b[3:] += 1e4
     a, b = a.float().double(), b.float().double()
     valid = torch.ones(6, dtype=torch.bool)
-    ref = torch_epilogues.kl_epilogue(a.clone(), b.clone(), valid, None)
-    pytorch_error = rel_error(torch_epilogues.kl_epilogue(a.float(), b.float(), valid, None), ref)
-    error = rel_error(ops.kl(a.to(kernels_on, torch.float32), b.to(kernels_on, torch.float32),
-                             valid.to(kernels_on), None), ref)
+    ref = pair.torch(a.clone(), b.clone(), valid, None)
+    pytorch_error = rel_error(pair.torch(a.float(), b.float(), valid, None), ref)
+    error = rel_error(pair.native(a.to(kernels_on, torch.float32), b.to(kernels_on, torch.float32),
+                                  valid.to(kernels_on), None), ref)
     assert error <= 1e-5 and error <= 4 * pytorch_error + 1e-7, f"native {error:.1e}, PyTorch {pytorch_error:.1e}"
 
 
@@ -194,6 +258,26 @@ def test_kl_epilogue_with_minus_inf_logits(ops, kernels_on):
     """A masked vocabulary (-inf logits in p, in both streams, over a whole first tile): p = 0 there adds nothing
     (no 0 * -inf = NaN), in the C++ loop and in the CUDA kernel, which share that arithmetic (csrc/kl_terms.h)."""
     check_masked_kl(ops.kl, torch.device(kernels_on))
+
+
+@pytest.mark.parametrize("tile", [16, CPU_TILE])
+@pytest.mark.parametrize("beta", PARAM_VALUES["beta"])
+def test_jsd_epilogue_with_minus_inf_logits(ops, beta, tile, kernels_on):
+    """A masked vocabulary in the JSD (csrc/jsd_terms.h, shared by the C++ loop and the CUDA kernel): p = 0, q = 0 or
+    both at scattered columns and over whole tiles (the C++ tile, too), every row also with p and q swapped (q
+    masked alone). Values and both gradients equal the float64 limit of logits of -1e4, exact zeros where a
+    stream is masked, and no NaN or inf (s = +inf where p = 0, NaN where both are, must be masked)."""
+    (a, b), (limit_a, limit_b) = masked_kl_rows(vocab=5 * tile + 3, tile=tile)
+    a, b, limit_a, limit_b = torch.cat([a, b]), torch.cat([b, a]), torch.cat([limit_a, limit_b]), torch.cat([limit_b, limit_a])
+    valid, scale = torch.ones(len(a), dtype=torch.bool), torch.randn(len(a)).double()
+    ref_a, ref_b = limit_a.clone(), limit_b.clone()
+    ref = torch_epilogues.jsd_epilogue(ref_a, ref_b, valid, scale, beta=beta)
+    ours_a, ours_b = a.to(kernels_on, torch.float32), b.to(kernels_on, torch.float32)
+    assert_rows_close(ops.jsd(ours_a.clone(), ours_b.clone(), valid.to(kernels_on), None, beta=beta), ref, "values only")
+    assert_rows_close(ops.jsd(ours_a, ours_b, valid.to(kernels_on), scale.to(kernels_on), beta=beta), ref, "JSD")
+    assert_rows_close(ours_a, ref_a, "d/dlogits_p")
+    assert_rows_close(ours_b, ref_b, "d/dlogits_q")
+    assert (ours_a.cpu()[a == float("-inf")] == 0).all() and (ours_b.cpu()[b == float("-inf")] == 0).all()
 
 
 def test_epilogues_on_strided_rows_and_empty_chunks(ops, kernels_on):
@@ -210,7 +294,19 @@ def test_epilogues_on_strided_rows_and_empty_chunks(ops, kernels_on):
     assert (wide[:, 50:] == 7.0).all()
     empty = torch.empty(0, 50, device=kernels_on)
     assert ops.logprob(empty, torch.empty(0, dtype=torch.int64, device=kernels_on), IGNORE, None).shape == (0,)
-    assert ops.kl(empty, empty.clone(), torch.empty(0, dtype=torch.bool, device=kernels_on), None).shape == (0,)
+    for kind, params in PAIR_CASES.values():
+        no_rows = torch.empty(0, dtype=torch.bool, device=kernels_on)
+        assert getattr(ops, kind)(empty, empty.clone(), no_rows, None, **params).shape == (0,)
+        p, q = torch.full_like(wide, 7.0), torch.full_like(wide, 7.0)
+        p[:, :50], q[:, :50] = (torch.randn(2, 9, 50) * 3).to(kernels_on)
+        valid = torch.rand(9) > 0.25
+        ref_p, ref_q = p[:, :50].double().cpu(), q[:, :50].double().cpu()
+        ref = registry.load(registry.kind(kind).implementations["torch"])(ref_p, ref_q, valid, scale, **params)
+        out = getattr(ops, kind)(p[:, :50], q[:, :50], valid.to(kernels_on), scale.to(kernels_on), **params)
+        assert_matches(out, ref, torch.float32, f"{kind} values")
+        assert_rel_close(p[:, :50].cpu(), ref_p, torch.float32, f"{kind} d/dlogits_p")
+        assert_rel_close(q[:, :50].cpu(), ref_q, torch.float32, f"{kind} d/dlogits_q")
+        assert (p[:, 50:] == 7.0).all() and (q[:, 50:] == 7.0).all()
 
 
 def test_epilogues_propagate_nan(ops, kernels_on):
@@ -218,9 +314,16 @@ def test_epilogues_propagate_nan(ops, kernels_on):
     logits[0, 1500] = float("nan")
     targets = torch.tensor([4, 5, 6], device=kernels_on)
     assert torch.isnan(ops.logprob(logits.clone(), targets, IGNORE, None)).tolist() == [True, False, False]
-    kl = ops.kl(logits.clone(), torch.randn(3, 2000, device=kernels_on), torch.ones(3, dtype=torch.bool,
-                device=kernels_on), None)
-    assert torch.isnan(kl).tolist() == [True, False, False]
+    other = torch.randn(3, 2000, device=kernels_on)
+    valid = torch.ones(3, dtype=torch.bool, device=kernels_on)
+    for kind, params in PAIR_CASES.values():
+        epilogue = functools.partial(getattr(ops, kind), **params)
+        for p, q in ((logits, other), (other, logits)):  # a NaN in either stream
+            assert torch.isnan(epilogue(p.clone(), q.clone(), valid, None)).tolist() == [True, False, False], kind
+            grad_p, grad_q = p.clone(), q.clone()
+            values = epilogue(grad_p, grad_q, valid, torch.ones(3, device=kernels_on))
+            assert torch.isnan(values).tolist() == [True, False, False], kind
+            assert torch.isnan(grad_p[0]).any() and torch.isfinite(grad_p[1:]).all(), kind
 
 
 def test_epilogue_checks_name_the_argument(ops):
@@ -238,6 +341,12 @@ def test_epilogue_checks_name_the_argument(ops):
         (lambda: ops.kl(logits, logits.double(), valid, None), TypeError, "logits_q: expected the dtype"),
         (lambda: ops.kl(logits, logits.clone(), valid.int(), None), TypeError, "valid: expected Bool"),
         (lambda: ops.kl(torch.randn(4, 0), torch.randn(4, 0), valid, None), ValueError, "V must be at least 1"),
+        (lambda: ops.jsd(logits, logits.double(), valid, None, beta=0.5), TypeError, "logits_q: expected the dtype"),
+        (lambda: ops.jsd(logits, logits.clone(), valid[:3], None, beta=0.5), ValueError, r"valid: expected shape \[4\]"),
+        (lambda: ops.jsd(logits.half(), logits.half(), valid, None, beta=0.5), TypeError, "logits_p: expected float32"),
+        (lambda: ops.jsd(logits, logits.clone(), valid, torch.ones(3), beta=0.5), ValueError, "grad_scale: expected"),
+        *[(lambda beta=beta: ops.jsd(logits, logits.clone(), valid, None, beta=beta), ValueError,
+           r"beta: expected a real number in \(0, 1\), got ") for beta in (0.0, 1.0, -0.5, 1.5, float("nan"))],
     ]
     for call, error, message in bad:
         with pytest.raises(error, match=message):
@@ -248,6 +357,7 @@ def test_meta_kernels_give_shapes(ops):
     logits = torch.empty(5, 11, device="meta")
     assert ops.logprob(logits, torch.empty(5, dtype=torch.int64, device="meta"), IGNORE, None).shape == (5,)
     assert ops.kl(logits, logits, torch.empty(5, dtype=torch.bool, device="meta"), None).shape == (5,)
+    assert ops.jsd(logits, logits, torch.empty(5, dtype=torch.bool, device="meta"), None, beta=0.3).shape == (5,)
 
 
 @pytest.mark.parametrize("head", ["frozen", "trainable"])
@@ -365,6 +475,8 @@ def test_check_command(ops, tmp_path):
     assert built.returncode == 0, built.stdout + built.stderr
     assert "available" in built.stdout and "are_fast::logprob_epilogue(Tensor(a!) logits" in built.stdout
     assert "are_fast::kl_epilogue(Tensor(a!) logits_p, Tensor(b!) logits_q" in built.stdout
+    assert "are_fast::jsd_epilogue(Tensor(a!) logits_p, Tensor(b!) logits_q, Tensor valid, Tensor? grad_scale, " \
+           "float beta" in built.stdout
     assert "RuntimeWarning" not in built.stderr
     broken = {"CXX": str(tmp_path / "no-such-compiler"), "ARE_FAST_NATIVE_DIR": str(tmp_path / "cache")}
     missing = run_python(["-m", "are_fast.ops.native", "--check"], broken)
