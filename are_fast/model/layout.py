@@ -15,6 +15,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from . import attention_precision
+
 IGNORE_INDEX = -100
 
 
@@ -319,7 +321,8 @@ def block_attention(q, k, v, scaling=None, dropout=0.0, sliding_window=None, sof
 
     ``sliding_window``: query i sees keys i - sliding_window < j <= i (a banded mask); ``softcap``: scores
     s -> c tanh(s / c) before the mask, which sdpa cannot do, so then the attention is written out (softmax in
-    float32, as transformers' eager kernels do). ``scaling`` None: 1 / sqrt(d).
+    float32, as transformers' eager kernels do). ``scaling`` None: 1 / sqrt(d). bf16/fp16 blocks on a CPU run in
+    float32 where that measures faster (``attention_precision``); the result keeps q's dtype.
     """
     length = q.shape[2]
     window = sliding_window if sliding_window is not None and sliding_window < length else None
@@ -328,8 +331,12 @@ def block_attention(q, k, v, scaling=None, dropout=0.0, sliding_window=None, sof
         i = torch.arange(length, device=q.device)
         allowed = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - (window or length))  # [L, L]
     if softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, is_causal=allowed is None,
-                                              scale=scaling, enable_gqa=k.shape[1] != q.shape[1])
+        dtype = q.dtype
+        if attention_precision.upcast(q, k):  # a bf16/fp16 CPU kernel that measured slower than float32's
+            q, k, v = q.float(), k.float(), v.float()
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, is_causal=allowed is None,
+                                             scale=scaling, enable_gqa=k.shape[1] != q.shape[1])
+        return out.to(dtype)
     share = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(share, dim=1), v.repeat_interleave(share, dim=1)
     scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scaling is None else scaling)
