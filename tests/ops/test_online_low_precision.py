@@ -171,6 +171,9 @@ def test_low_precision_paths_agree_with_each_other(small_blocks):
 
 
 def test_sweep_block_shape_grows_for_low_precision(monkeypatch):
+    """1024 x 2048 blocks for low-precision operands (8 MiB per float32 buffer), against 512 rows within 2 MiB."""
     monkeypatch.delenv("ARE_FAST_BLOCK_BYTES", raising=False)
-    rows, vocab = online.block_shape(4096, 32000, 1, low_precision=True)
-    assert rows == 1024 and 4 * rows * vocab <= 32 << 20 and 4 * rows * vocab > 16 << 20
+    for slots in (1, 3, 5):
+        assert online.block_shape(4096, 32000, slots, low_precision=True) == (1024, 2048)
+        rows, vocab = online.block_shape(4096, 32000, slots)
+        assert rows == 512 and 4 * slots * rows * vocab <= 2 << 20
