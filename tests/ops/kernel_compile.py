@@ -46,9 +46,20 @@ def variants():
                 yield grad, write, sync, block, softcap
 
 
+def triton_modules() -> list:
+    """The kernel modules the op registry names ("triton" implementations), e.g. "jsd_epilogue"."""
+    from are_fast.ops.registry import KINDS
+
+    return [kind.implementations["triton"].split(":")[0].rsplit(".", 1)[1]
+            for kind in KINDS.values() if "triton" in kind.implementations]
+
+
 def compile_all(arch: int) -> list:
     target = GPUTarget("cuda", arch, 32)
     rows = []
+    missing = set(triton_modules()) - set(ARGUMENTS)
+    if missing:
+        raise SystemExit(f"kernels without their argument types in ARGUMENTS: {', '.join(sorted(missing))}")
     launch_options = importlib.import_module("are_fast.kernels.logprob_epilogue").LAUNCH_OPTIONS  # every kernel's
     for module_name, arguments in ARGUMENTS.items():
         module = importlib.import_module(f"are_fast.kernels.{module_name}")

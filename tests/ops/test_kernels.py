@@ -17,7 +17,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from are_fast.kernels.kl_epilogue import kl_epilogue
 from are_fast.kernels.logprob_epilogue import logprob_epilogue
-from are_fast.ops import torch_epilogues
+from are_fast.ops import registry, torch_epilogues
 from _helpers import MASKED, TILE, VOCAB, assert_rows_close, check_masked_kl, cornered, rel_error, rounded
 
 IGNORE = -100
@@ -204,9 +204,12 @@ def test_kl_epilogue_error_tracks_the_chunked_backend(scale, device):
 def test_kernels_are_compiled_on_cuda_and_interpreted_on_cpu(device):
     """The conftest sets TRITON_INTERPRET for a CPU run only, so a CUDA run tests the compiled kernels."""
     assert (os.environ.get("TRITON_INTERPRET") == "1") == (device.type == "cpu")
-    for module in ("logprob_epilogue", "kl_epilogue", "jsd_epilogue"):
-        kernel = f"_{module}_kernel"
-        jitted = getattr(importlib.import_module(f"are_fast.kernels.{module}"), kernel)
+    modules = {kind.implementations["triton"].split(":")[0] for kind in registry.KINDS.values()
+               if "triton" in kind.implementations}
+    assert len(modules) >= 3
+    for module in modules:
+        kernel = f"_{module.rsplit('.', 1)[1]}_kernel"
+        jitted = getattr(importlib.import_module(module), kernel)
         assert isinstance(jitted, InterpretedFunction) == (device.type == "cpu"), kernel
 
 
