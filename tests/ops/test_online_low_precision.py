@@ -6,9 +6,10 @@ row (one bf16 rounding per logit), gradients within the bf16 standard (2e-2 rela
 import pytest
 import torch
 
-import are_fast
 from are_fast.ops import online, sweep_precision
+from are_fast.ops.registry import OPS_TABLE
 from are_fast.ops.sweep_matmuls import SweepMatmuls
+from _helpers import OPS as OP_FORMS
 from _helpers import TOLERANCE, leaf, rel_error
 
 IGNORE = -100
@@ -55,17 +56,11 @@ def _masters(dtype):
 
 
 def _call(op, args, labels, **kwargs):
-    if op == "token_logprobs":
-        return are_fast.token_logprobs(args["hidden"], args["weight"], labels, args["bias"], **kwargs)
-    if op == "sequence_logprobs":
-        return are_fast.sequence_logprobs(args["hidden"], args["weight"], labels, args["bias"], **kwargs)
-    if op == "compression_loss":
-        return are_fast.compression_loss(args["hidden"], args["weight"], labels, args["bias"], **kwargs)
-    if op == "conditional_jsd":
-        return are_fast.conditional_jsd(args["hidden"], args["hidden_q"], args["weight"], labels, 0.3, args["bias"],
-                                        reduction="none", **kwargs)
-    return are_fast.conditional_kl(args["hidden"], args["hidden_q"], args["weight"], labels, args["bias"],
-                                   reduction="none", **kwargs)
+    """The registry's op ``op`` on [B, T, H] streams: token ops as they are, sequence_logprobs summed, pair ops per
+    position (reduction "none", their parameters at their defaults)."""
+    spec = OPS_TABLE[op]
+    form = {"tokens": f"{op}-3d", "pair": f"{op}-none"}.get(spec.inputs, op if op in OP_FORMS else f"{op}-sum")
+    return OP_FORMS[form](dict(args, labels=labels), **kwargs)
 
 
 def _run(op, masters, labels, dtype, trainable, upstream=None, autocast=False, **kwargs):
@@ -101,8 +96,8 @@ def _check(op, dtype, trainable, path, autocast=False, **transform):
     return out, grads
 
 
-PAIR_OPS = ["conditional_kl", "conditional_jsd"]
-FROZEN_OPS = ["token_logprobs", "sequence_logprobs", "compression_loss", *PAIR_OPS]
+PAIR_OPS = [name for name, spec in OPS_TABLE.items() if spec.inputs == "pair"]
+FROZEN_OPS = list(OPS_TABLE)
 
 
 @pytest.mark.parametrize("path", ["lowp", "float32"])
@@ -126,7 +121,7 @@ def test_trainable_bf16_head(op, path, small_blocks, operands):
 
 
 @pytest.mark.parametrize(("op", "trainable"), [("token_logprobs", False), ("token_logprobs", True),
-                                                ("conditional_kl", False), ("conditional_jsd", False)])
+                                                *((op, False) for op in PAIR_OPS)])
 def test_logit_transforms_in_bf16(op, trainable, small_blocks):
     """A softcap (its derivative weighs each block before the low-precision product) and a logit scale."""
     _check(op, torch.bfloat16, trainable, "lowp", softcap=2.5, logit_scale=1.3)
@@ -138,7 +133,7 @@ def test_fp16_head(op, small_blocks):
 
 
 @pytest.mark.parametrize(("op", "trainable"), [("token_logprobs", False), ("token_logprobs", True),
-                                                ("conditional_kl", False), ("conditional_jsd", False)])
+                                                *((op, False) for op in PAIR_OPS)])
 def test_autocast_takes_the_sweep_with_one_cast(op, trainable, small_blocks, operands):
     """A float32 head under CPU bf16 autocast: the sweep with bf16 operands (the head cast once per pass, not
     per block), float32 gradients, against float64 on the bf16-rounded inputs. (A trainable head's KL takes
