@@ -71,7 +71,8 @@ def test_saved_by_sentence_transformers_loads_in_both(st_dir, tmp_path):
     before = model.encode(texts, convert_to_tensor=True)
     again = SentenceTransformer(str(tmp_path / "resaved"), trust_remote_code=True, device="cpu")
     assert rel_error(again.encode(texts, convert_to_tensor=True), before) <= 1e-6
-    enc = Encoder.from_pretrained(tmp_path / "resaved", "cpu", torch.float32)
+    enc = Encoder.from_pretrained(tmp_path / "resaved", "cpu")  # the default dtype, as sentence-transformers loaded it
+    assert enc.dtype == default_dtype(torch.device("cpu"))
     assert row_cosines(enc.encode(texts, convert_to_tensor=True), before).min() >= 0.99999
 
 

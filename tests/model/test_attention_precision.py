@@ -81,7 +81,7 @@ def test_full_precision_and_other_devices_are_not_consulted(kernel_dtypes):
     assert attention_precision.upcast(q, q) is False
 
 
-@pytest.mark.parametrize(("low", "full", "expected"), [(1.0, 2.0, "low"), (1.0, 1.05, "float32"), (2.0, 1.0, "float32")])
+@pytest.mark.parametrize(("low", "full", "expected"), [(1.0, 2.0, "low"), (1.0, 1.5, "low"), (1.0, 1.45, "float32"), (2.0, 1.0, "float32")])
 def test_automatic_choice_follows_the_measurement_and_is_kept(low, full, expected, fresh_cache, monkeypatch):
     measured = []
 
