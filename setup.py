@@ -41,7 +41,7 @@ def native_build() -> dict:
     gpu_targets = bool(os.environ.get("TORCH_CUDA_ARCH_LIST")) or torch.cuda.is_available()
     if torch.version.cuda and cpp_extension.CUDA_HOME is not None and gpu_targets:
         sources, make = sources + ["csrc/epilogues_cuda.cu"], cpp_extension.CUDAExtension
-    flags = {"cxx": ["-O3", "-fopenmp"], "nvcc": ["-O3"]}  # as in are_fast/ops/native.py
+    flags = {"cxx": ["-O3", "-fno-trapping-math", "-fopenmp"], "nvcc": ["-O3"]}  # as in are_fast/ops/native.py
     extension = make("are_fast._native", sources, extra_compile_args=flags, extra_link_args=["-fopenmp"])
     return {"ext_modules": [extension], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
 

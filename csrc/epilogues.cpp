@@ -90,6 +90,8 @@ template <typename T>
 struct Lse {
   T max;
   T log_sum;
+
+  ARE_FAST_INLINE T log_prob(T x) const { return (x - max) - log_sum; }
 };
 
 // The tile the statistics read: the logits themselves, or their transform written into `scratch` [kTile].
@@ -283,38 +285,47 @@ struct JsdArgs {
   JsdMixture<T> mixture;
 };
 
-// One entry's probabilities and (s, t) (jsd_terms.h), from its transformed logits za, zb.
-template <typename T>
-struct JsdEntry {
-  JsdPair<T> prob;
-  JsdPair<T> softplus;
-};
-
-template <typename T>
-ARE_FAST_INLINE JsdEntry<T> jsd_entry(T za, T zb, const Lse<T>& lp, const Lse<T>& lq, T log_odds) {
-  const T log_p = (za - lp.max) - lp.log_sum, log_q = (zb - lq.max) - lq.log_sum;
-  return {{exp_nonpositive(log_p), exp_nonpositive(log_q)}, mixture_softplus(log_p, log_q, log_odds)};
-}
-
-// (sum p s, sum q t) of a row, tile by tile, given its two log-sum-exps; summed in double (jsd_terms.h says why).
+// (sum p s, sum q t) of a row, tile by tile, given its two log-sum-exps; summed in double (jsd_terms.h says why),
+// each tile in T over the vector lanes first: GCC does not vectorize a float loop with a double reduction.
 template <typename T>
 ARE_FAST_INLINE JsdPair<double> row_jsd_sums(const T* a, const T* b, int64_t n, const LogitTransform<T>& f,
-                                             const Lse<T>& lp, const Lse<T>& lq, T log_odds) {
+                                             Lse<T> lp, Lse<T> lq, T log_odds) {
   double sum_ps = 0, sum_qt = 0;
   T scratch_a[kTile], scratch_b[kTile];
   for (int64_t start = 0; start < n; start += kTile) {
     const int64_t len = std::min(kTile, n - start);
     const T* ta = transformed_tile(a + start, len, f, scratch_a);
     const T* tb = transformed_tile(b + start, len, f, scratch_b);
-#pragma omp simd reduction(+ : sum_ps, sum_qt)
+    T tile_ps = 0, tile_qt = 0;
+#pragma omp simd reduction(+ : tile_ps, tile_qt)
     for (int64_t i = 0; i < len; ++i) {
-      const JsdEntry<T> e = jsd_entry(ta[i], tb[i], lp, lq, log_odds);
-      const JsdPair<T> terms = jsd_terms(e.prob, e.softplus);
-      sum_ps += terms.p;
-      sum_qt += terms.q;
+      const T log_p = lp.log_prob(ta[i]), log_q = lq.log_prob(tb[i]);
+      const T d = mixture_log_ratio(log_p, log_q, log_odds);
+      const T tail = softplus_tail(d);
+      tile_ps += kl_term(exp_nonpositive(log_p), softplus_of(d, tail));
+      tile_qt += kl_term(exp_nonpositive(log_q), softplus_of(-d, tail));
     }
+    sum_ps += tile_ps;
+    sum_qt += tile_qt;
   }
   return {sum_ps, sum_qt};
+}
+
+// A row's gradients over its logits a, b [n], in place. kTransformed: f is applied to each logit read and its
+// derivative chained (the loop then calls tanh and cosh, and stays scalar); else f is the identity, not called.
+template <bool kTransformed, typename T>
+ARE_FAST_INLINE void row_jsd_gradients(T* a, T* b, int64_t n, const LogitTransform<T>& f, Lse<T> lp, Lse<T> lq,
+                                       T log_odds, JsdRowGradient<T> row) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const T log_p = lp.log_prob(kTransformed ? f(a[i]) : a[i]), log_q = lq.log_prob(kTransformed ? f(b[i]) : b[i]);
+    const T d = mixture_log_ratio(log_p, log_q, log_odds);
+    const T tail = softplus_tail(d);
+    const T grad_a = jsd_gradient(row.scale.p, exp_nonpositive(log_p), row.sums.p, softplus_of(d, tail));
+    const T grad_b = jsd_gradient(row.scale.q, exp_nonpositive(log_q), row.sums.q, softplus_of(-d, tail));
+    a[i] = kTransformed ? grad_a * f.derivative(a[i]) : grad_a;
+    b[i] = kTransformed ? grad_b * f.derivative(b[i]) : grad_b;
+  }
 }
 
 // Three passes per row: the log-sum-exps of both streams, the sums (sum p s, sum q t), then (with a gradient
@@ -336,22 +347,11 @@ ARE_FAST_INLINE void jsd_rows(const JsdArgs<T>& j, int64_t begin, int64_t end) {
     if (k.scale == nullptr) {
       continue;
     }
-    const T g = k.scale[row];
+    const JsdRowGradient<T> gradient = JsdRowGradient<T>::of(mixture, sums, k.scale[row]);
     if (f.identity()) {
-#pragma omp simd
-      for (int64_t i = 0; i < k.vocab; ++i) {
-        const JsdEntry<T> e = jsd_entry(a[i], b[i], lp, lq, mixture.log_odds);
-        const JsdPair<T> grad = jsd_gradients(e.prob, e.softplus, sums, g, mixture);
-        a[i] = grad.p;
-        b[i] = grad.q;
-      }
+      row_jsd_gradients<false>(a, b, k.vocab, f, lp, lq, mixture.log_odds, gradient);
     } else {
-      for (int64_t i = 0; i < k.vocab; ++i) {
-        const JsdEntry<T> e = jsd_entry(f(a[i]), f(b[i]), lp, lq, mixture.log_odds);
-        const JsdPair<T> grad = jsd_gradients(e.prob, e.softplus, sums, g, mixture);
-        a[i] = grad.p * f.derivative(a[i]);
-        b[i] = grad.q * f.derivative(b[i]);
-      }
+      row_jsd_gradients<true>(a, b, k.vocab, f, lp, lq, mixture.log_odds, gradient);
     }
   }
 }

@@ -205,14 +205,21 @@ struct RowLse {
   __device__ __forceinline__ T log_prob(T z) const { return (z - max) - log_sum; }
 };
 
-// One entry's probabilities and (s, t) (jsd_terms.h) from its transformed logits za, zb.
+// One entry's log-probabilities, d (jsd_terms.h's mixture_log_ratio) and softplus tail from its transformed
+// logits za, zb.
 template <typename T>
-__device__ __forceinline__ void jsd_entry(T za, T zb, const RowLse<T>& lp, const RowLse<T>& lq, T log_odds,
-                                          JsdPair<T>& prob, JsdPair<T>& softplus) {
-  const T log_p = lp.log_prob(za), log_q = lq.log_prob(zb);
-  prob = {exp(log_p), exp(log_q)};
-  softplus = mixture_softplus(log_p, log_q, log_odds);
-}
+struct JsdEntry {
+  T log_p;
+  T log_q;
+  T d;
+  T tail;
+
+  __device__ __forceinline__ static JsdEntry of(T za, T zb, const RowLse<T>& lp, const RowLse<T>& lq, T log_odds) {
+    const T log_p = lp.log_prob(za), log_q = lq.log_prob(zb);
+    const T d = mixture_log_ratio(log_p, log_q, log_odds);
+    return {log_p, log_q, d, softplus_tail(d)};
+  }
+};
 
 // Three sweeps per row: the log-sum-exps of both streams, the sums (sum p s, sum q t), then (with a gradient
 // scale) the gradients over the logits in place.
@@ -238,11 +245,9 @@ __global__ void __launch_bounds__(kThreads) jsd_kernel(PairArgs<T> k, JsdMixture
   const RowLse<T> lp{sa.max, log(sa.sum)}, lq{sb.max, log(sb.sum)};
   JsdPair<double> part{0.0, 0.0};  // double: see jsd_terms.h
   for (int64_t i = threadIdx.x; i < k.vocab; i += kThreads) {
-    JsdPair<T> prob, softplus;
-    jsd_entry(f(a[i]), f(b[i]), lp, lq, mixture.log_odds, prob, softplus);
-    const JsdPair<T> terms = jsd_terms(prob, softplus);
-    part.p += terms.p;
-    part.q += terms.q;
+    const JsdEntry<T> e = JsdEntry<T>::of(f(a[i]), f(b[i]), lp, lq, mixture.log_odds);
+    part.p += kl_term(exp(e.log_p), softplus_of(e.d, e.tail));
+    part.q += kl_term(exp(e.log_q), softplus_of(-e.d, e.tail));
   }
   // Statistics with a common max of 0 merge by adding their sum and weighted fields: the block's two sums.
   const Stat<double> total = block_merge(Stat<double>{0.0, part.p, part.q}, shared_sums);
@@ -251,14 +256,14 @@ __global__ void __launch_bounds__(kThreads) jsd_kernel(PairArgs<T> k, JsdMixture
     k.out[row] = jsd_value(mixture, sums);
   }
   if (k.scale != nullptr) {
-    const T g = k.scale[row];
+    const JsdRowGradient<T> row_gradient = JsdRowGradient<T>::of(mixture, sums, k.scale[row]);
     for (int64_t i = threadIdx.x; i < k.vocab; i += kThreads) {
       const T raw_a = a[i], raw_b = b[i];
-      JsdPair<T> prob, softplus;
-      jsd_entry(f(raw_a), f(raw_b), lp, lq, mixture.log_odds, prob, softplus);
-      const JsdPair<T> grad = jsd_gradients(prob, softplus, sums, g, mixture);
-      a[i] = grad.p * f.derivative(raw_a);
-      b[i] = grad.q * f.derivative(raw_b);
+      const JsdEntry<T> e = JsdEntry<T>::of(f(raw_a), f(raw_b), lp, lq, mixture.log_odds);
+      const T grad_a = jsd_gradient(row_gradient.scale.p, exp(e.log_p), row_gradient.sums.p, softplus_of(e.d, e.tail));
+      const T grad_b = jsd_gradient(row_gradient.scale.q, exp(e.log_q), row_gradient.sums.q, softplus_of(-e.d, e.tail));
+      a[i] = grad_a * f.derivative(raw_a);
+      b[i] = grad_b * f.derivative(raw_b);
     }
   }
 }

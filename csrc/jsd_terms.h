@@ -7,9 +7,13 @@
 // full relative precision (are_fast/ops/torch_epilogues.py: jsd_epilogue says why); a zero probability's terms are
 // 0 (kl_terms.h), as s is +inf there (NaN where p and q are both 0).
 //
+// The per-entry functions take and return plain values (no structs): under `omp simd`, GCC turns a struct
+// temporary in the loop body into a per-lane array and gives up vectorizing the loop (scatter stores).
+//
 // The row sums and the JSD formed from them are in double whatever the logits' dtype: for close streams the JSD is
 // a small difference H(beta) - ..., so the sums' rounding counts H(beta) / JSD times over (a float32 running sum
-// over 1000 entries costs ~2e-5 of a JSD of 0.02); the per-entry terms and the gradients stay in the dtype.
+// over 1000 entries costs ~2e-5 of a JSD of 0.02); the per-entry terms and the gradients stay in the dtype. (The
+// CPU code sums each 1024-entry tile in the dtype over its vector lanes, then adds the tile's sum in double.)
 #pragma once
 
 #include <cmath>
@@ -40,30 +44,45 @@ struct JsdPair {
   T q;
 };
 
-// (s, t) = (softplus(d), softplus(-d)), d = log q - log p + log_odds, each as max(+-d, 0) + log1p(e^-|d|) (one
-// log1p for both, fast_math.h's). d = +inf (p = 0) gives (+inf, 0), -inf gives (0, +inf), NaN (p = q = 0, or a NaN logit) NaN.
+// d = log q - log p + log_odds: s = softplus(d), t = softplus(-d). +inf where p = 0, -inf where q = 0, NaN where
+// both are (or a logit is NaN).
 template <typename T>
-ARE_FAST_HOST_DEVICE JsdPair<T> mixture_softplus(T log_p, T log_q, T log_odds) {
-  const T d = (log_q - log_p) + log_odds;
+ARE_FAST_HOST_DEVICE T mixture_log_ratio(T log_p, T log_q, T log_odds) {
+  return (log_q - log_p) + log_odds;
+}
+
+// log1p(e^-|d|), the part softplus(d) and softplus(-d) share (one exp and one log1p, fast_math.h's, for both):
+// 0 at d = +-inf, NaN at NaN.
+template <typename T>
+ARE_FAST_HOST_DEVICE T softplus_tail(T d) {
   const T magnitude = d < T(0) ? -d : d;
-  const T tail = log1p_unit(exp_nonpositive(-magnitude));
-  return {(d > T(0) ? d : T(0)) + tail, (d < T(0) ? -d : T(0)) + tail};
+  return log1p_unit(exp_nonpositive(-magnitude));
 }
 
-// One entry's terms of the row sums: (p s, q t), each 0 where its probability is 0.
+// softplus(x) = max(x, 0) + log1p(e^-|x|), given the tail: s = softplus_of(d, tail), t = softplus_of(-d, tail).
 template <typename T>
-ARE_FAST_HOST_DEVICE JsdPair<T> jsd_terms(JsdPair<T> prob, JsdPair<T> softplus) {
-  return {kl_term(prob.p, softplus.p), kl_term(prob.q, softplus.q)};
+ARE_FAST_HOST_DEVICE T softplus_of(T x, T tail) {
+  return (x > T(0) ? x : T(0)) + tail;
 }
 
-// One entry's gradients over a and b for the row's sums (sum p s, sum q t) and gradient scale g:
-// g beta p (sum p s - s) and g (1 - beta) q (sum q t - t), each 0 where its probability is 0.
+// A row's constants for its gradients, formed once per row: the sums (sum p s, sum q t) rounded to the dtype and
+// the streams' scales (g beta, g (1 - beta)), g the row's gradient scale.
 template <typename T>
-ARE_FAST_HOST_DEVICE JsdPair<T> jsd_gradients(JsdPair<T> prob, JsdPair<T> softplus, JsdPair<double> sums, T g,
-                                              const JsdMixture<T>& mixture) {
-  const T beta = static_cast<T>(mixture.beta);
-  const T sum_ps = static_cast<T>(sums.p), sum_qt = static_cast<T>(sums.q);
-  return {g * beta * kl_term(prob.p, sum_ps - softplus.p), g * (T(1) - beta) * kl_term(prob.q, sum_qt - softplus.q)};
+struct JsdRowGradient {
+  JsdPair<T> sums;
+  JsdPair<T> scale;
+
+  ARE_FAST_HOST_DEVICE static JsdRowGradient of(const JsdMixture<T>& mixture, JsdPair<double> sums, T g) {
+    const T beta = static_cast<T>(mixture.beta);
+    return {{static_cast<T>(sums.p), static_cast<T>(sums.q)}, {g * beta, g * (T(1) - beta)}};
+  }
+};
+
+// One stream's gradient at one entry: scale prob (sum - softplus), 0 where prob is 0; for a, (g beta, p, sum p s,
+// s), for b, (g (1 - beta), q, sum q t, t). A row's term of its sum is kl_term(prob, softplus) (kl_terms.h).
+template <typename T>
+ARE_FAST_HOST_DEVICE T jsd_gradient(T scale, T prob, T sum, T softplus) {
+  return scale * kl_term(prob, sum - softplus);
 }
 
 // The row's JSD from its sums (sum p s, sum q t).
