@@ -15,15 +15,14 @@ it (tests); the environment variable ARE_FAST_ATTENTION_PRECISION (auto, low or 
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import logging
-import os
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ..ops.forcing import Forcing
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +32,7 @@ _MARGIN = 1.5  # the low-precision kernel must beat float32 (casts included) by 
 _PROBE_TOKENS = 2048  # tokens per probe (sequences x length), so that short buckets are not timed on a few rows
 _PROBE_HEADS = 4
 
-_forced: contextvars.ContextVar = contextvars.ContextVar("are_fast_attention_precision", default=None)
-_recorder: contextvars.ContextVar = contextvars.ContextVar("are_fast_attention_choices", default=None)
+_forcing = Forcing("precision", "ARE_FAST_ATTENTION_PRECISION", PRECISIONS)
 _cache: dict = {}
 
 
@@ -48,27 +46,10 @@ class AttentionChoice:
     reason: str  # forced, or the two measured times
 
 
-@contextlib.contextmanager
 def use_precision(precision: str | None = None):
     """Force the precision of low-precision attention inside the block (None: automatic) and yield the list of
     every ``AttentionChoice`` made inside it."""
-    if precision is not None and precision not in PRECISIONS:
-        raise ValueError(f"precision: expected None or one of {', '.join(PRECISIONS)}, got {precision!r}")
-    made: list = []
-    tokens = _forced.set(precision), _recorder.set(made)
-    try:
-        yield made
-    finally:
-        _forced.reset(tokens[0])
-        _recorder.reset(tokens[1])
-
-
-def _forced_precision() -> str | None:
-    precision = _forced.get() or os.environ.get("ARE_FAST_ATTENTION_PRECISION", "auto")
-    if precision != "auto" and precision not in PRECISIONS:
-        raise ValueError(f"ARE_FAST_ATTENTION_PRECISION: expected auto or one of {', '.join(PRECISIONS)}, "
-                         f"got {precision!r}")
-    return None if precision == "auto" else precision
+    return _forcing.use(precision)
 
 
 def bucket(length: int) -> int:
@@ -87,7 +68,7 @@ def upcast(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 def choose(dtype: torch.dtype, head_dim: int, length_bucket: int, backward: bool) -> AttentionChoice:
     """The precision for that key: forced, else measured once per process."""
-    forced = _forced_precision()
+    forced = _forcing.forced()
     if forced is not None:
         choice = AttentionChoice(dtype, head_dim, length_bucket, backward, forced, "forced")
     else:
@@ -98,9 +79,7 @@ def choose(dtype: torch.dtype, head_dim: int, length_bucket: int, backward: bool
                         length_bucket, "with backward" if backward else "forward only", _cache[key].precision,
                         _cache[key].reason)
         choice = _cache[key]
-    made = _recorder.get()
-    if made is not None:
-        made.append(choice)
+    _forcing.record(choice)
     return choice
 
 

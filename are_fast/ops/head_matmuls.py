@@ -23,39 +23,23 @@ ARE_FAST_HEAD_MATMULS does the same: auto, fp32_out or upcast) and records every
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
-import os
 
 import torch
+
+from .forcing import Forcing
 
 logger = logging.getLogger(__name__)
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-_forced: contextvars.ContextVar = contextvars.ContextVar("are_fast_head_matmuls_mode", default=None)
-_recorder: contextvars.ContextVar = contextvars.ContextVar("are_fast_head_matmuls_made", default=None)
+MODES = ("fp32_out", "upcast")  # the modes a low-precision head can be forced to
+_forcing = Forcing("mode", "ARE_FAST_HEAD_MATMULS", MODES)
 
 
-@contextlib.contextmanager
 def use_mode(mode: str | None = None):
     """Force the mode of low-precision heads inside the block (None: automatic) and yield the list of every
     ``HeadMatmuls`` made inside it, so a test can assert which mode (and emulation) each pass used."""
-    if mode not in (None, "fp32_out", "upcast"):
-        raise ValueError(f"mode: expected None, 'fp32_out' or 'upcast', got {mode!r}")
-    made: list = []
-    tokens = _forced.set(mode), _recorder.set(made)
-    try:
-        yield made
-    finally:
-        _forced.reset(tokens[0])
-        _recorder.reset(tokens[1])
-
-
-def _requested_mode() -> str | None:
-    mode = _forced.get() or os.environ.get("ARE_FAST_HEAD_MATMULS", "auto")
-    if mode not in ("auto", "fp32_out", "upcast"):
-        raise ValueError(f"ARE_FAST_HEAD_MATMULS: expected auto, fp32_out or upcast, got {mode!r}")
-    return None if mode == "auto" else mode
+    return _forcing.use(mode)
 
 
 def _has_autocast(device_type: str) -> bool:
@@ -163,7 +147,7 @@ class HeadMatmuls:
             self.mode = "same"
         else:
             support = fp32_out_support(weight.device, operand)
-            self.mode = _requested_mode() or ("fp32_out" if support["mm"] else "upcast")
+            self.mode = _forcing.forced() or ("fp32_out" if support["mm"] else "upcast")
             self.emulated = self.mode == "fp32_out" and not support["mm"]
             self._support = dict(EMULATED_SUPPORT) if self.emulated else support
             self._mm = _emulated_mm_fp32_out if self.emulated else _mm_fp32_out
@@ -173,9 +157,7 @@ class HeadMatmuls:
         if self.mode == "upcast":
             self.weight = self.weight.to(self.compute_dtype)
         self.bias = None if bias is None else bias.to(self.compute_dtype)
-        made = _recorder.get()
-        if made is not None:
-            made.append(self)
+        _forcing.record(self)
 
     def _product(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """a @ b (fp32_out) written into ``out`` (float32) where PyTorch can; returns the product (``out``,

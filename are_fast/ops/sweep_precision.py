@@ -18,14 +18,13 @@ micro-measurement that finds a block matmul in that dtype faster than in float32
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import logging
-import os
 import time
 from dataclasses import dataclass
 
 import torch
+
+from .forcing import Forcing
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +38,7 @@ _ONEDNN_QUERY = {torch.bfloat16: ("onednn_bf16", "_is_mkldnn_bf16_supported"),
 _MIN_SPEEDUP = 1.2
 _PROBE_SHAPE = (256, 1024, 2048)  # rows, hidden, vocabulary entries of one block product
 
-_forced: contextvars.ContextVar = contextvars.ContextVar("are_fast_sweep_path", default=None)
-_recorder: contextvars.ContextVar = contextvars.ContextVar("are_fast_sweep_choices", default=None)
+_forcing = Forcing("path", "ARE_FAST_LOWP_SWEEP", PATHS)
 _cache: dict = {}
 
 
@@ -57,27 +55,15 @@ class SweepChoice:
         return self.dtype if self.path == "lowp" else torch.float32
 
 
-@contextlib.contextmanager
 def use_path(path: str | None = None):
     """Force the path of low-precision heads inside the block (None: automatic) and yield the list of every
     ``SweepChoice`` made inside it."""
-    if path is not None and path not in PATHS:
-        raise ValueError(f"path: expected None or one of {', '.join(PATHS)}, got {path!r}")
-    made: list = []
-    tokens = _forced.set(path), _recorder.set(made)
-    try:
-        yield made
-    finally:
-        _forced.reset(tokens[0])
-        _recorder.reset(tokens[1])
+    return _forcing.use(path)
 
 
 def forced_path() -> str | None:
     """The path forced by ``use_path`` or ARE_FAST_LOWP_SWEEP, None when automatic."""
-    path = _forced.get() or os.environ.get("ARE_FAST_LOWP_SWEEP", "auto")
-    if path != "auto" and path not in PATHS:
-        raise ValueError(f"ARE_FAST_LOWP_SWEEP: expected auto or one of {', '.join(PATHS)}, got {path!r}")
-    return None if path == "auto" else path
+    return _forcing.forced()
 
 
 def takes_sweep() -> bool:
@@ -92,9 +78,7 @@ def choose(device: torch.device, dtype: torch.dtype) -> SweepChoice:
         raise ValueError(f"dtype: expected bfloat16 or float16, got {dtype}")
     forced = forced_path()
     choice = SweepChoice(device.type, dtype, forced, "forced") if forced is not None else automatic(device, dtype)
-    made = _recorder.get()
-    if made is not None:
-        made.append(choice)
+    _forcing.record(choice)
     return choice
 
 
