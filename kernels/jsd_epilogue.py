@@ -17,10 +17,7 @@ import triton
 import triton.language as tl
 
 from .kl_epilogue import launch_pair
-from .logprob_epilogue import (
-    finite_or_zero, transform_derivative,
-    transformed,
-)
+from .logprob_epilogue import finite_or_zero, logsumexp_step, padded_tile, transform_derivative, transformed
 
 
 @triton.jit
@@ -75,20 +72,10 @@ def _jsd_epilogue_kernel(
     max_q = float("-inf")
     sum_q = 0.0
     for start in range(0, vocab, BLOCK_V):
-        mask = start + offsets < vocab
-        a = transformed(tl.load(p_row + start + offsets, mask=mask, other=0.0).to(tl.float32), softcap, logit_scale,
-                        HAS_SOFTCAP)
-        b = transformed(tl.load(q_row + start + offsets, mask=mask, other=0.0).to(tl.float32), softcap, logit_scale,
-                        HAS_SOFTCAP)
-        a = tl.where(mask, a, float("-inf"))
-        b = tl.where(mask, b, float("-inf"))
-        new_max_p = tl.maximum(max_p, tl.max(a, axis=0))
-        new_max_q = tl.maximum(max_q, tl.max(b, axis=0))
-        shift_p, shift_q = finite_or_zero(new_max_p), finite_or_zero(new_max_q)
-        sum_p = sum_p * tl.exp(max_p - shift_p) + tl.sum(tl.exp(a - shift_p), axis=0)
-        sum_q = sum_q * tl.exp(max_q - shift_q) + tl.sum(tl.exp(b - shift_q), axis=0)
-        max_p = new_max_p
-        max_q = new_max_q
+        cols = start + offsets
+        mask = cols < vocab
+        max_p, sum_p = logsumexp_step(max_p, sum_p, padded_tile(p_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP))
+        max_q, sum_q = logsumexp_step(max_q, sum_q, padded_tile(q_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP))
     max_p = finite_or_zero(max_p)
     max_q = finite_or_zero(max_q)
     log_sum_p = tl.log(sum_p)

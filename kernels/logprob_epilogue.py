@@ -50,6 +50,23 @@ def finite_or_zero(running_max):
 
 
 @triton.jit
+def padded_tile(row_ptr, cols, mask, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr):
+    """A tile of a row's transformed logits, -inf on the lanes past the vocabulary (``mask`` False)."""
+    x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return tl.where(mask, transformed(x, softcap, logit_scale, HAS_SOFTCAP), float("-inf"))
+
+
+@triton.jit
+def logsumexp_step(running_max, running_sum, x):
+    """One tile x of an online log-sum-exp: (new running max, sum of exp(logit - new max) so far). Terms are
+    relative to the running max, or to 0 while the row has shown only -inf logits (a masked vocabulary may fill
+    whole tiles): exp() never sees -inf - -inf."""
+    new_max = tl.maximum(running_max, tl.max(x, axis=0))
+    shift = finite_or_zero(new_max)
+    return new_max, running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift), axis=0)
+
+
+@triton.jit
 def _logprob_epilogue_kernel(
     logits_ptr,
     stride_row,
@@ -81,15 +98,9 @@ def _logprob_epilogue_kernel(
     running_max = float("-inf")
     running_sum = 0.0
     for start in range(0, vocab, BLOCK_V):
-        mask = start + offsets < vocab
-        x = tl.load(row_ptr + start + offsets, mask=mask, other=0.0).to(tl.float32)
-        x = tl.where(mask, transformed(x, softcap, logit_scale, HAS_SOFTCAP), float("-inf"))
-        # Terms relative to the running max, or to 0 while the row has shown only -inf logits (a masked vocabulary
-        # may fill whole tiles): exp() never sees -inf - -inf.
-        new_max = tl.maximum(running_max, tl.max(x, axis=0))
-        shift = finite_or_zero(new_max)
-        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift), axis=0)
-        running_max = new_max
+        cols = start + offsets
+        x = padded_tile(row_ptr, cols, cols < vocab, softcap, logit_scale, HAS_SOFTCAP)
+        running_max, running_sum = logsumexp_step(running_max, running_sum, x)
     # x - lse is formed as (x - max) - log_sum: rounding lse itself to float32 would cost ulp(max) (1e-3 at 1e4).
     log_sum = tl.log(running_sum)
 
