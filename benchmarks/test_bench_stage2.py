@@ -134,12 +134,12 @@ def test_stage2_step(negatives, impl, dtype, models, measure, benchmark):
         return loss
 
     step = released if impl == "released" else ours
-    loss = float(step())
+    loss = step().item()
     comp.zero_grad(set_to_none=True)
     if impl == "released":
         _released_loss[released_key] = loss
     elif released_key not in _released_loss:
-        _released_loss[released_key] = float(released())
+        _released_loss[released_key] = released().item()
         comp.zero_grad(set_to_none=True)
     other = _released_loss[released_key]  # the same loss, or the comparison is void
     assert abs(loss - other) <= (2e-2 if dtype == "bfloat16" else 1e-5) * max(abs(other), 1e-6)

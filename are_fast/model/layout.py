@@ -295,25 +295,45 @@ def varlen_attention(module, query, key, value, attention_mask=None, scaling=Non
 
         out = flash_varlen(varlen_attn, q, k, v, cu_seq_lens_q, max_length_q, scaling, sliding_window)
         return out.unsqueeze(0), None
-    # Elsewhere: sequences of similar length share one causal attention call over a zero-padded block.
-    starts, sizes = cu_seq_lens_q[:-1].tolist(), cu_seq_lens_q.diff().tolist()
-    order, parts = [], []
+    # Elsewhere: sequences of similar length share one causal attention call over a padded block.
+    sizes = cu_seq_lens_q.diff().tolist()
+    if cu_seq_lens_q[0] != 0 or sum(sizes) != q.shape[0]:
+        raise ValueError(f"varlen attention: cu_seq_lens_q must run from 0 to the {q.shape[0]} packed tokens, got "
+                         f"{cu_seq_lens_q[0]} to {cu_seq_lens_q[-1]}")
+    read, slot, shapes = padded_blocks(tuple(sizes), q.device)
+    # split, not slices: a slice's backward writes into a zeroed copy of the whole tensor, one per block
+    counts = [groups * width for groups, width in shapes]
+    pieces = zip(*(t.index_select(0, read).split(counts) for t in (q, k, v)))  # [P, heads, d] laid out by block
+    parts = []
+    for (groups, width), blocks in zip(shapes, pieces):
+        blocks = (t.view(groups, width, *t.shape[1:]).transpose(1, 2) for t in blocks)
+        out = block_attention(*blocks, scaling, dropout, sliding_window, softcap)  # [G, heads, width, d]
+        parts.append(out.transpose(1, 2).reshape(groups * width, out.shape[1], out.shape[3]))
+    out = (parts[0] if len(parts) == 1 else torch.cat(parts)).index_select(0, slot)
+    return out.unsqueeze(0), None
+
+
+@functools.lru_cache(maxsize=32)
+def padded_blocks(sizes: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """How the CPU path of ``varlen_attention`` lays packed sequences of ``sizes`` out as padded blocks, one per
+    group of ``attention_groups``: (read [P] int64, the packed token each of the P block slots reads; slot [N]
+    int64, the block slot of each packed token; shapes, (sequences, width) per block in slot order). A padding
+    slot reads its own sequence's first token: causal masking hides it from every real query and its own output
+    is dropped, so it only needs to be finite where the sequence is (no copy of another sequence, no zero fill).
+    Cached: every layer of a call, and the backward, use the same layout."""
+    starts = torch.tensor((0, *sizes[:-1])).cumsum(0)
+    read, slot, shapes, base = [], torch.empty(sum(sizes), dtype=torch.int64), [], 0
     for group in attention_groups(sizes):
         width = sizes[group[0]]
-        sequence = torch.repeat_interleave(torch.arange(len(group)), torch.tensor([sizes[i] for i in group]))
-        offset = torch.cat([torch.arange(sizes[i]) for i in group])
-        tokens = torch.tensor([starts[i] for i in group])[sequence] + offset
-        sequence, offset, tokens = (t.to(q.device) for t in (sequence, offset, tokens))
-
-        def padded(t):  # [N, h, d] -> [G, h, width, d], zeros past each sequence's end
-            block = t.new_zeros(len(group), width, *t.shape[1:])
-            return block.index_put((sequence, offset), t[tokens]).transpose(1, 2)
-
-        out = block_attention(padded(q), padded(k), padded(v), scaling, dropout, sliding_window, softcap)
-        order.append(tokens)
-        parts.append(out.transpose(1, 2)[sequence, offset])
-    out = q.new_zeros(q.shape).index_copy(0, torch.cat(order), torch.cat(parts))
-    return out.unsqueeze(0), None
+        lengths, first = torch.tensor([sizes[i] for i in group]), starts[group]
+        position = torch.arange(width)
+        real = position < lengths[:, None]  # [G, width]
+        tokens = first[:, None] + torch.where(real, position, 0)
+        slot[tokens[real]] = base + torch.arange(len(group) * width).view(len(group), width)[real]
+        read.append(tokens.flatten())
+        shapes.append((len(group), width))
+        base += len(group) * width
+    return torch.cat(read).to(device), slot.to(device), tuple(shapes)
 
 
 def block_attention(q, k, v, scaling=None, dropout=0.0, sliding_window=None, softcap=None):

@@ -78,6 +78,57 @@ def test_varlen_attention_equals_per_sequence_attention():
         varlen_attention(module, q, k, v, None)
 
 
+def _per_sequence_attention(q, k, v, cu, scaling, window=None, softcap=None):
+    """float64 reference: each sequence alone, q [1, heads, N, d], k and v [1, kv_heads, N, d] -> [1, N, heads, d]."""
+    out = torch.full((q.shape[2], q.shape[1], q.shape[3]), float("nan"), dtype=torch.float64)
+    share = q.shape[1] // k.shape[1]
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        part_q, part_k, part_v = (t[0, :, start:end].double() for t in (q, k, v))
+        part_k, part_v = part_k.repeat_interleave(share, 0), part_v.repeat_interleave(share, 0)
+        scores = part_q @ part_k.transpose(-1, -2) * scaling
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        i = torch.arange(end - start)
+        allowed = (i[None] <= i[:, None]) & (i[None] > i[:, None] - (window or end))
+        out[start:end] = (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ part_v).transpose(0, 1)
+    return out.unsqueeze(0)
+
+
+@pytest.mark.parametrize(("window", "softcap"), [(None, None), (4, None), (None, 5.0), (4, 5.0)])
+def test_varlen_attention_blocks_forward_and_gradients(window, softcap):
+    """The CPU path's padded blocks (sequences of unequal length in one block, one per group): output and the
+    gradients of q, k and v against each sequence's own attention in float64, with GQA, a sliding window and a
+    softcap; every packed token gets an output (none left unwritten) and a NaN in one sequence stays in it."""
+    sizes = [50, 49, 50, 1, 10, 9, 3]
+    assert any(len({sizes[i] for i in group}) > 1 for group in attention_groups(sizes))  # a block has padding
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, heads, sum(sizes), 8, generator=gen).requires_grad_() for heads in (4, 2, 2))
+    grad = torch.randn(1, sum(sizes), 4, 8, generator=gen)
+    cu = torch.tensor([0, *sizes], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    module = torch.nn.Module().eval()
+    out, _ = varlen_attention(module, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu, max_length_q=50,
+                              sliding_window=window, softcap=softcap)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = _per_sequence_attention(*ref_inputs, cu, 0.3, window, softcap)
+    expected = torch.autograd.grad(ref, ref_inputs, grad.double())
+    assert not out.isnan().any()
+    assert rel_error(out, ref) <= 1e-5
+    for g, e in zip(got, expected):
+        assert rel_error(g, e) <= 1e-5
+    poisoned = [t.detach().clone() for t in (q, k, v)]
+    others = torch.ones(sum(sizes), dtype=torch.bool)
+    for sequence in (0, 3):  # one that shares its block with a shorter sequence, and the length-1 one
+        others[cu[sequence]:cu[sequence + 1]] = False
+        for t in poisoned:
+            t[0, :, cu[sequence]:cu[sequence + 1]] = float("nan")
+    out, _ = varlen_attention(module, *poisoned, None, scaling=0.3, cu_seq_lens_q=cu, max_length_q=50,
+                              sliding_window=window, softcap=softcap)
+    assert out[0, ~others].isnan().all() and not out[0, others].isnan().any()
+    with pytest.raises(ValueError, match="cu_seq_lens_q"):
+        varlen_attention(module, q, k, v, None, cu_seq_lens_q=cu[:-1], max_length_q=50)
+
+
 def _varlen_attn_of(version):
     """A stand-in for torch's varlen_attn with torch ``version``'s signature, computed by per-sequence sdpa (the
     flash kernel runs only on CUDA); 2.11's has no enable_gqa and needs as many key/value heads as query heads.
