@@ -22,7 +22,8 @@ without one runs the kind's PyTorch epilogue on the chunk driver, saying so once
 
 Choice, first match wins: the op's ``backend=`` argument, the ``ARE_FAST_BACKEND`` environment variable,
 then the tensors' device: ``triton`` on CUDA, else ``native`` where ``are_fast.ops.native.use_by_default`` says so
-(``ARE_FAST_NATIVE``: auto, the default, means an ahead-of-time build is installed), else ``online``.
+(``ARE_FAST_NATIVE``: auto, the default, means an ahead-of-time build is installed and the tensors are on CUDA;
+1 means always), else ``online``.
 """
 from __future__ import annotations
 

@@ -19,9 +19,11 @@ the build fails, the library is unavailable: the reason is logged once (warning)
 Who uses it (see ``are_fast.ops.backends``): ``backend="native"`` (or ``ARE_FAST_BACKEND=native``), building on
 first use and raising ValueError with the reason when that fails. With no backend named, the environment
 variable ``ARE_FAST_NATIVE`` decides whether the chunk driver takes the native epilogues instead of the
-PyTorch ones: ``auto`` (default) when an ahead-of-time build loads, so an op call never stalls on a compiler
-unasked and the choice does not depend on what happens to sit in a cache; ``1`` always, building on the first
-op call (falling back to the PyTorch epilogues, with the logged reason, if that fails); ``0`` never.
+PyTorch ones: ``auto`` (default) on CUDA tensors when an ahead-of-time build loads, so an op call never stalls on
+a compiler unasked and the choice does not depend on what happens to sit in a cache, and never on CPU tensors,
+where the online sweep (the CPU default) measured faster than the chunk driver with these epilogues for every op
+and dtype but the float32 JSD (1.1-7x; benchmarks/RESULTS.md); ``1`` always, building on the first op call
+(falling back to the PyTorch epilogues, with the logged reason, if that fails); ``0`` never.
 
 ``python -m are_fast.ops.native --check`` builds if needed and prints what was built, or why not; ``--plan``
 prints what a build here would compile and with what, building nothing.
@@ -223,8 +225,8 @@ def use_by_default(device: torch.device) -> bool:
     mode = os.environ.get("ARE_FAST_NATIVE", "auto")
     if mode not in _MODES:
         raise ValueError(f"ARE_FAST_NATIVE: expected one of {', '.join(_MODES)}, got {mode!r}")
-    if mode == "0" or (mode == "auto" and not ahead_of_time_builds()):  # not on what this process happened to load
-        return False
+    if mode == "0" or (mode == "auto" and (device.type == "cpu" or not ahead_of_time_builds())):
+        return False  # auto: never on what this process happened to load, never on CPU (measured slower there)
     return library.load(build=mode == "1") and supports(device)
 
 

@@ -78,15 +78,22 @@ def test_fallback_to_pytorch_epilogues(unbuildable, monkeypatch):
 
 def test_default_backend_follows_are_fast_native(ops, monkeypatch):
     """With no backend named: ARE_FAST_NATIVE=1 takes the native epilogues, 0 never, auto only from an
-    ahead-of-time build; an explicit backend always wins."""
+    ahead-of-time build and only on CUDA; an explicit backend always wins."""
     cpu = torch.device("cpu")
     monkeypatch.setenv("ARE_FAST_NATIVE", "1")
     assert resolve_backend(None, cpu) == "native"
     assert resolve_backend("chunked", cpu) == "chunked"  # the PyTorch epilogues stay reachable
     monkeypatch.setenv("ARE_FAST_NATIVE", "0")
     assert resolve_backend(None, cpu) == "online"
-    monkeypatch.setenv("ARE_FAST_NATIVE", "auto")  # an installed ahead-of-time build, not what this process loaded
-    assert resolve_backend(None, cpu) == ("native" if native.ahead_of_time_builds() else "online")
+    monkeypatch.setenv("ARE_FAST_NATIVE", "auto")  # an installed ahead-of-time build, on CUDA only
+    assert resolve_backend(None, cpu) == "online"
+    monkeypatch.setattr(native, "ahead_of_time_builds", lambda: ["_native.so"])
+    monkeypatch.setattr(native.library, "load", lambda build=False: True)
+    monkeypatch.setattr(native, "supports", lambda device: True)
+    assert resolve_backend(None, cpu) == "online"  # measured slower than the online sweep on CPU
+    assert native.use_by_default(torch.device("cuda"))
+    monkeypatch.setattr(native, "ahead_of_time_builds", lambda: [])
+    assert not native.use_by_default(torch.device("cuda"))  # not what this process happened to load
     monkeypatch.setenv("ARE_FAST_NATIVE", "yes")
     with pytest.raises(ValueError, match="ARE_FAST_NATIVE: expected one of auto, 0, 1, got 'yes'"):
         resolve_backend(None, cpu)
