@@ -76,32 +76,47 @@ def bench_rows(count: int, negatives: int, smoke: bool = False) -> tuple[list[di
     return triplet_rows(count, negatives), "are_fast.toy.data triplets (medi_nli_sample.jsonl not found)"
 
 
+def write_model(path: str, name: str) -> None:
+    """Save the random-init Llama of config ``name`` (CONFIGS) and its byte-level tokenizer under ``path``."""
+    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = ByT5Tokenizer()
+    config = LlamaConfig(**CONFIGS[name][0], max_position_embeddings=2048, bos_token_id=None,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def load_pair(path: str, dtype: torch.dtype, device, checkpointing: bool = False):
+    """(compressor, frozen decoder) from ``path`` in ``dtype``, train mode (as a training step runs them)."""
+    torch.manual_seed(1)  # the same <EMBED*> rows in every copy
+    comp = Compressor.from_pretrained(path, K, dtype=dtype, device=device).train()
+    if checkpointing:
+        comp.enable_checkpointing()
+    dec = FrozenDecoder.from_pretrained(path, dtype=dtype, device=device, checkpointing=checkpointing).train()
+    return comp, dec
+
+
+def bench_items(rows: list[dict], negatives: int, comp, dec):
+    """Stage-2 items of ``rows`` with fixed random reference scores (the timing does not depend on them)."""
+    gen = torch.Generator().manual_seed(0)
+    scores = {r["id"]: (float(torch.randn(1, generator=gen)), torch.randn(negatives, generator=gen).tolist())
+              for r in rows}
+    return stage2_items(rows, comp, dec, scores=scores)
+
+
 @pytest.fixture(scope="module")
 def models():
     """(device, name, {(dtype name, checkpointing): (compressor, decoder)}, batch rows) of this run."""
-    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
-
     device = bench_device()
     name = "smoke" if smoke_mode() else device.type
-    fields, rows = CONFIGS[name]
-    tokenizer = ByT5Tokenizer()
-    config = LlamaConfig(**fields, max_position_embeddings=2048, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as path:
-        LlamaForCausalLM(config).save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        pairs = {}
+        write_model(path, name)
         kinds = [(_DTYPE, False), (_DTYPE, True)] + ([("bfloat16", False)] if _BF16_IMPLS else [])
-        for dtype_name, checkpointing in kinds:
-            dtype = getattr(torch, dtype_name)
-            torch.manual_seed(1)  # the same <EMBED*> rows in every copy
-            comp = Compressor.from_pretrained(path, K, dtype=dtype, device=device).train()  # train mode: checkpointing
-            if checkpointing:
-                comp.enable_checkpointing()
-            dec = FrozenDecoder.from_pretrained(path, dtype=dtype, device=device, checkpointing=checkpointing).train()
-            pairs[(dtype_name, checkpointing)] = comp, dec
-    yield device, name, pairs, rows
+        pairs = {kind: load_pair(path, getattr(torch, kind[0]), device, kind[1]) for kind in kinds}
+    yield device, name, pairs, CONFIGS[name][1]
 
 
 _PARAMS = [pytest.param(n, impl, dtype, id=f"neg{n}-{impl}" + ("-bf16" if dtype != _DTYPE else ""))
@@ -116,10 +131,7 @@ def test_stage2_step(negatives, impl, dtype, models, measure, benchmark):
     route = impl.removeprefix("ours-") if impl.removeprefix("ours-") in ROUTES else default_route(device)
     comp.route = dec.route = route
     rows, source = bench_rows(count, negatives, smoke=name == "smoke")
-    gen = torch.Generator().manual_seed(0)
-    scores = {r["id"]: (float(torch.randn(1, generator=gen)), torch.randn(negatives, generator=gen).tolist())
-              for r in rows}
-    items = stage2_items(rows, comp, dec, scores=scores)
+    items = bench_items(rows, negatives, comp, dec)
     model = Stage2Model(comp, dec, backend="reference" if impl == "ours-logits" else None)
     batch = model.collate(items).to(device)
 
