@@ -13,7 +13,8 @@ for autograd. What it computes and saves depends on ``mode``, which the caller p
   trainable head costs 3 matmuls per chunk; the backward scales them in place by d loss / d total;
 - "recompute" (trainable head, per-row output): the backward recomputes the logits, block by block with the
   per-row log-sum-exp the online sweep's forward saved (log-probabilities on the ``online`` backend), else chunk
-  by chunk.
+  by chunk. A trainable bf16/fp16 head whose sweep runs low-precision matmuls takes it for a known row scale
+  too (its gradient flows through ``total``): the chunk driver's "scalar" pass would multiply a float32 copy.
 
 The in-place scaling means one backward per forward: a second one (``retain_graph=True``, gradcheck) raises,
 saying so, unless the forward ran under ``allow_retain_graph()`` (then the backward scales a copy, one more
@@ -32,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import checks, online, registry
+from . import checks, online, registry, sweep_precision
 from .backends import REGISTRY, epilogue
 from .chunked import fused_linear_pass
 from .head_matmuls import autocast_off, autocast_operand_dtype
@@ -92,6 +93,12 @@ def _online_log_norms(kind, backend, weight, bias, operand_dtype) -> bool:
     """Whether a "recompute" forward runs the online logprob sweep, which also returns each row's log-sum-exp
     (saved, so that the backward sweeps with the final probabilities: ``online.online_weight_pass``)."""
     return kind == "logprob" and _runs_online(kind, backend, weight, bias, operand_dtype)
+
+
+def _low_precision_sweep(kind, backend, weight, bias, operand_dtype) -> bool:
+    """Whether a "recompute" pass of ``kind`` would run the online sweep with low-precision block matmuls."""
+    return (_online_log_norms(kind, backend, weight, bias, operand_dtype)
+            and online.block_operand_dtype(weight, operand_dtype) in sweep_precision.LOW_PRECISION)
 
 
 def _pass(kind, hiddens, weight, bias, labels, ignore_index, backend, chunk_rows, compact, operand_dtype, transform,
@@ -265,7 +272,7 @@ def _setup_context(ctx, inputs, output):
     if mode in ("rescale", "scalar"):
         ctx.save_for_backward(*dh, dw, db)
     elif mode == "recompute":
-        ctx.save_for_backward(weight, bias, labels, log_norms, *hiddens)
+        ctx.save_for_backward(weight, bias, labels, log_norms, row_scale, *hiddens)
 
 
 def _backward(ctx, grad_values, grad_total, *unused):
@@ -276,6 +283,9 @@ def _backward(ctx, grad_values, grad_total, *unused):
     # floats as one leaf (its gradient: None).
     nones[-1] = None if ctx.options[-1] else []
     upstream = grad_total if ctx.mode == "scalar" else grad_values
+    if ctx.mode == "recompute" and grad_total is not None:  # d total / d values = row_scale
+        row_scale = ctx.saved_tensors[4]
+        upstream = grad_total * row_scale if upstream is None else upstream + grad_total * row_scale
     if ctx.mode == "values" or upstream is None:  # None: the output was not used, so no gradient flows
         return tuple(nones)
     if ctx.mode in ("rescale", "scalar"):
@@ -298,10 +308,10 @@ def _backward(ctx, grad_values, grad_total, *unused):
             nones[weight_slot] = scaled(dw) if ctx.weight_grad else None
             nones[bias_slot] = scaled(db) if ctx.bias_grad else None
         return tuple(nones)
-    weight, bias, labels, log_norms, *hiddens = ctx.saved_tensors
+    weight, bias, labels, log_norms, _, *hiddens = ctx.saved_tensors
     kind, ignore_index, backend, chunk_rows, compact, operand_dtype, softcap, logit_scale, params = ctx.options
     dh, dw, db = linear_streams_backward(
-        kind, hiddens, weight, bias, labels, grad_values, log_norms, ignore_index, backend, chunk_rows, compact,
+        kind, hiddens, weight, bias, labels, upstream, log_norms, ignore_index, backend, chunk_rows, compact,
         ctx.hidden_grads, ctx.weight_grad, ctx.bias_grad, operand_dtype, softcap, logit_scale, params,
     )
     nones[hidden_slot] = [g if need else None for g, need in zip(dh, ctx.hidden_grads)]
@@ -326,7 +336,14 @@ def fused_streams(kind, hiddens, weight, bias, labels, ignore_index, backend, ch
     need_hidden = [grad_on and h.requires_grad for h in hiddens]
     need_weight = grad_on and weight.requires_grad
     need_bias = grad_on and bias is not None and bias.requires_grad
-    if row_scale is not None and (need_weight or need_bias or any(need_hidden)):
+    # Under autocast the head's matmuls run in its dtype, in the backward too (which runs outside it).
+    operand_dtype = autocast_operand_dtype(weight.device) if weight.dtype == torch.float32 else None
+    if row_scale is not None and (need_weight or need_bias) and _low_precision_sweep(
+            kind, backend, weight, bias, operand_dtype):
+        # A trainable head in bf16/fp16: two low-precision sweeps (values, then every gradient) beat the one
+        # "scalar" pass of the chunk driver, whose matmuls run on a float32 copy of the head.
+        mode = "recompute"
+    elif row_scale is not None and (need_weight or need_bias or any(need_hidden)):
         mode = "scalar"
     elif need_weight or need_bias:
         mode = "recompute"
@@ -334,8 +351,6 @@ def fused_streams(kind, hiddens, weight, bias, labels, ignore_index, backend, ch
         mode = "rescale"
     else:
         mode = "values"
-    # Under autocast the head's matmuls run in its dtype, in the backward too (which runs outside it).
-    operand_dtype = autocast_operand_dtype(weight.device) if weight.dtype == torch.float32 else None
     values, total, _, _, _, _ = linear_streams(
         kind, list(hiddens), weight, bias, labels, row_scale, ignore_index, backend, chunk_rows or 0, compact, mode,
         need_hidden, need_weight, need_bias, torch.compiler.is_compiling() and checks.label_checks_enabled(),

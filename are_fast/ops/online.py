@@ -67,14 +67,19 @@ def supported(weight: torch.Tensor, bias: torch.Tensor | None, operand_dtype, we
     return (full or low or autocast) and not weight_grad and not bias_grad
 
 
-def sweep_matmuls(weight: torch.Tensor, bias: torch.Tensor | None, operand_dtype=None) -> SweepMatmuls:
-    """The block products of one pass: a full-precision head as it is; a low-precision head (or autocast's
-    ``operand_dtype`` for a float32 one) in the operand dtype ``sweep_precision.choose`` picks for the device."""
-    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+def block_operand_dtype(weight: torch.Tensor, operand_dtype=None) -> torch.dtype:
+    """The dtype of a pass's block-matmul operands: a full-precision head's own; for a low-precision head (or
+    autocast's ``operand_dtype`` over a float32 one) the one ``sweep_precision.choose`` picks for the device."""
     low = operand_dtype if operand_dtype in sweep_precision.LOW_PRECISION else weight.dtype
     if low not in sweep_precision.LOW_PRECISION:
-        return SweepMatmuls(weight, bias, weight.dtype, compute)
-    return SweepMatmuls(weight, bias, sweep_precision.choose(weight.device, low).operand_dtype, compute)
+        return weight.dtype
+    return sweep_precision.choose(weight.device, low).operand_dtype
+
+
+def sweep_matmuls(weight: torch.Tensor, bias: torch.Tensor | None, operand_dtype=None) -> SweepMatmuls:
+    """The block products of one pass, in ``block_operand_dtype``'s dtype."""
+    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    return SweepMatmuls(weight, bias, block_operand_dtype(weight, operand_dtype), compute)
 
 
 def block_shape(active: int, vocab: int, slots: int, rows: int | None = None, low_precision: bool = False):

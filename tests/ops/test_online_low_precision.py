@@ -120,6 +120,16 @@ def test_trainable_bf16_head(op, path, small_blocks, operands):
     assert set(seen) == {(expected, expected)} and len(made) == 2  # forward and backward
 
 
+@pytest.mark.parametrize("transform", [{}, {"softcap": 2.5, "logit_scale": 1.3}])
+def test_trainable_compression_loss_takes_two_sweeps(transform, small_blocks, operands):
+    """compression_loss knows its row scale in the forward, so a trainable head gets every gradient from one
+    chunk-driver pass (3 matmuls per chunk); but for a bf16 head that pass multiplies a float32 copy, so on the
+    lowp path it takes the values sweep and the weight sweep instead, its gradient through the loss's row scale."""
+    seen, made = operands
+    _check("compression_loss", torch.bfloat16, True, "lowp", **transform)
+    assert set(seen) == {(torch.bfloat16, torch.bfloat16)} and len(made) == 2  # forward and backward
+
+
 @pytest.mark.parametrize(("op", "trainable"), [("token_logprobs", False), ("token_logprobs", True),
                                                 *((op, False) for op in PAIR_OPS)])
 def test_logit_transforms_in_bf16(op, trainable, small_blocks):
@@ -133,7 +143,7 @@ def test_fp16_head(op, small_blocks):
 
 
 @pytest.mark.parametrize(("op", "trainable"), [("token_logprobs", False), ("token_logprobs", True),
-                                                *((op, False) for op in PAIR_OPS)])
+                                                ("compression_loss", True), *((op, False) for op in PAIR_OPS)])
 def test_autocast_takes_the_sweep_with_one_cast(op, trainable, small_blocks, operands):
     """A float32 head under CPU bf16 autocast: the sweep with bf16 operands (the head cast once per pass, not
     per block), float32 gradients, against float64 on the bf16-rounded inputs. (A trainable head's KL takes
