@@ -283,8 +283,8 @@ def _backward(ctx, grad_values, grad_total, *unused):
     # floats as one leaf (its gradient: None).
     nones[-1] = None if ctx.options[-1] else []
     upstream = grad_total if ctx.mode == "scalar" else grad_values
-    if ctx.mode == "recompute" and grad_total is not None:  # d total / d values = row_scale
-        row_scale = ctx.saved_tensors[4]
+    row_scale = ctx.saved_tensors[4] if ctx.mode == "recompute" else None
+    if row_scale is not None and grad_total is not None:  # d total / d values = row_scale
         upstream = grad_total * row_scale if upstream is None else upstream + grad_total * row_scale
     if ctx.mode == "values" or upstream is None:  # None: the output was not used, so no gradient flows
         return tuple(nones)

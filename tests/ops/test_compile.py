@@ -71,6 +71,10 @@ def test_compiled_label_check_still_raises():
 
 
 def _op_args(mode, kind="logprob", backend="chunked", transform=(None, None)):
+    """The op's arguments in ``mode``; "recompute+row_scale": recompute with a row scale (a trainable bf16 head's
+    compression_loss on the lowp sweep), whose total's gradient flows through the recompute backward."""
+    scaled = mode in ("scalar", "recompute+row_scale")
+    mode = mode.removesuffix("+row_scale")
     hidden = torch.randn(9, H, dtype=torch.float64, requires_grad=True)
     hidden_q = torch.randn(9, H, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(V, H, dtype=torch.float64, requires_grad=mode in ("scalar", "recompute"))
@@ -80,14 +84,14 @@ def _op_args(mode, kind="logprob", backend="chunked", transform=(None, None)):
     hiddens = [hidden, hidden_q][: spec.streams]
     if spec.row_label == "valid":
         labels = labels != IGNORE
-    row_scale = torch.rand(9, dtype=torch.float64) if mode == "scalar" else None
+    row_scale = torch.rand(9, dtype=torch.float64) if scaled else None
     train = mode in ("scalar", "recompute")
     return (kind, hiddens, weight, None, labels, row_scale, IGNORE, backend, 4, True, mode,
             [True] * len(hiddens), train, False, False, None, *transform, [0.3] * len(spec.params))
 
 
 @pytest.mark.parametrize("transform", [(None, None), (0.7, 1.5)], ids=["plain", "softcap+scale"])
-@pytest.mark.parametrize("mode", ["values", "rescale", "scalar", "recompute"])
+@pytest.mark.parametrize("mode", ["values", "rescale", "scalar", "recompute", "recompute+row_scale"])
 @pytest.mark.parametrize("kind", list(registry.KINDS))
 @pytest.mark.parametrize("backend", ["chunked", "online"])
 def test_opcheck_linear_streams(mode, kind, backend, transform):
