@@ -6,7 +6,8 @@ least ``--full-rate`` of the best bf16 rate seen in the run; the ratio is given 
 
     OMP_NUM_THREADS=1 python -m benchmarks.stage2_dtypes --rounds 12
 
-Process time per step (one thread is steadiest); the model, rows and batch are test_bench_stage2.py's.
+Process time per step (one thread is steadiest); the model, rows and batch are test_bench_stage2.py's
+(``benchmarks.stage2_setup``).
 """
 from __future__ import annotations
 
@@ -22,21 +23,22 @@ from are_fast.model.layout import default_route
 
 from .conftest import cpu_matmul_rates
 from .side_by_side import _commit, machine_lines
-from .test_bench_stage2 import CONFIGS, bench_items, bench_rows, load_pair, write_model
+from .stage2_setup import CONFIGS, bench_items, bench_rows, load_pair, write_model
 
 DTYPES = (torch.float32, torch.bfloat16)
 
 
-def stage2_steps(negatives: int) -> dict:
-    """dtype -> a function running one stage-2 step (forward, backward, gradients cleared) on the CPU."""
+def stage2_steps(negatives: int, config: str = "cpu") -> dict:
+    """dtype -> a function running one stage-2 step (forward, backward, gradients cleared) on the CPU, for the
+    model and batch size of test_bench_stage2's ``config`` ("cpu"; "smoke": tiny, toy rows)."""
     device = torch.device("cpu")
     steps = {}
     with tempfile.TemporaryDirectory() as path:
-        write_model(path, "cpu")
+        write_model(path, config)
         for dtype in DTYPES:
             comp, dec = load_pair(path, dtype, device)
             comp.route = dec.route = default_route(device)
-            rows, _ = bench_rows(CONFIGS["cpu"][1], negatives)
+            rows, _ = bench_rows(CONFIGS[config][1], negatives, smoke=config == "smoke")
             model = Stage2Model(comp, dec)
             batch = model.collate(bench_items(rows, negatives, comp, dec))
 
@@ -55,8 +57,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--negatives", type=int, default=4)
     parser.add_argument("--full-rate", type=float, default=0.8)
+    parser.add_argument("--config", choices=("cpu", "smoke"), default="cpu")
     args = parser.parse_args(argv)
-    steps = stage2_steps(args.negatives)
+    steps = stage2_steps(args.negatives, args.config)
     rounds = []  # (seconds per dtype, bf16 rates of the probes around the round)
     for _ in range(args.rounds):
         seconds, rates = {}, [cpu_matmul_rates()["bfloat16"]]
