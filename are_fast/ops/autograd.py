@@ -95,6 +95,7 @@ def _online_log_norms(kind, backend, weight, bias, operand_dtype) -> bool:
     return kind == "logprob" and _runs_online(kind, backend, weight, bias, operand_dtype)
 
 
+@torch.compiler.assume_constant_result  # the machine's and the dtypes' answer, read once at trace time
 def _low_precision_sweep(kind, backend, weight, bias, operand_dtype) -> bool:
     """Whether a "recompute" pass of ``kind`` would run the online sweep with low-precision block matmuls."""
     return (_online_log_norms(kind, backend, weight, bias, operand_dtype)

@@ -60,6 +60,27 @@ def test_fullgraph_compile_matches_eager(head, transform):
         assert_rel_close(g, e, torch.float32, "compiled gradient")
 
 
+def test_fullgraph_compile_of_a_trainable_bf16_head_takes_the_bf16_sweeps():
+    """compression_loss with a trainable bf16 head chooses its mode from the machine (the lowp sweep: two
+    sweeps, "recompute") at trace time, without a graph break; compiled and eager agree, on the lowp path."""
+    from are_fast.ops import sweep_precision
+
+    torch._dynamo.reset()
+    hidden, _, labels = _inputs()
+    hidden = hidden.bfloat16().requires_grad_()
+    head = (torch.randn(V, H) / H**0.5).bfloat16().requires_grad_()
+    loss = lambda h, w: are_fast.compression_loss(h, w, labels, backend="online")  # noqa: E731
+    with sweep_precision.use_path("lowp") as choices:
+        eager = loss(hidden, head)
+        eager_grads = torch.autograd.grad(eager, (hidden, head))
+        out = torch.compile(loss, fullgraph=True, backend="aot_eager")(hidden, head)
+        grads = torch.autograd.grad(out, (hidden, head))
+    assert choices and {c.path for c in choices} == {"lowp"}
+    assert_rel_close(out, eager, torch.float32, "compiled value")
+    for g, e in zip(grads, eager_grads):
+        assert_rel_close(g.float(), e.float(), torch.bfloat16, "compiled gradient")
+
+
 def test_compiled_label_check_still_raises():
     """The label-range check moves into the op under torch.compile: a bad label still gives a ValueError."""
     torch._dynamo.reset()
