@@ -21,8 +21,8 @@ first use and raising ValueError with the reason when that fails. With no backen
 variable ``ARE_FAST_NATIVE`` decides whether the chunk driver takes the native epilogues instead of the
 PyTorch ones: ``auto`` (default) on CUDA tensors when an ahead-of-time build loads, so an op call never stalls on
 a compiler unasked and the choice does not depend on what happens to sit in a cache, and never on CPU tensors,
-where the online sweep (the CPU default) measured faster than the chunk driver with these epilogues for every op
-and dtype but the float32 JSD (1.1-7x; benchmarks/RESULTS.md); ``1`` always, building on the first op call
+where the chunk driver with these epilogues took 1.0-1.6x the online sweep's (the CPU default) time in float32 and
+1.7-7x in bf16 for every op but the float32 JSD (benchmarks/RESULTS.md); ``1`` always, building on the first op call
 (falling back to the PyTorch epilogues, with the logged reason, if that fails); ``0`` never.
 
 ``python -m are_fast.ops.native --check`` builds if needed and prints what was built, or why not; ``--plan``
