@@ -13,7 +13,7 @@ import are_fast
 from _helpers import FUSED_BACKENDS, assert_rel_close, leaf, rel_error
 from are_fast.kernels.kl_epilogue import kl_epilogue
 from are_fast.kernels.logprob_epilogue import logprob_epilogue
-from are_fast.ops import head_matmuls, torch_epilogues
+from are_fast.ops import functional, head_matmuls, torch_epilogues
 from are_fast.ops.head_matmuls import HeadMatmuls, use_mode
 
 N, H, V = 22, 24, 301  # 22 rows in chunks of 4: five full chunks and a remainder
@@ -216,7 +216,8 @@ def test_native_epilogues_fill_a_gradient_output(transform):
 @pytest.mark.parametrize(
     ("op", "head", "forced", "no_out"),
     [(op, head, None, False) for op in ("token_logprobs", "conditional_kl") for head in ("frozen", "trainable")]
-    + [("token_logprobs", head, "fp32_out", no_out) for head in ("frozen", "trainable") for no_out in (False, True)],
+    + [("token_logprobs", head, "fp32_out", no_out) for head in ("frozen", "trainable") for no_out in (False, True)]
+    + [("conditional_kl", "trainable", "fp32_out", no_out) for no_out in (False, True)],
 )
 def test_autocast_runs_the_head_in_its_dtype(op, head, forced, no_out, device, monkeypatch):
     """A float32 head under bf16 autocast: bf16 operands, float32 accumulation and statistics; the gradients
@@ -254,3 +255,39 @@ def test_triton_launchers_reject_gradient_outputs_they_cannot_write():
         logprob_epilogue(logits, targets, IGNORE, scale, torch.zeros(10, 4, device=device).T)
     with pytest.raises(ValueError, match=r"grad_out_q: expected shape \(4, 10\)"):
         kl_epilogue(logits, logits.clone(), valid, scale, None, torch.zeros(4, 9, device=device))
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("op", ["conditional_kl", "conditional_jsd"])
+@pytest.mark.parametrize("apart", [0.3, 0.01])
+@pytest.mark.parametrize("compact", [False, True], ids=["all-rows", "compacted"])
+def test_pair_weight_gradient_of_close_streams(compact, apart, op, backend, device, monkeypatch):
+    """A trainable head's weight gradient over two streams, sum_s g_s^T h_s, nearly cancels when the streams
+    agree (g_q ~ -g_p, h_q ~ h_p: each term O(d), the sum O(d^2) for streams d apart). In fp32_out mode the
+    gradients over the logits are bf16: rounded one by one, each term's rounding (2^-9 of O(d)) would swamp
+    the sum (0.11 relative error at d = 0.01), so the driver forms it as s^T h_q + g_p^T (h_p - h_q), s = g_p + g_q
+    summed in float32. Within bf16 tolerance of float64 on bf16-rounded inputs, also at 1% apart; with ignored
+    rows left out of the matmuls (compaction, the CPU default) and with every row in them (CUDA's without label
+    checks)."""
+    monkeypatch.setattr(functional, "_compact", lambda device: compact)
+    generator = torch.Generator().manual_seed(0)
+    n, h, v = 24, 16, 301
+    hidden_p = torch.randn(1, n, h, generator=generator).bfloat16().double()
+    hidden_q = (hidden_p + apart * torch.randn(1, n, h, generator=generator)).bfloat16().double()
+    weight = (3 * torch.randn(v, h, generator=generator) / h**0.5).bfloat16().double()
+    labels = torch.zeros(1, n, dtype=torch.long)
+    labels[0, -3:] = IGNORE
+    upstream = torch.randn(1, n, dtype=torch.float64, generator=generator)
+
+    def gradients(dtype, backend, dev, **kw):
+        p, q, w = (leaf(t.to(dev), dtype, True) for t in (hidden_p, hidden_q, weight))
+        out = getattr(are_fast, op)(p, q, w, labels.to(dev), reduction="none", backend=backend, **kw)
+        (out.double() * upstream.to(dev)).sum().backward()
+        return {"hidden_p": p.grad, "hidden_q": q.grad, "weight": w.grad}
+
+    ref = gradients(torch.float64, "reference", "cpu")
+    with use_mode("fp32_out") as made:
+        ours = gradients(torch.bfloat16, backend, device, chunk_rows=8)
+    assert made and all(m.mode == "fp32_out" for m in made)
+    for name, grad in ours.items():
+        assert_rel_close(grad.cpu(), ref[name], torch.bfloat16, f"{op} d{name}, streams {apart} apart")
