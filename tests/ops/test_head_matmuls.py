@@ -261,14 +261,15 @@ def test_triton_launchers_reject_gradient_outputs_they_cannot_write():
 @pytest.mark.parametrize("op", ["conditional_kl", "conditional_jsd"])
 @pytest.mark.parametrize("apart", [0.3, 0.01])
 @pytest.mark.parametrize("compact", [False, True], ids=["all-rows", "compacted"])
-def test_pair_weight_gradient_of_close_streams(compact, apart, op, backend, device, monkeypatch):
+@pytest.mark.parametrize("streams", ["both", "p", "q"], ids=lambda s: f"grad-{s}")
+def test_pair_weight_gradient_of_close_streams(streams, compact, apart, op, backend, device, monkeypatch):
     """A trainable head's weight gradient over two streams, sum_s g_s^T h_s, nearly cancels when the streams
     agree (g_q ~ -g_p, h_q ~ h_p: each term O(d), the sum O(d^2) for streams d apart). In fp32_out mode the
     gradients over the logits are bf16: rounded one by one, each term's rounding (2^-9 of O(d)) would swamp
     the sum (0.11 relative error at d = 0.01), so the driver forms it as s^T h_q + g_p^T (h_p - h_q), s = g_p + g_q
     summed in float32. Within bf16 tolerance of float64 on bf16-rounded inputs, also at 1% apart; with ignored
     rows left out of the matmuls (compaction, the CPU default) and with every row in them (CUDA's without label
-    checks)."""
+    checks); with the hidden gradients of both streams, or of one (the other detached, as a teacher's)."""
     monkeypatch.setattr(functional, "_compact", lambda device: compact)
     generator = torch.Generator().manual_seed(0)
     n, h, v = 24, 16, 301
@@ -280,14 +281,16 @@ def test_pair_weight_gradient_of_close_streams(compact, apart, op, backend, devi
     upstream = torch.randn(1, n, dtype=torch.float64, generator=generator)
 
     def gradients(dtype, backend, dev, **kw):
-        p, q, w = (leaf(t.to(dev), dtype, True) for t in (hidden_p, hidden_q, weight))
+        p, q = (leaf(t.to(dev), dtype, streams in ("both", name)) for t, name in ((hidden_p, "p"), (hidden_q, "q")))
+        w = leaf(weight.to(dev), dtype, True)
         out = getattr(are_fast, op)(p, q, w, labels.to(dev), reduction="none", backend=backend, **kw)
         (out.double() * upstream.to(dev)).sum().backward()
-        return {"hidden_p": p.grad, "hidden_q": q.grad, "weight": w.grad}
+        return {name: t.grad for name, t in (("hidden_p", p), ("hidden_q", q), ("weight", w)) if t.requires_grad}
 
     ref = gradients(torch.float64, "reference", "cpu")
     with use_mode("fp32_out") as made:
         ours = gradients(torch.bfloat16, backend, device, chunk_rows=8)
     assert made and all(m.mode == "fp32_out" for m in made)
+    assert set(ours) == set(ref) == {"weight"} | {f"hidden_{s}" for s in "pq" if streams in ("both", s)}
     for name, grad in ours.items():
         assert_rel_close(grad.cpu(), ref[name], torch.bfloat16, f"{op} d{name}, streams {apart} apart")
