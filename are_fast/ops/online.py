@@ -336,7 +336,10 @@ class _KLSweep:
     gradients sum_v p_v (d_v - E_p[d]) W_v (stream p, d = a - b) and sum_v (q_v - p_v) W_v (stream q).
 
     The log-ratio is summed as d - shift with shift the running lse_a - lse_b (re-based as it moves), so at the
-    end the sums hold p (log p - log q) itself: a small KL is not the difference of two large terms.
+    end the sums hold p (log p - log q) itself: a small KL is not the difference of two large terms. Likewise
+    stream q's gradient sums (e_b - rho e_a) W with rho the running sum_b / sum_a (re-based as it moves), so at
+    the end it holds sum_b (q - p) W: not the difference of two O(1) sums, which bf16 products would round.
+    (The low-precision logits themselves: ``SweepMatmuls.pair_logits``.)
 
     With logit transforms a and b are the transformed logits; a softcap's derivatives D_a, D_b (one more
     [2 rows, block] buffer) weigh the slots, and a fourth slot e_a D_b gives stream q's p-term."""
@@ -349,23 +352,22 @@ class _KLSweep:
 
     def __init__(self, rows, hidden_size, block_vocab, dtype, device, want_grad, need, transform, operand_dtype):
         # Both streams' gradients come from the same three sums, so they are formed whichever ``need`` asks for.
-        # Slots: 0 exp(a - max_a), 1 exp(b - max_b), 2 exp(a - max_a) * (d - shift) (with a softcap's gradient
-        # times D_a, D_b, D_a, and 3 exp(a - max_a) D_b); one matmul serves all.
+        # Slots: 0 e_a = exp(a - max_a), 1 e_b - rho e_a with e_b = exp(b - max_b), 2 e_a (d - shift) (with a
+        # softcap's gradient times D_a, D_b, D_a, and 3 e_a D_b); one matmul serves all.
         self.softcap, self.logit_scale = transform
         capped_grad = want_grad and self.softcap is not None
         self.slots = 4 if capped_grad else 3
         self.blocks = torch.empty(self.slots, rows, block_vocab, dtype=dtype, device=device)
         self.derivatives = torch.empty(2 * rows * block_vocab, dtype=dtype, device=device) if capped_grad else None
         self.stacked = torch.empty(2 * rows, hidden_size, dtype=operand_dtype, device=device)
-        # Accumulators, same slots: sum e_a W, sum e_b W, sum e_a (d - shift) W (, sum e_a D_b W).
+        # Accumulators, same slots: sum e_a W, sum (e_b - rho e_a) W, sum e_a (d - shift) W (, sum e_a D_b W).
         self.acc = torch.empty(self.slots, rows, hidden_size, dtype=dtype, device=device) if want_grad else None
 
     def run(self, chunk, matmuls, valid, ignore_index, scale):
         size = chunk[0].shape[0]
         vocab = matmuls.weight.shape[0]
         width_max = self.blocks.shape[2]
-        stacked = self.stacked[: 2 * size]
-        stacked[:size], stacked[size:] = chunk[0], chunk[1]
+        stacked, close = matmuls.pair_rows(self.stacked[: 2 * size], chunk[0], chunk[1])
         kw = dict(dtype=self.blocks.dtype, device=stacked.device)
         max_a, max_b = torch.full((size,), lowest(kw["dtype"]), **kw), torch.full((size,), lowest(kw["dtype"]), **kw)
         sum_a, sum_b, sum_ad = torch.zeros(size, **kw), torch.zeros(size, **kw), torch.zeros(size, **kw)
@@ -379,7 +381,7 @@ class _KLSweep:
             width = last - first
             # Logits of both streams in one matmul: the buffer's first two slots, rows [a; b].
             pair = self.blocks.view(-1)[: 2 * size * width].view(2 * size, width)
-            matmuls.logits(stacked, first, last, pair)
+            matmuls.pair_logits(stacked, close, first, last, pair)
             if self.derivatives is None:
                 logit_transforms.apply_(pair, self.softcap, self.logit_scale)
             else:  # D_a; D_b, rows as in pair
@@ -393,8 +395,9 @@ class _KLSweep:
             exp_b = logits_b.sub_(max_b.unsqueeze(1)).exp_()
             sum_ad.mul_(factor_a)
             earlier_a = sum_a.mul_(factor_a).clone()  # the earlier blocks' mass, in this block's scale
+            earlier_b = sum_b.mul_(factor_b).clone()
             sum_a.add_(exp_a.sum(1))
-            sum_b.mul_(factor_b).add_(exp_b.sum(1))
+            sum_b.add_(exp_b.sum(1))
             if acc is not None:
                 acc[0].mul_(factor_a.unsqueeze(1))
                 acc[1].mul_(factor_b.unsqueeze(1))
@@ -413,12 +416,19 @@ class _KLSweep:
             ratio.sub_(shift.unsqueeze(1)).mul_(exp_a).masked_fill_(exp_a == 0, 0.0)  # p = 0 (-inf logit): 0, not NaN
             sum_ad.add_(ratio.sum(1))
             if acc is not None:
+                # Slot 1 holds e_b - rho e_a, rho = sum_b / sum_a so far (the p-term's slot: e_a, or e_a D_b), so
+                # that stream q's gradient sum (q - p) W is one sum, not the difference of two rounded O(1) sums;
+                # the earlier blocks' share is re-based as rho moves, like the shift above.
+                rho, earlier_rho = _mass_ratio(sum_b, sum_a), _mass_ratio(earlier_b, earlier_a)
+                p_slot = 3 if slots == 4 else 0
+                acc[1].addcmul_(acc[p_slot], (rho - earlier_rho).unsqueeze(1), value=-1)
                 if slots == 4:  # gradients over z' -> over z: weigh by D_a (slots 0, 2) and D_b (1, 3)
                     derivative_a, derivative_b = derivatives[:size], derivatives[size:]
                     torch.mul(exp_a, derivative_b, out=_slot(self.blocks, 3, size, width))
                     exp_a.mul_(derivative_a)
                     exp_b.mul_(derivative_b)
                     ratio.mul_(derivative_a)
+                exp_b.addcmul_(_slot(self.blocks, p_slot, size, width), rho.unsqueeze(1), value=-1)
                 everything = self.blocks.view(-1)[: slots * size * width].view(slots * size, width)
                 matmuls.add_product(acc.view(slots * size, -1), everything, first, last)
         # KL = E_p[d] - (lse_a - lse_b) = E_p[d - shift], the shift being lse_a - lse_b of the whole row
@@ -431,9 +441,13 @@ class _KLSweep:
             coef.mul_(self.logit_scale)
         coef_a, coef_b = (coef / sum_a).unsqueeze(1), (coef / sum_b).unsqueeze(1)
         grad_p = acc[2].addcmul_(acc[0], mean_ratio.unsqueeze(1), value=-1).mul_(coef_a)
-        p_term = acc[3] if slots == 4 else acc[0]  # sum e_a W, weighed by D_b with a softcap
-        grad_q = acc[1].mul_(coef_b).sub_(p_term.mul_(coef_a))
+        grad_q = acc[1].mul_(coef_b)  # (sum (e_b - rho e_a) W) / sum_b = sum (q - p) W, rho = sum_b / sum_a
         return values, [grad_p, grad_q], None
+
+
+def _mass_ratio(sum_b: torch.Tensor, sum_a: torch.Tensor) -> torch.Tensor:
+    """sum_b / sum_a [C], 0 where stream p has no mass yet (a masked vocabulary block): nothing to re-base."""
+    return torch.where(sum_a > 0, sum_b / sum_a, 0.0)
 
 
 def _slot(blocks: torch.Tensor, slot: int, size: int, width: int) -> torch.Tensor:

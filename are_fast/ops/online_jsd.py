@@ -38,13 +38,13 @@ class JSDSweep:
         self.stacked = torch.empty(2 * rows, hidden_size, dtype=operand_dtype, device=device)
         self.acc = torch.empty(2 * rows, hidden_size, dtype=dtype, device=device) if self.grad_streams else None
 
-    def _blocks(self, stacked, matmuls, derivatives: bool = False):
-        """Per vocabulary block: (first, last, transformed logits [2C, width] (rows [a; b]), dz'/dz: a [2C, width]
-        tensor with ``derivatives`` and a softcap, else None)."""
+    def _blocks(self, stacked, close, matmuls, derivatives: bool = False):
+        """Per vocabulary block of ``SweepMatmuls.pair_rows``'s (stacked, close): (first, last, transformed logits
+        [2C, width] (rows [a; b]), dz'/dz: a [2C, width] tensor with ``derivatives`` and a softcap, else None)."""
         rows = stacked.shape[0]
         for first, last in vocab_blocks(matmuls.weight.shape[0], self.block_vocab):
             width = last - first
-            logits = matmuls.logits(stacked, first, last, self.pair[: rows * width].view(rows, width))
+            logits = matmuls.pair_logits(stacked, close, first, last, self.pair[: rows * width].view(rows, width))
             derivative = None
             if derivatives and self.derivatives is not None:
                 derivative = logit_transforms.apply_with_derivative_(
@@ -56,13 +56,12 @@ class JSDSweep:
 
     def run(self, chunk, matmuls, valid, ignore_index, scale):
         size = chunk[0].shape[0]
-        stacked = self.stacked[: 2 * size]
-        stacked[:size], stacked[size:] = chunk[0], chunk[1]
+        stacked, close = matmuls.pair_rows(self.stacked[: 2 * size], chunk[0], chunk[1])
         kw = dict(dtype=self.pair.dtype, device=stacked.device)
         # Sweep 1: the log-sum-exps of the 2C rows [a; b].
         running_max = torch.full((2 * size,), lowest(kw["dtype"]), **kw)
         sums = torch.zeros(2 * size, **kw)
-        for _, _, logits, _ in self._blocks(stacked, matmuls):
+        for _, _, logits, _ in self._blocks(stacked, close, matmuls):
             factor = rescale(running_max, logits.amax(1))
             sums.mul_(factor).add_(logits.sub_(running_max.unsqueeze(1)).exp_().sum(1))
         # log p = (a - max) - log(sum): the two parts apart, as log_softmax does, so that a large common logit
@@ -70,7 +69,7 @@ class JSDSweep:
         maxima, log_sums = running_max.unsqueeze(1), sums.log_().unsqueeze(1)
         # Sweep 2: S = sum p s and T = sum q t.
         sum_ps, sum_qt = torch.zeros(size, **kw), torch.zeros(size, **kw)
-        for _, _, logits, _ in self._blocks(stacked, matmuls):
+        for _, _, logits, _ in self._blocks(stacked, close, matmuls):
             p, q, s, t = self._terms(logits.sub_(maxima).sub_(log_sums), size)
             sum_ps.add_(torch.linalg.vecdot(p, s))
             sum_qt.add_(torch.linalg.vecdot(q, t))
@@ -83,7 +82,7 @@ class JSDSweep:
             coef.mul_(self.logit_scale)
         lo, hi = self.grad_streams[0] * size, (self.grad_streams[-1] + 1) * size  # the rows to multiply
         acc = self.acc[: hi - lo].zero_()
-        for first, last, logits, derivative in self._blocks(stacked, matmuls, derivatives=True):
+        for first, last, logits, derivative in self._blocks(stacked, close, matmuls, derivatives=True):
             p, q, s, t = self._terms(logits.sub_(maxima).sub_(log_sums), size)
             torch_epilogues.jsd_gradients_(p, q, s, t, sum_ps, sum_qt, coef, self.beta)  # over logits, in place
             if derivative is not None:

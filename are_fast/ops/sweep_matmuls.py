@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import torch
 
+# A pair's rows count as close where |h_p - h_q| <= _CLOSE |h_q| (``SweepMatmuls.pair_rows``).
+_CLOSE = 0.5
+
 
 class SweepMatmuls:
     """The head in the operand dtype (cast once per pass) and the sweep's three block products.
@@ -50,6 +53,42 @@ class SweepMatmuls:
             return torch.mm(hidden, block.T, out=out) if bias is None else torch.addmm(bias, hidden, block.T, out=out)
         out.copy_(torch.mm(hidden, block.T, out=self._low(0, *out.shape)))
         return out if bias is None else out.add_(bias)
+
+    def pair_rows(self, out: torch.Tensor, rows_p: torch.Tensor, rows_q: torch.Tensor) -> tuple:
+        """The rows whose products ``pair_logits`` turns into a pair's logits, from the streams' rows [C, H]
+        (operand dtype): (out [2C, H] = [h_p; h_q], None), or in low precision (out = [h_p; x], close [C] bool,
+        the number of close rows) with x = h_p - h_q on the rows where the streams are close (the difference
+        at most half of h_q, measured in norm) and h_q elsewhere."""
+        size = rows_p.shape[0]
+        out[:size] = rows_p
+        if not self.low_precision:
+            out[size:] = rows_q
+            return out, None
+        difference = rows_p.to(self.compute_dtype) - rows_q.to(self.compute_dtype)  # rounded once, below
+        close = difference.norm(dim=1) <= _CLOSE * rows_q.to(self.compute_dtype).norm(dim=1)
+        count = int(close.sum())
+        out[size:] = difference if count == size else torch.where(close.unsqueeze(1), difference, rows_q)
+        return out, (close, count)
+
+    def pair_logits(self, rows: torch.Tensor, close, first: int, last: int, out: torch.Tensor) -> torch.Tensor:
+        """out [2C, last - first] (compute dtype) = both streams' logits [a; b] from ``pair_rows``'s (rows, close).
+
+        In low precision each logit comes out rounded to 2^-9 of its size, and a pair's log-ratio a - b is as
+        small as the streams are close: b rounded on its own would leave it little (0.64 relative error in the
+        KL at streams 1% apart). So on close rows b = a - (h_p - h_q) W: it shares a's rounding, and a - b keeps
+        the difference's own 2^-9 relative precision. Far rows (a - b as large as a) keep their own b, whose
+        rounding is the smaller there."""
+        if close is None:
+            return self.logits(rows, first, last, out)
+        mask, count = close
+        size = rows.shape[0] // 2
+        out.copy_(torch.mm(rows, self.weight[first:last].T, out=self._low(0, *out.shape)))
+        logits_a, logits_b = out[:size], out[size:]
+        if count == size:
+            torch.sub(logits_a, logits_b, out=logits_b)  # b = a - (h_p - h_q) W
+        elif count:
+            torch.where(mask.unsqueeze(1), logits_a - logits_b, logits_b, out=logits_b)
+        return out if self.bias is None else out.add_(self.bias[first:last])
 
     def add_product(self, acc: torch.Tensor, coefficients: torch.Tensor, first: int, last: int) -> None:
         """acc [C, H] (compute dtype) += coefficients [C, last - first] (compute dtype) @ W[first:last]."""

@@ -24,31 +24,38 @@ def small_blocks(monkeypatch):
 
 @pytest.fixture
 def operands(monkeypatch):
-    """Records (hidden dtype, head dtype) of every logits block product and the SweepMatmuls made."""
+    """Records (hidden dtype, head dtype) of every logits block product (of one stream or a pair) and the
+    SweepMatmuls made."""
     seen, made = [], []
-    logits, init = SweepMatmuls.logits, SweepMatmuls.__init__
+    init = SweepMatmuls.__init__
 
-    def recording_logits(self, hidden, first, last, out):
-        seen.append((hidden.dtype, self.weight.dtype))
-        return logits(self, hidden, first, last, out)
+    def recording(method):
+        def record(self, hidden, *args):
+            seen.append((hidden.dtype, self.weight.dtype))
+            return method(self, hidden, *args)
+        return record
 
     def recording_init(self, *args):
         init(self, *args)
         made.append(self)
 
-    monkeypatch.setattr(SweepMatmuls, "logits", recording_logits)
+    for name in ("logits", "pair_logits"):
+        monkeypatch.setattr(SweepMatmuls, name, recording(getattr(SweepMatmuls, name)))
     monkeypatch.setattr(SweepMatmuls, "__init__", recording_init)
     return seen, made
 
 
-def _masters(dtype):
-    """float64 masters, rounded to ``dtype`` (the reference sees the same inputs); logits spread ~3."""
+def _masters(dtype, apart=None):
+    """float64 masters, rounded to ``dtype`` (the reference sees the same inputs); logits spread ~3. apart
+    ([B, T, 1] or a number): stream q as stream p plus that much noise (inf: independent, as without it)."""
     labels = torch.randint(0, V, (B, T))
     labels[0, :2] = IGNORE
     labels[2, 4] = IGNORE
+    hidden = torch.randn(B, T, H, dtype=torch.float64)
+    noise = torch.randn(B, T, H, dtype=torch.float64)
     masters = dict(
-        hidden=torch.randn(B, T, H, dtype=torch.float64),
-        hidden_q=torch.randn(B, T, H, dtype=torch.float64),
+        hidden=hidden,
+        hidden_q=noise if apart is None else torch.where(torch.as_tensor(apart).isinf(), noise, hidden + apart * noise),
         weight=torch.randn(V, H, dtype=torch.float64) * 3 / H**0.5,
         bias=torch.randn(V, dtype=torch.float64) * 0.5,
     )
@@ -74,8 +81,8 @@ def _run(op, masters, labels, dtype, trainable, upstream=None, autocast=False, *
     return out, upstream, {n: args[n].grad for n in names}
 
 
-def _check(op, dtype, trainable, path, autocast=False, **transform):
-    masters, labels = _masters(torch.bfloat16 if autocast else dtype)
+def _check(op, dtype, trainable, path, autocast=False, apart=None, **transform):
+    masters, labels = _masters(torch.bfloat16 if autocast else dtype, apart)
     ref, upstream, ref_grads = _run(op, masters, labels, torch.float64, trainable, backend="reference", **transform)
     with sweep_precision.use_path(path) as choices:
         out, _, grads = _run(op, masters, labels, torch.float32 if autocast else dtype, trainable, upstream,
@@ -135,6 +142,22 @@ def test_trainable_compression_loss_takes_two_sweeps(transform, small_blocks, op
 def test_logit_transforms_in_bf16(op, trainable, small_blocks):
     """A softcap (its derivative weighs each block before the low-precision product) and a logit scale."""
     _check(op, torch.bfloat16, trainable, "lowp", softcap=2.5, logit_scale=1.3)
+
+
+# Rows by 4 (the chunks): close, independent, then alternating, so chunks of every kind occur.
+MIXED = torch.tensor([0.01] * 4 + [torch.inf] * 4 + [0.01, torch.inf] * 6 + [0.01])[: B * T].view(B, T, 1)
+
+
+@pytest.mark.parametrize("streams", [0.01, 0.1, "mixed"], ids=["1%-apart", "10%-apart", "mixed"])
+@pytest.mark.parametrize("transform", [{}, {"softcap": 2.5, "logit_scale": 1.3}], ids=["plain", "softcap+scale"])
+@pytest.mark.parametrize("op", PAIR_OPS)
+def test_pair_ops_of_close_streams(op, transform, streams, small_blocks):
+    """A pair's log-ratio a - b is as small as the streams are close, and a bf16 logit is rounded to 2^-9 of its
+    size: formed from two bf16 logits it was lost (value and gradients 0.64-0.68 relative error at 1% apart,
+    as naive bf16 code gets). b = a - (h_p - h_q) W on close rows, and stream q's gradient as one sum of
+    (q - p) W, keep the bf16 standard at any distance; mixed chunks (close and independent rows) take each
+    row's own form."""
+    _check(op, torch.bfloat16, False, "lowp", apart=MIXED if streams == "mixed" else streams, **transform)
 
 
 @pytest.mark.parametrize("op", ["token_logprobs", *PAIR_OPS])
