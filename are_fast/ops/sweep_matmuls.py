@@ -56,33 +56,32 @@ class SweepMatmuls:
 
     def pair_rows(self, out: torch.Tensor, rows_p: torch.Tensor, rows_q: torch.Tensor) -> tuple:
         """The rows whose products ``pair_logits`` turns into a pair's logits, from the streams' rows [C, H]
-        (operand dtype): (out [2C, H] = [h_p; h_q], None), or in low precision (out = [h_p; x], close [C] bool,
-        the number of close rows) with x = h_p - h_q on the rows where the streams are close (the difference
-        at most half of h_q, measured in norm) and h_q elsewhere."""
+        (operand dtype): (out [2C, H] = [h_p; x], close [C] bool, the number of close rows) with x = h_p - h_q
+        on the rows where the streams are close (the difference at most half of h_q, measured in norm) and h_q
+        elsewhere."""
         size = rows_p.shape[0]
         out[:size] = rows_p
-        if not self.low_precision:
-            out[size:] = rows_q
-            return out, None
         difference = rows_p.to(self.compute_dtype) - rows_q.to(self.compute_dtype)  # rounded once, below
         close = difference.norm(dim=1) <= _CLOSE * rows_q.to(self.compute_dtype).norm(dim=1)
         count = int(close.sum())
         out[size:] = difference if count == size else torch.where(close.unsqueeze(1), difference, rows_q)
         return out, (close, count)
 
-    def pair_logits(self, rows: torch.Tensor, close, first: int, last: int, out: torch.Tensor) -> torch.Tensor:
+    def pair_logits(self, rows: torch.Tensor, close: tuple, first: int, last: int, out: torch.Tensor) -> torch.Tensor:
         """out [2C, last - first] (compute dtype) = both streams' logits [a; b] from ``pair_rows``'s (rows, close).
 
-        In low precision each logit comes out rounded to 2^-9 of its size, and a pair's log-ratio a - b is as
-        small as the streams are close: b rounded on its own would leave it little (0.64 relative error in the
-        KL at streams 1% apart). So on close rows b = a - (h_p - h_q) W: it shares a's rounding, and a - b keeps
-        the difference's own 2^-9 relative precision. Far rows (a - b as large as a) keep their own b, whose
-        rounding is the smaller there."""
-        if close is None:
-            return self.logits(rows, first, last, out)
+        Each logit comes out rounded to a fraction of its size (2^-9 in bf16, 2^-24 in float32), and a pair's
+        log-ratio a - b is as small as the streams are close: b rounded on its own would leave it little (bf16:
+        0.64 relative error in the KL at streams 1% apart; float32: 2.6e-4). So on close rows b = a - (h_p - h_q)
+        W: it shares a's rounding, and a - b keeps the difference's own relative precision. Far rows (a - b as
+        large as a) keep their own b, whose rounding is the smaller there."""
         mask, count = close
         size = rows.shape[0] // 2
-        out.copy_(torch.mm(rows, self.weight[first:last].T, out=self._low(0, *out.shape)))
+        block = self.weight[first:last].T
+        if self.low_precision:
+            out.copy_(torch.mm(rows, block, out=self._low(0, *out.shape)))
+        else:
+            torch.mm(rows, block, out=out)
         logits_a, logits_b = out[:size], out[size:]
         if count == size:
             torch.sub(logits_a, logits_b, out=logits_b)  # b = a - (h_p - h_q) W
