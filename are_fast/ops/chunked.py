@@ -111,7 +111,10 @@ def fused_linear_pass(
             else:
                 sel = slice(start, stop)
                 chunk = [h[sel] for h in hiddens]
-            logits = [matmuls.logits(h, buf[:size]) for h, buf in zip(chunk, buffers)]
+            if len(chunk) == 2:  # a pair: the second stream from the rows' difference where they are close
+                logits = matmuls.pair_logits(*chunk, *(buf[:size] for buf in buffers))
+            else:
+                logits = [matmuls.logits(h, buf[:size]) for h, buf in zip(chunk, buffers)]
             grad_outs = [matmuls.gradient_out(part) if want_grad and not paired else None for part in logits]
             values[sel] = epilogue(logits, sel, None if grad_scale is None else grad_scale[sel], grad_outs)
             if not want_grad:

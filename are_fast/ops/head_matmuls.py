@@ -27,6 +27,7 @@ import logging
 
 import torch
 
+from . import pair_streams
 from .forcing import Forcing
 
 logger = logging.getLogger(__name__)
@@ -164,16 +165,28 @@ class HeadMatmuls:
         or a fresh tensor where its float32-output matmul takes no out=)."""
         return self._mm(a, b, out) if self._support["mm_out"] else self._mm(a, b)
 
-    def logits(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """hidden [C, H] -> logits [C, V] in the compute dtype, written into ``out`` [C, V] when possible."""
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """hidden [C, H] -> logits [C, V] in the compute dtype, written into ``out`` [C, V] when possible (without
+        the bias when ``bias`` is False)."""
         hidden = hidden.to(self.operand_dtype)
+        with_bias = bias and self.bias is not None
         if self.mode == "fp32_out":
             result = self._product(hidden, self.weight.T, out)
-            return result if self.bias is None else result.add_(self.bias)
+            return result.add_(self.bias) if with_bias else result
         hidden = hidden.to(self.compute_dtype)
-        if self.bias is None:
+        if not with_bias:
             return torch.mm(hidden, self.weight.T, out=out)
         return torch.addmm(self.bias, hidden, self.weight.T, out=out)
+
+    def pair_logits(self, rows_p: torch.Tensor, rows_q: torch.Tensor, out_a: torch.Tensor,
+                    out_b: torch.Tensor) -> list:
+        """[a, b]: a pair's logits [C, V] (compute dtype) of the streams' rows [C, H], written into out_a and out_b
+        when possible; b = a - (h_p - h_q) W on the rows where the streams are close
+        (``are_fast.ops.pair_streams``)."""
+        second, close = pair_streams.second_rows(rows_p, rows_q, self.compute_dtype)
+        logits_a = self.logits(rows_p, out_a)
+        products = self.logits(second, out_b, bias=False)
+        return [logits_a, pair_streams.second_logits_(logits_a, products, close, self.bias)]
 
     def gradient_out(self, logits: torch.Tensor) -> torch.Tensor | None:
         """Where the epilogue writes the gradient of ``logits`` [C, V] (float32, row-contiguous): None when

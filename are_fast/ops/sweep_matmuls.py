@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import torch
 
-# A pair's rows count as close where |h_p - h_q| <= _CLOSE |h_q| (``SweepMatmuls.pair_rows``).
-_CLOSE = 0.5
+from . import pair_streams
 
 
 class SweepMatmuls:
@@ -55,38 +54,23 @@ class SweepMatmuls:
         return out if bias is None else out.add_(bias)
 
     def pair_rows(self, out: torch.Tensor, rows_p: torch.Tensor, rows_q: torch.Tensor) -> tuple:
-        """The rows whose products ``pair_logits`` turns into a pair's logits, from the streams' rows [C, H]
-        (operand dtype): (out [2C, H] = [h_p; x], close [C] bool, the number of close rows) with x = h_p - h_q
-        on the rows where the streams are close (the difference at most half of h_q, measured in norm) and h_q
-        elsewhere."""
+        """(out [2C, H] (operand dtype) = [h_p; x], close) for ``pair_logits``, from the streams' rows [C, H]:
+        x = h_p - h_q on close rows, h_q elsewhere (``are_fast.ops.pair_streams``)."""
         size = rows_p.shape[0]
         out[:size] = rows_p
-        difference = rows_p.to(self.compute_dtype) - rows_q.to(self.compute_dtype)  # rounded once, below
-        close = difference.norm(dim=1) <= _CLOSE * rows_q.to(self.compute_dtype).norm(dim=1)
-        count = int(close.sum())
-        out[size:] = difference if count == size else torch.where(close.unsqueeze(1), difference, rows_q)
-        return out, (close, count)
+        out[size:], close = pair_streams.second_rows(rows_p, rows_q, self.compute_dtype)
+        return out, close
 
     def pair_logits(self, rows: torch.Tensor, close: tuple, first: int, last: int, out: torch.Tensor) -> torch.Tensor:
-        """out [2C, last - first] (compute dtype) = both streams' logits [a; b] from ``pair_rows``'s (rows, close).
-
-        Each logit comes out rounded to a fraction of its size (2^-9 in bf16, 2^-24 in float32), and a pair's
-        log-ratio a - b is as small as the streams are close: b rounded on its own would leave it little (bf16:
-        0.64 relative error in the KL at streams 1% apart; float32: 2.6e-4). So on close rows b = a - (h_p - h_q)
-        W: it shares a's rounding, and a - b keeps the difference's own relative precision. Far rows (a - b as
-        large as a) keep their own b, whose rounding is the smaller there."""
-        mask, count = close
+        """out [2C, last - first] (compute dtype) = both streams' logits [a; b] from ``pair_rows``'s (rows, close):
+        one product of the 2C rows, then b = a - x W on the close rows (``are_fast.ops.pair_streams``)."""
         size = rows.shape[0] // 2
         block = self.weight[first:last].T
         if self.low_precision:
             out.copy_(torch.mm(rows, block, out=self._low(0, *out.shape)))
         else:
             torch.mm(rows, block, out=out)
-        logits_a, logits_b = out[:size], out[size:]
-        if count == size:
-            torch.sub(logits_a, logits_b, out=logits_b)  # b = a - (h_p - h_q) W
-        elif count:
-            torch.where(mask.unsqueeze(1), logits_a - logits_b, logits_b, out=logits_b)
+        pair_streams.second_logits_(out[:size], out[size:], close)
         return out if self.bias is None else out.add_(self.bias[first:last])
 
     def add_product(self, acc: torch.Tensor, coefficients: torch.Tensor, first: int, last: int) -> None:
