@@ -17,11 +17,13 @@ CLOSE = 0.5
 
 def second_rows(rows_p: torch.Tensor, rows_q: torch.Tensor, compute_dtype: torch.dtype) -> tuple:
     """(rows [C, H] in ``compute_dtype``: h_p - h_q on close rows, h_q elsewhere; close: (mask [C] bool, count))
-    for the streams' rows [C, H] (any float dtype; the difference is formed in ``compute_dtype``)."""
+    for the streams' rows [C, H] (any float dtype; the difference is formed in ``compute_dtype``). count, the
+    number of close rows, lets the all-close and all-far chunks skip the per-row selection; off the CPU it is
+    None (counting would be a host synchronisation), and every chunk takes the selection."""
     rows_q = rows_q.to(compute_dtype)
     difference = rows_p.to(compute_dtype) - rows_q
     mask = difference.norm(dim=1) <= CLOSE * rows_q.norm(dim=1)
-    count = int(mask.sum())
+    count = int(mask.sum()) if mask.device.type == "cpu" else None
     if count == mask.numel():
         return difference, (mask, count)
     return torch.where(mask.unsqueeze(1), difference, rows_q), (mask, count)
@@ -34,7 +36,7 @@ def second_logits_(logits_a: torch.Tensor, products: torch.Tensor, close: tuple,
     mask, count = close
     if count == mask.numel():
         return torch.sub(logits_a, products, out=products)
-    near = logits_a - products if count else None
+    near = logits_a - products if count != 0 else None
     if bias is not None:
         products.add_(bias)
     return products if near is None else torch.where(mask.unsqueeze(1), near, products, out=products)

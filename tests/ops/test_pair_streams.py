@@ -28,8 +28,11 @@ def test_second_stream_from_the_difference(pattern, with_bias):
     assert torch.equal(close[0], mask) and close[1] == int(mask.sum())
     assert torch.equal(second, torch.where(mask.unsqueeze(1), rows_p - rows_q, rows_q))
     logits_a = rows_p @ weight.T + (0 if bias is None else bias)
-    b = pair_streams.second_logits_(logits_a, second @ weight.T, close, bias)
-    assert torch.allclose(b, rows_q @ weight.T + (0 if bias is None else bias), rtol=1e-12, atol=1e-12)
+    expected = rows_q @ weight.T + (0 if bias is None else bias)
+    # count None: off the CPU the rows are not counted (no host synchronisation): the per-row selection always
+    for counted in (close, (close[0], None)):
+        b = pair_streams.second_logits_(logits_a, second @ weight.T, counted, bias)
+        assert torch.allclose(b, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
