@@ -44,10 +44,11 @@ class SweepMatmuls:
             self._scratch[index] = torch.empty(rows * cols, dtype=self.operand_dtype, device=device)
         return self._scratch[index][: rows * cols].view(rows, cols)
 
-    def logits(self, hidden: torch.Tensor, first: int, last: int, out: torch.Tensor) -> torch.Tensor:
-        """out [C, last - first] (compute dtype) = hidden [C, H] (operand dtype) @ W[first:last].T + b[first:last]."""
+    def logits(self, hidden: torch.Tensor, first: int, last: int, out: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """out [C, last - first] (compute dtype) = hidden [C, H] (operand dtype) @ W[first:last].T + b[first:last]
+        (without the bias when ``bias`` is False)."""
         block = self.weight[first:last]
-        bias = None if self.bias is None else self.bias[first:last]
+        bias = None if self.bias is None or not bias else self.bias[first:last]
         if not self.low_precision:
             return torch.mm(hidden, block.T, out=out) if bias is None else torch.addmm(bias, hidden, block.T, out=out)
         out.copy_(torch.mm(hidden, block.T, out=self._low(0, *out.shape)))
@@ -65,11 +66,7 @@ class SweepMatmuls:
         """out [2C, last - first] (compute dtype) = both streams' logits [a; b] from ``pair_rows``'s (rows, close):
         one product of the 2C rows, then b = a - x W on the close rows (``are_fast.ops.pair_streams``)."""
         size = rows.shape[0] // 2
-        block = self.weight[first:last].T
-        if self.low_precision:
-            out.copy_(torch.mm(rows, block, out=self._low(0, *out.shape)))
-        else:
-            torch.mm(rows, block, out=out)
+        self.logits(rows, first, last, out, bias=False)
         pair_streams.second_logits_(out[:size], out[size:], close)
         return out if self.bias is None else out.add_(self.bias[first:last])
 

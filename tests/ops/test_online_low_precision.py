@@ -24,23 +24,19 @@ def small_blocks(monkeypatch):
 
 @pytest.fixture
 def operands(monkeypatch):
-    """Records (hidden dtype, head dtype) of every logits block product (of one stream or a pair) and the
-    SweepMatmuls made."""
+    """Records (hidden dtype, head dtype) of every logits block product and the SweepMatmuls made."""
     seen, made = [], []
-    init = SweepMatmuls.__init__
+    logits, init = SweepMatmuls.logits, SweepMatmuls.__init__
 
-    def recording(method):
-        def record(self, hidden, *args):
-            seen.append((hidden.dtype, self.weight.dtype))
-            return method(self, hidden, *args)
-        return record
+    def recording_logits(self, hidden, first, last, out, **kwargs):
+        seen.append((hidden.dtype, self.weight.dtype))
+        return logits(self, hidden, first, last, out, **kwargs)
 
     def recording_init(self, *args):
         init(self, *args)
         made.append(self)
 
-    for name in ("logits", "pair_logits"):
-        monkeypatch.setattr(SweepMatmuls, name, recording(getattr(SweepMatmuls, name)))
+    monkeypatch.setattr(SweepMatmuls, "logits", recording_logits)
     monkeypatch.setattr(SweepMatmuls, "__init__", recording_init)
     return seen, made
 
